@@ -1,0 +1,180 @@
+"""Prompt and target formatting for the GR2 re-ranking task.
+
+A prompt holds an instruction, the user's history (oldest first) and the 10 candidates in pre-rank order, each item
+written as its semantic ID followed by its attribute tokens, e.g. ``<a_12><b_7><c_190><d_3><attr_4><attr_31>``. No
+titles exist offline, so attribute tokens (brand / category ids) are the only readable evidence an item carries.
+
+The completion is one JSON object with a fixed key order, explanation first so the reasoning precedes the answer::
+
+    {"explanation": "...", "recommendations": ["<a_1><b_2><c_3><d_4>", "<a_5><b_6><c_7><d_8>", ...]}
+
+A block-diffusion model denoises the answer positions in parallel, so the answer is kept rigidly regular: one fixed
+separator (``", "``) between IDs, no whitespace variants, and JSON escaping guarantees an unescaped ``"`` only ever
+appears in those structural pieces (the local tokenizer makes each of them a single token).
+
+Items are given as :class:`ItemText` (SID + attribute tokens). The row contract shared with ``rerank.data`` is
+``{"user_id": int, "history": list[int], "candidates": list[int], "target": int}``; :func:`build_rerank_row` turns such
+an example into dataset columns, given any mapping or callable from item id to SID string and attribute tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+SID_LEVELS: tuple[str, ...] = ("a", "b", "c", "d")
+SID_RE = re.compile(r"<a_\d+><b_\d+><c_\d+><d_\d+>")
+ATTR_RE = re.compile(r"<attr_\d+>")
+
+# Structural pieces of the completion. `SEPARATOR` is the one and only separator between IDs.
+EXPLANATION_OPEN = '{"explanation": "'
+RECOMMENDATIONS_OPEN = '", "recommendations": ["'
+SEPARATOR = '", "'
+CLOSE = '"]}'
+FORMAT_PIECES: tuple[str, ...] = (EXPLANATION_OPEN, RECOMMENDATIONS_OPEN, SEPARATOR, CLOSE)
+
+SYSTEM_PROMPT = "You are a re-ranking assistant for a beauty store."
+INSTRUCTION = (
+    "Rank the candidates by how likely the user buys each next. "
+    "Items are semantic IDs with brand/category tokens; history is oldest first, candidates in pre-rank order."
+)
+OUTPUT_SPEC = (
+    'Answer in JSON: {"explanation": "<reasoning citing IDs>", "recommendations": ["<ID>", ...]} '
+    "with all {n} candidate IDs, best first."
+)
+
+SidLookup = Mapping[int, str] | Callable[[int], str]
+AttrLookup = Mapping[int, Sequence[str]] | Callable[[int], Sequence[str]]
+
+
+@dataclass(frozen=True)
+class ItemText:
+    """An item as the prompt shows it: its semantic ID and its attribute tokens."""
+
+    sid: str
+    attrs: tuple[str, ...] = ()
+
+    def render(self) -> str:
+        # No spaces: SID and attribute tokens are single added tokens, a space would add one token per attribute.
+        return self.sid + "".join(self.attrs)
+
+
+def _lookup(table: Mapping | Callable, key: int) -> Any:
+    return table(key) if callable(table) else table[key]
+
+
+def to_items(item_ids: Sequence[int], sid_of: SidLookup, attrs_of: AttrLookup | None = None) -> list[ItemText]:
+    """Resolve item ids into :class:`ItemText` with any mapping or callable (no dependency on how SIDs are built)."""
+    out = []
+    for item in item_ids:
+        attrs = tuple(_lookup(attrs_of, item)) if attrs_of is not None else ()
+        out.append(ItemText(sid=_lookup(sid_of, item), attrs=attrs))
+    return out
+
+
+def _shown(history: Sequence[ItemText], max_history: int | None) -> list[ItemText]:
+    if max_history is None:
+        return list(history)
+    return list(history)[-max_history:] if max_history > 0 else []
+
+
+def build_prompt(history: Sequence[ItemText], candidates: Sequence[ItemText], max_history: int | None = 20) -> str:
+    """The plain-text prompt (GR2 layout: role, instruction, history oldest first, candidates, output format).
+
+    Args:
+        history: the user's items, oldest first; only the last ``max_history`` are shown (``None``: all).
+        candidates: the items to re-rank, in pre-rank order (best first).
+    """
+    history = _shown(history, max_history)
+    lines = [SYSTEM_PROMPT, INSTRUCTION, "History:"]
+    lines += [item.render() for item in history]
+    lines.append("Candidates:")
+    lines += [item.render() for item in candidates]
+    lines.append(OUTPUT_SPEC.replace("{n}", str(len(candidates))))
+    return "\n".join(lines)
+
+
+def build_messages(
+    history: Sequence[ItemText], candidates: Sequence[ItemText], max_history: int | None = 20
+) -> list[dict[str, str]]:
+    """The conversational form of :func:`build_prompt` (a system and a user message), as TRL expects it."""
+    user = build_prompt(history, candidates, max_history).split("\n", 1)[1]
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def parse_prompt(prompt: str | Sequence[Mapping[str, Any]]) -> tuple[list[ItemText], list[ItemText]]:
+    """Recover (history, candidates) from a prompt built by :func:`build_prompt` or :func:`build_messages`.
+
+    Lets the offline trace writer work from a dataset's ``prompt`` column alone.
+    """
+    if not isinstance(prompt, str):
+        prompt = "\n".join(str(m.get("content", "")) for m in prompt if isinstance(m, Mapping))
+    if "History:" not in prompt or "Candidates:" not in prompt:
+        raise ValueError("Not a re-ranking prompt: missing 'History:' or 'Candidates:' section.")
+    history_part, rest = prompt.split("History:", 1)[1].split("Candidates:", 1)
+
+    def items(block: str) -> list[ItemText]:
+        out = []
+        for line in block.splitlines():
+            sid = SID_RE.match(line.strip())
+            if sid:
+                out.append(ItemText(sid.group(0), tuple(ATTR_RE.findall(line[sid.end() :]))))
+        return out
+
+    return items(history_part), items(rest)
+
+
+def format_completion(explanation: str, ranking: Sequence[str]) -> str:
+    """The canonical completion; :func:`diffgr2_trl.rerank.parsing.parse_ranking` accepts exactly this form.
+
+    ``json.dumps`` escapes the explanation, so quotes or newlines in it can never break the structure.
+    """
+    body = json.dumps(str(explanation), ensure_ascii=False)[1:-1]
+    return EXPLANATION_OPEN + body + RECOMMENDATIONS_OPEN + SEPARATOR.join(ranking) + CLOSE
+
+
+def target_ranking(candidates: Sequence[str], target: str) -> list[str]:
+    """The training target ranking: the true next item first, the other candidates in pre-rank order.
+
+    Keeping the rest in pre-rank order is the minimal edit of the input that is right about the only label we have.
+    """
+    if target not in candidates:
+        raise ValueError(f"Target {target!r} is not among the candidates.")
+    return [target] + [c for c in candidates if c != target]
+
+
+def build_rerank_row(
+    example: Mapping[str, Any],
+    sid_of: SidLookup,
+    attrs_of: AttrLookup | None = None,
+    max_history: int | None = 20,
+    conversational: bool = False,
+    explanation: str | Callable[..., str] | None = None,
+) -> dict[str, Any]:
+    """Turn a ``{"user_id", "history", "candidates", "target"}`` example into dataset columns.
+
+    Returns ``prompt`` (str, or messages when ``conversational``), ``candidates`` (SIDs in pre-rank order) and
+    ``target`` (SID): the columns the ``rewards`` functions read. With ``explanation`` (a string, or a callable
+    ``f(history_items, candidate_items, ranking) -> str`` such as ``traces.offline_explanation``) it also adds a
+    ``completion`` for SFT/CFT in the same form as the prompt.
+    """
+    history = to_items(example["history"], sid_of, attrs_of)
+    cands = to_items(example["candidates"], sid_of, attrs_of)
+    cand_sids = [c.sid for c in cands]
+    target = _lookup(sid_of, example["target"])
+    row: dict[str, Any] = {
+        "prompt": build_messages(history, cands, max_history)
+        if conversational
+        else build_prompt(history, cands, max_history),
+        "candidates": cand_sids,
+        "target": target,
+    }
+    if explanation is not None:
+        ranking = target_ranking(cand_sids, target)
+        text = explanation(_shown(history, max_history), cands, ranking) if callable(explanation) else explanation
+        completion = format_completion(text, ranking)
+        row["completion"] = [{"role": "assistant", "content": completion}] if conversational else completion
+    return row
