@@ -38,11 +38,13 @@ FORMAT_PIECES: tuple[str, ...] = (EXPLANATION_OPEN, RECOMMENDATIONS_OPEN, SEPARA
 
 SYSTEM_PROMPT = "You are a re-ranking assistant for a beauty store."
 INSTRUCTION = (
-    "Rank the candidates by how likely the user buys each next. "
-    "Items are semantic IDs with brand/category tokens; history is oldest first, candidates in pre-rank order."
+    "Rank the candidates by how likely the user buys each next. Items: semantic ID, then brand/category tokens."
 )
+HISTORY_HEADER = "History (oldest first):"
+CANDIDATES_HEADER = "Candidates (pre-rank order):"
+# Shows the exact answer template, separator included, in as few tokens as possible.
 OUTPUT_SPEC = (
-    'Answer in JSON: {"explanation": "<reasoning citing IDs>", "recommendations": ["<ID>", ...]} '
+    'Reply in JSON: {"explanation": "<steps citing IDs>", "recommendations": ["<ID>", "<ID>", ...]} '
     "with all {n} candidate IDs, best first."
 )
 
@@ -89,9 +91,9 @@ def build_prompt(history: Sequence[ItemText], candidates: Sequence[ItemText], ma
         candidates: the items to re-rank, in pre-rank order (best first).
     """
     history = _shown(history, max_history)
-    lines = [SYSTEM_PROMPT, INSTRUCTION, "History:"]
+    lines = [SYSTEM_PROMPT, INSTRUCTION, HISTORY_HEADER]
     lines += [item.render() for item in history]
-    lines.append("Candidates:")
+    lines.append(CANDIDATES_HEADER)
     lines += [item.render() for item in candidates]
     lines.append(OUTPUT_SPEC.replace("{n}", str(len(candidates))))
     return "\n".join(lines)
@@ -112,9 +114,9 @@ def parse_prompt(prompt: str | Sequence[Mapping[str, Any]]) -> tuple[list[ItemTe
     """
     if not isinstance(prompt, str):
         prompt = "\n".join(str(m.get("content", "")) for m in prompt if isinstance(m, Mapping))
-    if "History:" not in prompt or "Candidates:" not in prompt:
-        raise ValueError("Not a re-ranking prompt: missing 'History:' or 'Candidates:' section.")
-    history_part, rest = prompt.split("History:", 1)[1].split("Candidates:", 1)
+    if HISTORY_HEADER not in prompt or CANDIDATES_HEADER not in prompt:
+        raise ValueError(f"Not a re-ranking prompt: missing {HISTORY_HEADER!r} or {CANDIDATES_HEADER!r}.")
+    history_part, rest = prompt.split(HISTORY_HEADER, 1)[1].split(CANDIDATES_HEADER, 1)
 
     def items(block: str) -> list[ItemText]:
         out = []
