@@ -1,0 +1,14 @@
+"""The model-agnostic block-diffusion core: pure torch, no Trainer."""
+
+from .convert import check_attention_honours_masks, convert_to_block_diffusion
+from .masks import allowed, dense_mask, flex_block_mask
+from .noise import mask_ratio, sample_noise_mask
+from .objective import AlignedBatch, align_completions, block_diffusion_loss
+from .sampler import BlockDiffusionSampler, SamplerOutput, left_pad
+from .spec import BlockDiffusionSpec, get_spec, set_spec
+
+__all__ = [
+    "AlignedBatch", "BlockDiffusionSampler", "BlockDiffusionSpec", "SamplerOutput", "align_completions", "allowed",
+    "block_diffusion_loss", "check_attention_honours_masks", "convert_to_block_diffusion", "dense_mask",
+    "flex_block_mask", "get_spec", "left_pad", "mask_ratio", "sample_noise_mask", "set_spec",
+]

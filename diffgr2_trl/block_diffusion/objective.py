@@ -1,0 +1,228 @@
+"""The block-diffusion training objective: a forward over ``[x_t || x_0]`` under the block-diffusion mask.
+
+Kept here, in plain torch, rather than in remote model code, so anyone can read and reproduce it. The trainers
+call :func:`block_diffusion_loss`; nothing else computes the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .masks import dense_mask, flex_block_mask, to_model_mask
+from .noise import sample_noise_mask
+from .spec import BlockDiffusionSpec
+
+
+@dataclass
+class AlignedBatch:
+    """A batch re-laid so every row's completion starts at column ``comp_start`` (prompts left-padded).
+
+    Sharing the completion start across rows gives every row the same block layout, hence one mask pattern and
+    one set of logit positions, exactly as the sampler sees a left-padded batch.
+    """
+
+    input_ids: torch.Tensor  # (batch, N)
+    valid: torch.Tensor  # (batch, N) bool: real tokens
+    completion: torch.Tensor  # (batch, N) bool: tokens that are noised and scored
+    position_ids: torch.Tensor  # (batch, N)
+    comp_start: int
+    segment_ids: torch.Tensor | None = None  # (batch, N) long, segment of each completion token
+
+
+def align_completions(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    block_size: int,
+    pad_token_id: int,
+    eos_token_id: int | None = None,
+    segment_ids: torch.Tensor | None = None,
+) -> AlignedBatch:
+    """Left-pad prompts so completions start at one column; fill each final block with EOS after an EOS.
+
+    The EOS fill makes "everything after EOS in the last block is EOS" a trained fact, so at decode time the
+    sampler may commit those positions as EOS at once (it does) without leaving the training distribution.
+    """
+    rows = []
+    for r in range(input_ids.shape[0]):
+        real = attention_mask[r].bool()
+        comp = completion_mask[r].bool() & real
+        idx = comp.nonzero().flatten()
+        if idx.numel() == 0:
+            raise ValueError(
+                f"Row {r} of the batch has no completion tokens: block-diffusion training needs a non-empty "
+                "completion (check the dataset's completion column and max_length truncation)."
+            )
+        start, end = int(idx[0]), int(idx[-1]) + 1
+        if int(comp[start:end].sum()) != end - start:
+            raise ValueError(f"Row {r}: completion tokens must be contiguous (one prompt, then one completion).")
+        prompt = input_ids[r, :start][real[:start]]
+        completion = input_ids[r, start:end]
+        seg = segment_ids[r, start:end] if segment_ids is not None else None
+        if eos_token_id is not None and int(completion[-1]) == eos_token_id:
+            fill = (-completion.numel()) % block_size
+            if fill:
+                completion = torch.cat([completion, completion.new_full((fill,), eos_token_id)])
+                if seg is not None:
+                    seg = torch.cat([seg, seg[-1:].expand(fill)])
+        rows.append((prompt, completion, seg))
+    comp_start = max(p.numel() for p, _, _ in rows)
+    n = comp_start + max(c.numel() for _, c, _ in rows)
+    batch = len(rows)
+    device = input_ids.device
+    ids = input_ids.new_full((batch, n), pad_token_id)
+    valid = torch.zeros(batch, n, dtype=torch.bool, device=device)
+    completion = torch.zeros_like(valid)
+    segs = torch.zeros(batch, n, dtype=torch.long, device=device) if segment_ids is not None else None
+    for r, (p, c, s) in enumerate(rows):
+        ids[r, comp_start - p.numel() : comp_start] = p
+        ids[r, comp_start : comp_start + c.numel()] = c
+        valid[r, comp_start - p.numel() : comp_start + c.numel()] = True
+        completion[r, comp_start : comp_start + c.numel()] = True
+        if segs is not None:
+            segs[r, comp_start : comp_start + c.numel()] = s
+    position_ids = (valid.long().cumsum(-1) - 1).clamp_min(0)
+    return AlignedBatch(ids, valid, completion, position_ids, comp_start, segs)
+
+
+def prediction_sources(n: int, comp_start: int, spec: BlockDiffusionSpec, noisy_offset: int, clean_offset: int):
+    """Index (in a multi-stream forward) of the hidden state that predicts each column ``comp_start..n-1``.
+
+    With token shift the token at column ``i`` is predicted from column ``i - 1`` of the same noisy stream, except
+    at a block's first column, whose predecessor belongs to the previous (committed) block: there the clean
+    stream's ``i - 1`` is used, which has seen exactly the committed context, as an AR model would. Without shift
+    column ``i`` predicts itself from the noisy stream.
+    """
+    cols = torch.arange(comp_start, n)
+    if not spec.token_shift:
+        return noisy_offset + cols
+    first = (cols - comp_start) % spec.block_size == 0
+    return torch.where(first, clean_offset + cols - 1, noisy_offset + cols - 1)
+
+
+def check_positions(model, position_ids: torch.Tensor) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and int(position_ids.max()) >= limit:
+        raise ValueError(
+            f"Sequence of {int(position_ids.max()) + 1} positions exceeds the model's max_position_embeddings "
+            f"({limit}); truncate prompts/completions (e.g. max_length) or use a model with a longer context."
+        )
+
+
+def multi_stream_logits(
+    model,
+    clean_ids: torch.Tensor,
+    noisy_ids: list[torch.Tensor],
+    valid: torch.Tensor,
+    position_ids: torch.Tensor,
+    comp_start: int,
+    spec: BlockDiffusionSpec,
+    keep: torch.Tensor,
+) -> torch.Tensor:
+    """One forward over ``[noisy_1 || ... || noisy_K || clean]`` (each ``(batch, N)``), returning logits at ``keep``.
+
+    Every stream shares the clean stream's position ids; the block-diffusion rule decides visibility.
+    """
+    n = clean_ids.shape[1]
+    streams = [*noisy_ids, clean_ids]
+    ids = torch.cat(streams, dim=1)
+    device = ids.device
+    stream = torch.cat([torch.full((n,), s + 1 if s < len(noisy_ids) else 0, device=device) for s in range(len(streams))])
+    col = torch.arange(n, device=device).repeat(len(streams))
+    valid_all = valid.repeat(1, len(streams))
+    pos = position_ids.repeat(1, len(streams))
+    impl = getattr(model.config, "_attn_implementation", "sdpa")
+    layout = dict(comp_start=comp_start, block_size=spec.block_size, clean_block_causal=spec.clean_block_causal)
+    if impl == "flex_attention":
+        mask = flex_block_mask(stream, col, valid_all, **layout)
+    else:
+        mask = to_model_mask(dense_mask(stream, col, stream, col, valid_all, **layout), impl, model.dtype)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep.to(device), use_cache=False)
+    return out.logits
+
+
+def block_diffusion_loss(
+    model,
+    batch: AlignedBatch,
+    spec: BlockDiffusionSpec,
+    *,
+    segment_weights: tuple[float, ...] | None = None,
+    loss_normalization: str = "masked",
+    generator: torch.Generator | None = None,
+    masked: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Masked block-diffusion loss of one aligned batch.
+
+    Args:
+        segment_weights: loss weight per segment id (e.g. ``(reasoning, answer)``); needs ``batch.segment_ids``.
+        loss_normalization: ``"masked"`` divides the weighted token losses by the (segment-weighted) number of
+            masked tokens; ``"completion"`` by the number of completion tokens (the MDLM ELBO estimator, usually
+            with ``inverse_t_weighting``).
+        masked: use this ``(batch, N)`` noise mask instead of drawing one (tests, replay).
+
+    Returns:
+        ``(loss, metrics)``; metrics hold detached per-token sums and counts that the trainer aggregates
+        (``ce_sum/seg{k}``, ``correct/seg{k}``, ``masked/seg{k}``, ``masked_total``, ``completion_total``).
+    """
+    check_positions(model, batch.position_ids)
+    if spec.token_shift and batch.comp_start < 1:
+        raise ValueError("With token_shift the prompt must hold at least one token (e.g. BOS) before the completion.")
+    ratio = None
+    if masked is None:
+        masked, ratio = sample_noise_mask(batch.completion, batch.comp_start, spec, generator)
+    else:
+        masked = masked & batch.completion
+    clean = batch.input_ids
+    masks_list = [masked]
+    if spec.complementary_masks:
+        masks_list.append(batch.completion & ~masked)
+    total_loss = clean.new_zeros((), dtype=torch.float32)
+    metrics: dict[str, torch.Tensor] = {}
+    num_segments = len(segment_weights) if segment_weights is not None else 1
+    seg = batch.segment_ids if batch.segment_ids is not None else torch.zeros_like(clean)
+    if segment_weights is not None and batch.segment_ids is None:
+        raise ValueError("segment_weights were given but the batch has no segment_ids.")
+    n = clean.shape[1]
+    keep = prediction_sources(n, batch.comp_start, spec, noisy_offset=0, clean_offset=n)
+    weights_tok = (
+        torch.tensor(segment_weights, dtype=torch.float32, device=clean.device)[seg]
+        if segment_weights is not None
+        else torch.ones(seg.shape, dtype=torch.float32, device=clean.device)
+    )
+    denom = clean.new_zeros((), dtype=torch.float32)
+    for m in masks_list:
+        noisy = torch.where(m, torch.full_like(clean, spec.mask_token_id), clean)
+        logits = multi_stream_logits(
+            model, clean, [noisy], batch.valid, batch.position_ids, batch.comp_start, spec, keep
+        ).float()
+        target = clean[:, batch.comp_start :]
+        m_c = m[:, batch.comp_start :]
+        ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+        w = weights_tok[:, batch.comp_start :]
+        if spec.inverse_t_weighting:
+            r = ratio[:, batch.comp_start :] if ratio is not None else torch.ones_like(w)
+            w = w / r
+        total_loss = total_loss + (ce * w * m_c).sum()
+        if loss_normalization == "masked":
+            denom = denom + (weights_tok[:, batch.comp_start :] * m_c).sum()
+        elif loss_normalization == "completion":
+            comp_c = batch.completion[:, batch.comp_start :]
+            denom = denom + (weights_tok[:, batch.comp_start :] * comp_c).sum()
+        else:
+            raise ValueError(f"loss_normalization must be 'masked' or 'completion', got {loss_normalization!r}.")
+        with torch.no_grad():
+            correct = (logits.argmax(-1) == target) & m_c
+            s_c = seg[:, batch.comp_start :]
+            for k in range(num_segments):
+                in_k = m_c & (s_c == k)
+                metrics[f"ce_sum/seg{k}"] = metrics.get(f"ce_sum/seg{k}", 0) + (ce * in_k).sum()
+                metrics[f"correct/seg{k}"] = metrics.get(f"correct/seg{k}", 0) + (correct & in_k).sum()
+                metrics[f"masked/seg{k}"] = metrics.get(f"masked/seg{k}", 0) + in_k.sum()
+            metrics["masked_total"] = metrics.get("masked_total", 0) + m_c.sum()
+            metrics["completion_total"] = metrics.get("completion_total", 0) + batch.completion.sum()
+    loss = total_loss / denom.clamp_min(1.0)
+    return loss, {k: torch.as_tensor(v).detach().float() for k, v in metrics.items()}

@@ -1,0 +1,303 @@
+"""The block-diffusion sampler: blocks left to right, positions inside a block in parallel, exact KV cache.
+
+One forward is one denoising step. Its input is the clean tokens not yet in the cache (the prompt, or the block
+committed last) followed by the current block's canvas. The clean part is appended to the KV cache and yields
+the logit that predicts the block's first token (token shift); the canvas part yields the predictions for the
+other positions and is cropped off the cache after the forward. So committing a block costs no extra forward,
+and the cache only ever holds committed tokens, exactly as training's clean stream sees them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from .masks import dense_mask, to_model_mask
+from .objective import check_positions
+from .spec import BlockDiffusionSpec, get_spec
+
+
+@dataclass
+class SamplerOutput:
+    """What the sampler returns; every ``(batch, T)`` tensor is aligned with ``completion_ids``.
+
+    Attributes:
+        sequences: ``(batch, P + T)`` left-padded prompts followed by the completions.
+        completion_ids: ``(batch, T)`` generated tokens (pad after a row finished).
+        completion_mask: ``(batch, T)`` True up to and including the first stop token.
+        step_map: denoising step *within its block* at which each token was committed (-1: never generated).
+            Replaying a trajectory rebuilds the canvas of step ``k`` from the tokens with ``step_map < k``.
+        confidences: probability the commit rule ranked the token by (top probability, or the sampled token's).
+        logprobs: log-probability of the committed token under ``softmax(logits / temperature)``.
+        forward_passes: batched forwards run.
+        row_forward_passes: ``(batch,)`` forwards each row took part in before it finished.
+        prompt_length: ``P``, the column where completions start.
+    """
+
+    sequences: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    step_map: torch.Tensor
+    confidences: torch.Tensor
+    logprobs: torch.Tensor
+    forward_passes: int
+    row_forward_passes: torch.Tensor
+    prompt_length: int
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Generated tokens per forward pass, over the rows (the parallelism actually obtained)."""
+        return float(self.completion_mask.sum()) / max(1.0, float(self.row_forward_passes.sum()))
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad a list of token-id lists into ``(input_ids, attention_mask)``."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ValueError("Every prompt must hold at least one token.")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long, device=device)
+    for r, s in enumerate(sequences):
+        ids[r, width - len(s) :] = torch.as_tensor(s, dtype=torch.long)
+        mask[r, width - len(s) :] = 1
+    return ids, mask
+
+
+class BlockDiffusionSampler:
+    """Batched, left-padding aware parallel decoder for block-diffusion LMs.
+
+    Args:
+        model: a converted model (its config carries the block-diffusion spec) or any causal LM with ``spec``.
+        spec: overrides the model's spec (e.g. another block size at decode time for experiments).
+        pad_token_id / eos_token_id: default to the model config's. ``stop_token_ids`` of ``generate`` add more.
+        use_cache: keep the exact KV cache of committed tokens (default). ``False`` recomputes the whole
+            sequence every step: slow, but the reference the cache is tested against.
+
+    Example:
+        >>> sampler = BlockDiffusionSampler(model)
+        >>> out = sampler.generate(input_ids, attention_mask, max_new_tokens=128, tau=0.9)
+        >>> out.tokens_per_forward
+    """
+
+    def __init__(
+        self,
+        model,
+        spec: BlockDiffusionSpec | None = None,
+        *,
+        pad_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        use_cache: bool = True,
+    ) -> None:
+        self.model = model
+        self.spec = spec or get_spec(model)
+        if self.spec.mask_token_id < 0:
+            raise ValueError("The block-diffusion spec has no mask_token_id; convert the model first.")
+        config = model.config
+        self.pad_token_id = pad_token_id if pad_token_id is not None else config.pad_token_id
+        eos = eos_token_id if eos_token_id is not None else config.eos_token_id
+        self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        if self.pad_token_id is None:
+            self.pad_token_id = self.eos_token_ids[0] if self.eos_token_ids else 0
+        self.use_cache = use_cache
+        self.attn_implementation = getattr(config, "_attn_implementation", "sdpa")
+        if self.attn_implementation == "flex_attention":
+            # Decode-time masks are tiny and change every step; the dense path is the right tool there.
+            self.attn_implementation = "sdpa"
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 128,
+        tau: float | None = 0.9,
+        tokens_per_step: int | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        stop_token_ids: list[int] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> SamplerOutput:
+        """Decode completions for a left-padded batch of prompts.
+
+        Args:
+            tau: confidence threshold: each step commits every masked position whose confidence is >= tau, plus
+                the most confident one, so every step makes progress. Ignored when ``tokens_per_step`` is set.
+            tokens_per_step: fixed schedule: commit the ``k`` most confident positions per step.
+            temperature: 0 for greedy; otherwise sample from ``softmax(logits / temperature)`` (top-k filtered).
+        """
+        if tokens_per_step is None:
+            if tau is None or not (0.0 < tau <= 1.0):
+                raise ValueError(f"tau must be in (0, 1], got {tau!r}.")
+        elif tokens_per_step <= 0:
+            raise ValueError(f"tokens_per_step must be a positive integer, got {tokens_per_step!r}.")
+        if max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}.")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}.")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.bool()
+        if (attention_mask[:, -1] == 0).any():
+            raise ValueError("Prompts must be left-padded (the last column must be real tokens for every row).")
+        device = input_ids.device
+        spec = self.spec
+        batch, prompt_len = input_ids.shape
+        pads = (~attention_mask).sum(-1)
+        check_positions(self.model, (prompt_len + max_new_tokens - 1 - pads).unsqueeze(-1))
+        stops = torch.tensor(sorted(set(self.eos_token_ids + list(stop_token_ids or []))), device=device, dtype=torch.long)
+
+        total = prompt_len + max_new_tokens
+        seq = torch.full((batch, total), self.pad_token_id, dtype=torch.long, device=device)
+        seq[:, :prompt_len] = input_ids
+        valid = torch.ones(batch, total, dtype=torch.bool, device=device)
+        valid[:, :prompt_len] = attention_mask
+        step_map = torch.full((batch, max_new_tokens), -1, dtype=torch.long, device=device)
+        confidences = torch.zeros(batch, max_new_tokens, device=device)
+        logprobs = torch.zeros(batch, max_new_tokens, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        row_forwards = torch.zeros(batch, dtype=torch.long, device=device)
+        position_all = (torch.arange(total, device=device)[None] - pads[:, None]).clamp_min(0)
+
+        cache = DynamicCache() if self.use_cache else None
+        cached = 0  # columns [0, cached) are in the KV cache
+        forwards = 0
+        end = prompt_len
+        for start in range(prompt_len, total, spec.block_size):
+            end = min(start + spec.block_size, total)
+            width = end - start
+            canvas = torch.full((batch, width), spec.mask_token_id, dtype=torch.long, device=device)
+            canvas[finished] = self.pad_token_id
+            seed_logits = None
+            step = 0
+            while True:
+                masked = canvas == spec.mask_token_id
+                if not masked.any():
+                    break
+                new_seed, canvas_logits, cached = self._forward(
+                    seq, valid, position_all, canvas, start, prompt_len, cached, cache
+                )
+                seed_logits = new_seed if new_seed is not None else seed_logits
+                forwards += 1
+                row_forwards += (~finished).long()
+                logits = canvas_logits if seed_logits is None else torch.cat([seed_logits[:, None], canvas_logits], 1)
+                self._commit(
+                    logits, canvas, masked, step, start - prompt_len, stops,
+                    tau, tokens_per_step, temperature, top_k, generator, step_map, confidences, logprobs,
+                )
+                step += 1
+            seq[:, start:end] = canvas
+            finished |= torch.isin(canvas, stops).any(-1)
+            if finished.all():
+                break
+
+        gen = seq[:, prompt_len:end]
+        t = gen.shape[1]
+        is_stop = torch.isin(gen, stops)
+        after_stop = (is_stop.long().cumsum(-1) - is_stop.long()) > 0
+        completion_mask = ~after_stop
+        never = step_map[:, :t] < 0
+        completion_mask &= ~never
+        gen = gen.masked_fill(~completion_mask, self.pad_token_id)
+        return SamplerOutput(
+            sequences=torch.cat([input_ids, gen], 1),
+            completion_ids=gen,
+            completion_mask=completion_mask,
+            step_map=step_map[:, :t],
+            confidences=confidences[:, :t],
+            logprobs=logprobs[:, :t],
+            forward_passes=forwards,
+            row_forward_passes=row_forwards,
+            prompt_length=prompt_len,
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _forward(self, seq, valid, position_all, canvas, start, comp_start, cached, cache):
+        """One denoising forward. Returns ``(seed_logits, canvas_logits, new_cached)``.
+
+        ``seed_logits`` (batch, V) predicts the block's first token with token shift; it is None when this forward
+        had no new clean tokens (later steps of a block reuse the first step's). ``canvas_logits`` (batch, W', V)
+        predict the other positions of the block.
+        """
+        spec = self.spec
+        device = seq.device
+        shift = spec.token_shift
+        ctx = cached if self.use_cache else 0
+        new_clean = start - ctx
+        # With shift, the canvas's last column only matters as a key for the other canvas columns: a one-token
+        # block needs no canvas at all (block size 1 is plain AR decoding).
+        width = canvas.shape[1]
+        canvas_in = width if (not shift or width > 1) else 0
+        q_col = torch.cat([torch.arange(ctx, start, device=device), torch.arange(start, start + canvas_in, device=device)])
+        q_stream = (q_col >= start).long()
+        kv_col = torch.cat([torch.arange(ctx, device=device), q_col])
+        kv_stream = torch.cat([torch.zeros(ctx, dtype=torch.long, device=device), q_stream])
+        mask = dense_mask(
+            q_stream, q_col, kv_stream, kv_col, valid[:, kv_col],
+            comp_start=comp_start, block_size=spec.block_size, clean_block_causal=spec.clean_block_causal,
+        )
+        has_seed = shift and new_clean > 0
+        keep = ([new_clean - 1] if has_seed else []) + list(range(new_clean, new_clean + canvas_in - int(shift)))
+        out = self.model(
+            input_ids=torch.cat([seq[:, ctx:start], canvas[:, :canvas_in]], 1),
+            attention_mask=to_model_mask(mask, self.attn_implementation, self.model.dtype),
+            position_ids=position_all[:, q_col],
+            past_key_values=cache,
+            use_cache=self.use_cache,
+            logits_to_keep=torch.tensor(keep, device=device, dtype=torch.long),
+        )
+        logits = out.logits.float()
+        if self.use_cache:
+            if canvas_in:
+                cache.crop(-canvas_in)
+            cached = start
+        if has_seed:
+            return logits[:, 0], logits[:, 1:], cached
+        return None, logits, cached
+
+    def _commit(
+        self, logits, canvas, masked, step, offset, stops,
+        tau, tokens_per_step, temperature, top_k, generator, step_map, confidences, logprobs,
+    ):
+        """Pick tokens for masked positions and commit per the schedule (in place on ``canvas`` and records)."""
+        logits[..., self.spec.mask_token_id] = float("-inf")
+        scaled = logits / temperature if temperature > 0 else logits
+        logp = torch.log_softmax(scaled, -1)
+        if temperature > 0:
+            filt = scaled
+            if top_k is not None and top_k < filt.shape[-1]:
+                kth = filt.topk(top_k, -1).values[..., -1:]
+                filt = filt.masked_fill(filt < kth, float("-inf"))
+            probs = torch.softmax(filt, -1)
+            flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+            tokens = flat.view(probs.shape[:-1])
+            conf = probs.gather(-1, tokens[..., None]).squeeze(-1)
+        else:
+            conf, tokens = torch.softmax(logits, -1).max(-1)
+        tok_logp = logp.gather(-1, tokens[..., None]).squeeze(-1)
+        score = conf.masked_fill(~masked, -1.0)
+        if tokens_per_step is not None:
+            k = min(tokens_per_step, score.shape[1])
+            commit = torch.zeros_like(masked).scatter_(1, score.topk(k, -1).indices, True) & masked
+        else:
+            commit = masked & (conf >= tau)
+            best = score.argmax(-1, keepdim=True)
+            commit.scatter_(1, best, True)
+            commit &= masked
+        canvas[commit] = tokens[commit]
+        cols = slice(offset, offset + canvas.shape[1])
+        step_map[:, cols][commit] = step
+        confidences[:, cols][commit] = conf[commit]
+        logprobs[:, cols][commit] = tok_logp[commit]
+        # Everything after a committed stop token in this block is a stop token too: training fills the last block
+        # with EOS after EOS, so this is the model's own prediction, committed without spending steps on it.
+        is_stop = torch.isin(canvas, stops) & (canvas != self.spec.mask_token_id)
+        after = (is_stop.long().cumsum(-1) - is_stop.long()) > 0
+        fill = after & (canvas == self.spec.mask_token_id)
+        if fill.any():
+            canvas[fill] = stops[0]
+            step_map[:, cols][fill] = step
+            confidences[:, cols][fill] = 1.0
