@@ -1,0 +1,70 @@
+import copy
+
+import pytest
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from diffgr2_trl.block_diffusion import BlockDiffusionSampler, convert_to_block_diffusion, get_spec, left_pad
+from diffgr2_trl.modeling import build_model
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
+def test_convert_adds_mask_token_and_round_trips(word_tokenizer, arch, tmp_path):
+    tok = copy.deepcopy(word_tokenizer)
+    model = build_model(arch, tokenizer=tok)
+    rows = model.get_input_embeddings().weight.shape[0]
+    convert_to_block_diffusion(model, tok, block_size=8)
+    spec = get_spec(model)
+    assert spec.block_size == 8 and spec.mask_token_id == tok.mask_token_id == rows
+    assert model.get_input_embeddings().weight.shape[0] == rows + 1
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert get_spec(loaded) == spec
+    tok2 = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    assert tok2.mask_token_id == spec.mask_token_id
+    # the naive conversion loads and decodes
+    ids, am = left_pad([[5, 6, 7]], tok.pad_token_id)
+    out = BlockDiffusionSampler(loaded).generate(ids, am, max_new_tokens=8, tau=0.9)
+    assert out.completion_ids.shape[1] <= 8 and out.forward_passes >= 1
+
+
+def test_spare_embedding_row_is_used_without_resize(word_tokenizer):
+    tok = copy.deepcopy(word_tokenizer)
+    model = build_model("qwen3", vocab_size=len(tok) + 8)
+    convert_to_block_diffusion(model, tok, block_size=4)
+    assert model.get_input_embeddings().weight.shape[0] == len(tok) + 7  # unchanged
+    assert get_spec(model).mask_token_id == len(tok) - 1
+
+
+def test_mask_token_clashing_with_a_vocabulary_token(word_tokenizer):
+    tok = copy.deepcopy(word_tokenizer)
+    model = build_model("qwen3", tokenizer=tok)
+    with pytest.raises(ValueError, match="ordinary token"):
+        convert_to_block_diffusion(model, tok, mask_token="sort")
+    with pytest.raises(ValueError, match="same as the tokenizer's eos"):
+        convert_to_block_diffusion(model, tok, mask_token=tok.eos_token)
+    with pytest.raises(ValueError, match="block_size"):
+        convert_to_block_diffusion(model, tok, block_size=0)
+
+
+def test_attention_that_ignores_masks_is_refused(word_tokenizer, monkeypatch):
+    tok = copy.deepcopy(word_tokenizer)
+    model = build_model("qwen3", tokenizer=tok)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        convert_to_block_diffusion(model, tok)
+    # an implementation that claims support but ignores the mask is caught by the probe
+    model = build_model("qwen3", tokenizer=tok)
+    original = model.forward
+
+    def ignoring(*args, attention_mask=None, **kw):
+        return original(*args, attention_mask=None, **kw)
+
+    monkeypatch.setattr(model, "forward", ignoring)
+    with pytest.raises(ValueError, match="ignored a custom 4-D attention mask"):
+        convert_to_block_diffusion(model, tok)
+
+
+def test_unconverted_model_is_rejected(word_tokenizer):
+    with pytest.raises(ValueError, match="not converted"):
+        get_spec(build_model("qwen3", tokenizer=word_tokenizer))

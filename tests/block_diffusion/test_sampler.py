@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from diffgr2_trl.block_diffusion import BlockDiffusionSampler, BlockDiffusionSpec, get_spec, left_pad
+from tests.helpers import converted
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [13]]
+
+
+def spec_like(model, **kw):
+    return BlockDiffusionSpec(**{**get_spec(model).to_dict(), **kw})
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
+def test_block_size_one_reproduces_generate_greedy(word_tokenizer, arch):
+    model, tok = converted(word_tokenizer, arch, block_size=1)
+    ids, am = left_pad(PROMPTS, tok.pad_token_id)
+    out = BlockDiffusionSampler(model, eos_token_id=[]).generate(ids, am, max_new_tokens=12, tau=0.9)
+    ref = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=12, do_sample=False,
+                         pad_token_id=tok.pad_token_id, eos_token_id=None)
+    assert torch.equal(out.completion_ids, ref[:, ids.shape[1]:])
+    assert out.forward_passes == 12
+    assert (out.step_map == 0).all()
+
+
+@pytest.mark.parametrize("block_size,clean_block_causal", [(4, True), (4, False), (8, True)])
+@pytest.mark.parametrize("mode", ["tau", "fixed", "sample"])
+def test_cache_equals_no_cache(word_tokenizer, block_size, clean_block_causal, mode):
+    model, tok = converted(word_tokenizer, block_size=block_size, clean_block_causal=clean_block_causal)
+    ids, am = left_pad(PROMPTS, tok.pad_token_id)
+    kw = {"tau": dict(tau=0.3), "fixed": dict(tokens_per_step=3), "sample": dict(tau=0.5, temperature=1.0, top_k=8)}[mode]
+    outs = []
+    for use_cache in (True, False):
+        gen = torch.Generator().manual_seed(0)
+        outs.append(BlockDiffusionSampler(model, use_cache=use_cache, eos_token_id=[]).generate(
+            ids, am, max_new_tokens=19, generator=gen, **kw))
+    a, b = outs
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.equal(a.step_map, b.step_map)
+    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+    assert a.forward_passes == b.forward_passes
+
+
+@pytest.mark.parametrize("mode", ["tau", "fixed"])
+def test_batch_decodes_like_each_row_alone(word_tokenizer, mode):
+    model, tok = converted(word_tokenizer, block_size=4)
+    kw = dict(tau=0.2) if mode == "tau" else dict(tokens_per_step=2)
+    ids, am = left_pad(PROMPTS, tok.pad_token_id)
+    sampler = BlockDiffusionSampler(model, eos_token_id=[])
+    batch = sampler.generate(ids, am, max_new_tokens=14, **kw)
+    for r, p in enumerate(PROMPTS):
+        alone = sampler.generate(torch.tensor([p]), None, max_new_tokens=14, **kw)
+        assert torch.equal(alone.completion_ids[0], batch.completion_ids[r])
+        assert torch.equal(alone.step_map[0], batch.step_map[r])
+
+
+def test_never_hangs_and_fixed_schedule_counts(word_tokenizer):
+    model, tok = converted(word_tokenizer, block_size=8)
+    ids, am = left_pad(PROMPTS[:1], tok.pad_token_id)
+    sampler = BlockDiffusionSampler(model, eos_token_id=[])
+    strict = sampler.generate(ids, am, max_new_tokens=16, tau=1.0)  # nothing clears tau=1: one forced commit per step
+    assert strict.forward_passes == 16
+    assert sorted(strict.step_map[0, :8].tolist()) == list(range(8))
+    fixed = sampler.generate(ids, am, max_new_tokens=16, tokens_per_step=4)
+    assert fixed.forward_passes == 4 and fixed.tokens_per_forward == 4.0
+    assert sorted(fixed.step_map[0, :8].tolist()) == [0] * 4 + [1] * 4
+
+
+def test_stop_token_ends_the_row_and_fills_its_block(word_tokenizer):
+    model, tok = converted(word_tokenizer, block_size=4)
+    ids, am = left_pad(PROMPTS, tok.pad_token_id)
+    sampler = BlockDiffusionSampler(model, eos_token_id=[])
+    free = sampler.generate(ids, am, max_new_tokens=12, tokens_per_step=1)
+    stop = int(free.completion_ids[0, 5])  # a token row 0 emits at position 5 (block 1)
+    out = sampler.generate(ids, am, max_new_tokens=12, tokens_per_step=1, stop_token_ids=[stop])
+    row = out.completion_ids[0]
+    first = int((row == stop).nonzero()[0])
+    assert first <= 5
+    assert out.completion_mask[0, : first + 1].all() and not out.completion_mask[0, first + 1 :].any()
+    assert (row[first + 1 :] == tok.pad_token_id).all()
+
+
+def test_bad_arguments(word_tokenizer):
+    model, tok = converted(word_tokenizer, block_size=4)
+    sampler = BlockDiffusionSampler(model)
+    ids, am = left_pad(PROMPTS, tok.pad_token_id)
+    for tau in (0.0, 1.5, -1):
+        with pytest.raises(ValueError, match="tau must be in"):
+            sampler.generate(ids, am, tau=tau)
+    with pytest.raises(ValueError, match="left-padded"):
+        sampler.generate(ids.flip(1), am.flip(1))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        sampler.generate(ids, am, max_new_tokens=5000)
+    with pytest.raises(ValueError, match="tokens_per_step"):
+        sampler.generate(ids, am, tokens_per_step=0)
