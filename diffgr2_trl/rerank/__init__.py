@@ -1,0 +1,1 @@
+"""The re-ranking task: data, pre-ranker, semantic IDs, candidates, metrics."""

@@ -1,0 +1,54 @@
+"""Ranking metrics for a single relevant item (leave-one-out next-item prediction).
+
+Ranks are **0-based**: rank 0 means the target is first. A target that is absent from the list has rank ``None``
+(or any rank >= k), which scores 0 for every cut-off. These are the R@k / N@k used by GR2 and Diffusion-GR2 for
+re-ranking and the HR@k / NDCG@k of full-ranking evaluation (HR@k == R@k with one relevant item).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+__all__ = ["recall_at_k", "ndcg_at_k", "rank_of", "summarize_ranks"]
+
+
+def recall_at_k(rank_of_target: int | None, k: int) -> float:
+    """1.0 if the target is within the first ``k`` positions (0-based ``rank_of_target < k``), else 0.0."""
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    return float(rank_of_target is not None and 0 <= rank_of_target < k)
+
+
+def ndcg_at_k(rank_of_target: int | None, k: int) -> float:
+    """NDCG@k with one relevant item: ``1 / log2(rank + 2)`` if ``rank < k`` else 0 (the ideal DCG is 1)."""
+    if not recall_at_k(rank_of_target, k):
+        return 0.0
+    return 1.0 / math.log2(rank_of_target + 2)
+
+
+def rank_of(target: int, ranking: Sequence[int]) -> int | None:
+    """0-based position of ``target`` in ``ranking``, or ``None`` when it is missing."""
+    try:
+        return list(ranking).index(target)
+    except ValueError:
+        return None
+
+
+def summarize_ranks(
+    ranks: Iterable[int | None], recall_ks: Sequence[int] = (1, 3, 5), ndcg_ks: Sequence[int] = (3, 5)
+) -> dict[str, float]:
+    """Mean ``R@k`` and ``N@k`` over a collection of 0-based ranks, keyed ``"R@1"``, ``"N@3"``, ...
+
+    Also reports ``"n"``, the number of ranks averaged. An empty collection gives zeros (and ``n = 0``) rather than
+    a division error, so callers can report empty splits.
+    """
+    ranks = list(ranks)
+    n = len(ranks)
+    out: dict[str, float] = {}
+    for k in recall_ks:
+        out[f"R@{k}"] = sum(recall_at_k(r, k) for r in ranks) / n if n else 0.0
+    for k in ndcg_ks:
+        out[f"N@{k}"] = sum(ndcg_at_k(r, k) for r in ranks) / n if n else 0.0
+    out["n"] = n
+    return out
