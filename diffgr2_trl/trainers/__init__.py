@@ -1,0 +1,5 @@
+"""TRL trainers for the three stages: CFT, on-policy distillation, diffusion GRPO."""
+
+from .cft import BlockDiffusionConfig, BlockDiffusionTrainer, DataCollatorForBlockDiffusion
+
+__all__ = ["BlockDiffusionConfig", "BlockDiffusionTrainer", "DataCollatorForBlockDiffusion"]

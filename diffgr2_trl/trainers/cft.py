@@ -1,0 +1,214 @@
+"""Conversion fine-tuning (CFT): TRL's SFTTrainer with the masked block-diffusion objective.
+
+Everything TRL's SFTTrainer does is kept (dataset handling for prompt/completion and conversational data, PEFT /
+QLoRA, gradient accumulation, checkpointing, ``accelerate``); only the loss changes, in :meth:`compute_loss`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from ..block_diffusion import BlockDiffusionSpec, align_completions, block_diffusion_loss, get_spec, set_spec
+from ..block_diffusion.convert import check_attention_honours_masks, convert_to_block_diffusion
+
+SPEC_OVERRIDES = (
+    "noise_per", "noise_schedule", "min_mask_ratio", "max_mask_ratio", "inverse_t_weighting", "complementary_masks",
+)
+
+
+@dataclass
+class BlockDiffusionConfig(SFTConfig):
+    """Configuration for :class:`BlockDiffusionTrainer` (all of :class:`trl.SFTConfig`, plus the fields below).
+
+    Noise fields left at ``None`` keep the value in the model's block-diffusion spec; a value given here is written
+    into the spec, so the checkpoint records what it was trained with.
+
+    Parameters:
+        block_size: block size used to convert a model that is not yet converted. Ignored (must match or be None)
+            for a converted model.
+        noise_per / noise_schedule / min_mask_ratio / max_mask_ratio / inverse_t_weighting / complementary_masks:
+            see :class:`~diffgr2_trl.block_diffusion.BlockDiffusionSpec`.
+        reasoning_weight: loss weight of completion tokens before the answer (segment 0).
+        answer_weight: loss weight of answer tokens (segment 1).
+        answer_start_column: dataset column holding, per row, the character offset in ``completion`` where the
+            answer starts (plain-text prompt/completion data). Alternatively give a ``segment_ids`` column with one
+            0/1 entry per completion token. Without either, every completion token is segment 0.
+        loss_normalization: ``"masked"`` (mean over masked tokens) or ``"completion"`` (sum over masked tokens
+            divided by the number of completion tokens, the MDLM ELBO estimator).
+    """
+
+    block_size: int | None = field(default=None, metadata={"help": "Block size to convert an unconverted model with."})
+    noise_per: str | None = field(default=None, metadata={"help": "'block' or 'sequence': where t is drawn."})
+    noise_schedule: str | None = field(default=None, metadata={"help": "'linear' or 'cosine' mask-ratio schedule."})
+    min_mask_ratio: float | None = field(default=None, metadata={"help": "Lower end of the noise level t."})
+    max_mask_ratio: float | None = field(default=None, metadata={"help": "Upper end of the noise level t."})
+    inverse_t_weighting: bool | None = field(default=None, metadata={"help": "Weight token losses by 1/mask ratio."})
+    complementary_masks: bool | None = field(default=None, metadata={"help": "Also train on each mask's complement."})
+    reasoning_weight: float = field(default=1.0, metadata={"help": "Loss weight of reasoning tokens."})
+    answer_weight: float = field(default=1.0, metadata={"help": "Loss weight of answer tokens."})
+    answer_start_column: str = field(
+        default="answer_start", metadata={"help": "Column with the answer's character offset in the completion."}
+    )
+    loss_normalization: str = field(default="masked", metadata={"help": "'masked' or 'completion'."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss_normalization not in ("masked", "completion"):
+            raise ValueError(f"loss_normalization must be 'masked' or 'completion', got {self.loss_normalization!r}.")
+        if self.block_size is not None and self.block_size <= 0:
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size}.")
+
+
+@dataclass
+class DataCollatorForBlockDiffusion(DataCollatorForLanguageModeling):
+    """TRL's LM collator plus right-padded ``segment_ids`` (0 = reasoning, 1 = answer) when the rows carry them."""
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        out = super().torch_call(examples)
+        if "segment_ids" in examples[0]:
+            width = out["input_ids"].shape[1]
+            segs = torch.zeros(len(examples), width, dtype=torch.long)
+            for r, ex in enumerate(examples):
+                s = torch.as_tensor(ex["segment_ids"][:width], dtype=torch.long)
+                segs[r, : s.numel()] = s
+            out["segment_ids"] = segs
+        return out
+
+
+def _check_completions(dataset, name: str) -> None:
+    cols = getattr(dataset, "column_names", None) or []
+    if "input_ids" in cols:
+        return  # already tokenized by the user: the labels must mark the completion
+    if "completion" not in cols:
+        raise ValueError(
+            f"The {name} dataset has columns {cols}; block-diffusion training needs prompt/completion data "
+            "(a 'prompt' and a 'completion' column, plain text or conversational)."
+        )
+    for i, c in enumerate(dataset["completion"]):
+        if c is None or (isinstance(c, str) and not c.strip()) or (isinstance(c, list) and not c):
+            raise ValueError(f"Row {i} of the {name} dataset has an empty completion; every row needs one.")
+
+
+class BlockDiffusionTrainer(SFTTrainer):
+    """CFT trainer: masked block-diffusion loss on the completion under the block-diffusion attention mask.
+
+    Takes the same arguments as :class:`trl.SFTTrainer`. The model must be converted
+    (:func:`~diffgr2_trl.convert_to_block_diffusion`) or ``args.block_size`` set to convert it here.
+
+    Example:
+        >>> trainer = BlockDiffusionTrainer(model, args=BlockDiffusionConfig("out", use_cpu=True),
+        ...                                 train_dataset=ds, processing_class=tokenizer)
+        >>> trainer.train()
+    """
+
+    _tag_names = ["trl", "sft", "diffgr2-trl", "block-diffusion", "cft"]
+    _name = "CFT"
+
+    def __init__(self, model, args: BlockDiffusionConfig | None = None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, **kwargs):
+        if args is None:
+            args = BlockDiffusionConfig("cft-output")
+        if args.packing or args.padding_free:
+            raise ValueError("Block-diffusion training needs one prompt+completion per row: set packing=False and "
+                             "padding_free=False.")
+        if train_dataset is not None:
+            _check_completions(train_dataset, "train")
+        if not isinstance(model, str) and processing_class is not None:
+            self._maybe_convert(model, processing_class, args)
+        if data_collator is None and processing_class is not None:
+            pad = processing_class.pad_token_id if processing_class.pad_token_id is not None else processing_class.eos_token_id
+            data_collator = DataCollatorForBlockDiffusion(pad_token_id=pad, pad_to_multiple_of=args.pad_to_multiple_of)
+        super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if isinstance(model, str):
+            self._maybe_convert(base, self.processing_class, args)
+        check_attention_honours_masks(base)
+        spec = get_spec(base)
+        overrides = {k: getattr(args, k) for k in SPEC_OVERRIDES if getattr(args, k) is not None}
+        if overrides:
+            spec = BlockDiffusionSpec.from_dict({**spec.to_dict(), **overrides})
+            set_spec(base, spec)
+        self.spec = spec
+        self.segment_weights = (args.reasoning_weight, args.answer_weight)
+        # The loss is a per-micro-batch mean: let Trainer divide it by the accumulation steps.
+        self.loss_is_scaled_for_ga = False
+
+    @staticmethod
+    def _maybe_convert(model, tokenizer, args) -> None:
+        try:
+            spec = get_spec(model)
+        except ValueError:
+            if args.block_size is None:
+                raise
+            convert_to_block_diffusion(model, tokenizer, block_size=args.block_size)
+            return
+        if args.block_size is not None and args.block_size != spec.block_size:
+            raise ValueError(f"args.block_size={args.block_size} disagrees with the model's converted block size "
+                             f"{spec.block_size}; leave block_size unset for a converted model.")
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if "segment_ids" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "segment_ids"]
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        dataset = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        cols = getattr(dataset, "column_names", None) or []
+        column = getattr(args, "answer_start_column", None)
+        if column and column in cols and "segment_ids" not in cols:
+            tokenizer = getattr(processing_class, "tokenizer", processing_class)
+
+            def add_segments(example):
+                if not isinstance(example.get("prompt"), str):
+                    raise ValueError(f"'{column}' needs plain-text prompts; give a token-level 'segment_ids' column "
+                                     "for conversational data.")
+                offset = example[column]
+                completion_mask = [lbl != -100 for lbl in example["labels"]]
+                start = completion_mask.index(True) if True in completion_mask else len(completion_mask)
+                if offset is None or offset < 0 or offset > len(example["completion"]):
+                    raise ValueError(f"{column}={offset!r} is outside the completion (length "
+                                     f"{len(example['completion'])}).")
+                before = tokenizer(example["prompt"] + example["completion"][:offset], add_special_tokens=False)
+                n_reason = max(0, len(before["input_ids"]) - start)
+                segs = [0] * len(example["input_ids"])
+                for i in range(start + n_reason, len(segs)):
+                    segs[i] = 1
+                return {"segment_ids": segs}
+
+            dataset = dataset.map(add_segments, desc=f"Marking answer segments of the {dataset_name} dataset")
+        return dataset
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        labels = inputs["labels"]
+        completion = labels != -100
+        tok = getattr(self.processing_class, "tokenizer", self.processing_class)
+        batch = align_completions(
+            inputs["input_ids"], inputs["attention_mask"], completion,
+            block_size=self.spec.block_size,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+            eos_token_id=tok.eos_token_id,
+            segment_ids=inputs.get("segment_ids"),
+        )
+        loss, m = block_diffusion_loss(
+            model, batch, self.spec,
+            segment_weights=self.segment_weights if batch.segment_ids is not None else None,
+            loss_normalization=self.args.loss_normalization,
+        )
+        gathered = {k: self.accelerator.gather_for_metrics(v.to(loss.device)).sum() for k, v in m.items()}
+        masked = gathered["masked_total"].clamp_min(1)
+        correct = sum(v for k, v in gathered.items() if k.startswith("correct/"))
+        self._metrics[mode]["mask_ratio"].append((gathered["masked_total"] / gathered["completion_total"].clamp_min(1)).item())
+        self._metrics[mode]["masked_token_accuracy"].append((correct / masked).item())
+        names = ("reasoning", "answer") if batch.segment_ids is not None else ("completion",)
+        for k, name in enumerate(names):
+            count = gathered.get(f"masked/seg{k}")
+            if count is not None and count > 0:
+                self._metrics[mode][f"loss_{name}"].append((gathered[f"ce_sum/seg{k}"] / count).item())
+        return (loss, None) if return_outputs else loss
