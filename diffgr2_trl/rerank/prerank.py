@@ -161,9 +161,9 @@ class SASRecConfig:
     max_len: int = 50
     dropout: float = 0.3
     loss: str = "ce"
-    epochs: int = 5
-    batch_size: int = 128
-    lr: float = 2e-3
+    epochs: int = 3
+    batch_size: int = 256
+    lr: float = 3e-3
     weight_decay: float = 0.0
     seed: int = 0
 

@@ -1,0 +1,89 @@
+"""Semantic IDs: uniqueness, invertibility, determinism, token format, persistence, attribute tokens."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from diffgr2_trl.rerank.semantic_ids import SemanticIds, item_embeddings, kmeans, residual_kmeans
+
+
+def _emb(n=300, d=8, dup=15, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n + 1, d))
+    x[n - dup + 1 :] = x[1]  # identical vectors: cannot be split by k-means, only by the last level
+    return x
+
+
+def test_kmeans_deterministic_and_uses_every_code():
+    x = np.random.default_rng(1).normal(size=(200, 4))
+    c1, a1 = kmeans(x, 16, seed=5)
+    c2, a2 = kmeans(x, 16, seed=5)
+    np.testing.assert_array_equal(a1, a2)
+    np.testing.assert_allclose(c1, c2)
+    assert len(np.unique(a1)) == 16
+    # more clusters than distinct points: k shrinks instead of failing
+    _, a = kmeans(np.repeat(x[:3], 4, axis=0), 8)
+    assert len(np.unique(a)) == 3
+    codes = residual_kmeans(x, 8, 3, seed=0)
+    assert codes.shape == (200, 3) and codes.max() < 8
+
+
+def test_ids_unique_invertible_and_formatted():
+    x = _emb()
+    items = list(range(1, 301))
+    attrs = {i: [i % 7 + 1, 10] for i in items}
+    sid = SemanticIds.build(x, items, codebook_size=16, item_attributes=attrs, seed=0)
+    encoded = [sid.encode(i) for i in items]
+    assert len(set(encoded)) == len(items)
+    assert all(re.fullmatch(r"<a_\d+><b_\d+><c_\d+><d_\d+>", s) for s in encoded)
+    assert [sid.decode(s) for s in encoded] == items
+    # items 1 and 286..300 are identical: they share the first three codes and are told apart by their rank
+    # (item id order) in level 4, which then uses all 16 values
+    dups = [1, *range(286, 301)]
+    prefixes = {sid.encode(i).rsplit("<d_", 1)[0] for i in dups}
+    assert len(prefixes) == 1
+    assert [sid.codes[i][3] for i in dups] == list(range(16))
+    assert sid.stats["unique_before_last_level"] < 1.0 and sid.stats["max_items_per_prefix"] == 16
+    assert len(sid.stats["utilisation_per_level"]) == 4
+    with pytest.raises(KeyError):
+        sid.decode("<a_99><b_0><c_0><d_0>")
+    with pytest.raises(KeyError):
+        sid.encode(999)
+    toks = sid.tokens()
+    assert len(toks) == 4 * 16 and toks[0] == "<a_0>" and toks[-1] == "<d_15>"
+    assert all(t in toks for s in encoded for t in re.findall(r"<[a-d]_\d+>", s))
+    assert sid.attribute_tokens(3) == ["<attr_4>", "<attr_10>"]
+    assert sid.attribute_vocab()[-1] == "<attr_10>"
+    text = f"ranked: {sid.encode(5)}, {sid.encode(7)} and <a_99><b_0><c_0><d_0>"
+    assert sid.find_all(text) == [5, 7, None]
+
+
+def test_deterministic_and_save_load(tmp_path):
+    x = _emb()
+    items = list(range(1, 301))
+    a = SemanticIds.build(x, items, codebook_size=16, seed=3)
+    b = SemanticIds.build(x, items, codebook_size=16, seed=3)
+    assert a.codes == b.codes
+    a.save(tmp_path / "sid.json")
+    c = SemanticIds.load(tmp_path / "sid.json")
+    assert c.codes == a.codes and c.stats == a.stats
+    assert all(c.decode(a.encode(i)) == i for i in items)
+
+
+def test_too_many_collisions_is_an_error():
+    x = np.zeros((11, 2))
+    with pytest.raises(ValueError, match="share one 3-level code"):
+        SemanticIds.build(x, list(range(1, 11)), codebook_size=4)
+
+
+def test_item_embeddings_from_cooccurrence_and_attributes():
+    train = {1: [1, 2, 3, 1, 2], 2: [2, 3, 4], 3: [4, 5, 4]}
+    attrs = {i: [1 + i % 2] for i in range(1, 7)}  # item 6 never occurs in training: attributes only
+    e1 = item_embeddings(train, attrs, 6, cf_dim=3, attr_dim=2, seed=0)
+    e2 = item_embeddings(train, attrs, 6, cf_dim=3, attr_dim=2, seed=0)
+    np.testing.assert_array_equal(e1, e2)
+    assert e1.shape[0] == 7 and np.all(e1[0] == 0)
+    assert np.linalg.norm(e1[6]) > 0  # the cold item still gets a vector from its attributes
