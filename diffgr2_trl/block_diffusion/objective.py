@@ -89,19 +89,21 @@ def align_completions(
     return AlignedBatch(ids, valid, completion, position_ids, comp_start, segs)
 
 
-def prediction_sources(n: int, comp_start: int, spec: BlockDiffusionSpec, noisy_offset: int, clean_offset: int):
+def prediction_sources(n: int, comp_start: int, spec: BlockDiffusionSpec, noisy_offset: int, clean_offset: int = 0):
     """Index (in a multi-stream forward) of the hidden state that predicts each column ``comp_start..n-1``.
 
-    With token shift the token at column ``i`` is predicted from column ``i - 1`` of the same noisy stream, except
-    at a block's first column, whose predecessor belongs to the previous (committed) block: there the clean
-    stream's ``i - 1`` is used, which has seen exactly the committed context, as an AR model would. Without shift
-    column ``i`` predicts itself from the noisy stream.
+    Noisy streams cover only the completion columns (a noisy copy of the prompt would be attended by nobody), so
+    column ``i`` of a noisy stream sits at ``noisy_offset + i - comp_start``; clean column ``i`` at
+    ``clean_offset + i``. With token shift the token at column ``i`` is predicted from column ``i - 1`` of the
+    same noisy stream, except at a block's first column, whose predecessor belongs to the previous (committed)
+    block: there the clean stream's ``i - 1`` is used, which has seen exactly the committed context, as an AR model
+    would. Without shift column ``i`` predicts itself from the noisy stream.
     """
     cols = torch.arange(comp_start, n)
     if not spec.token_shift:
-        return noisy_offset + cols
+        return noisy_offset + cols - comp_start
     first = (cols - comp_start) % spec.block_size == 0
-    return torch.where(first, clean_offset + cols - 1, noisy_offset + cols - 1)
+    return torch.where(first, clean_offset + cols - 1, noisy_offset + cols - 1 - comp_start)
 
 
 def check_positions(model, position_ids: torch.Tensor) -> None:
@@ -113,7 +115,7 @@ def check_positions(model, position_ids: torch.Tensor) -> None:
         )
 
 
-def multi_stream_logits(
+def multi_stream_forward(
     model,
     clean_ids: torch.Tensor,
     noisy_ids: list[torch.Tensor],
@@ -121,27 +123,36 @@ def multi_stream_logits(
     position_ids: torch.Tensor,
     comp_start: int,
     spec: BlockDiffusionSpec,
-    keep: torch.Tensor,
-) -> torch.Tensor:
-    """One forward over ``[noisy_1 || ... || noisy_K || clean]`` (each ``(batch, N)``), returning logits at ``keep``.
+    **model_kwargs,
+):
+    """One forward over ``[clean || noisy_1 || ... || noisy_K]`` under the block-diffusion rule.
 
-    Every stream shares the clean stream's position ids; the block-diffusion rule decides visibility.
+    ``clean_ids`` is ``(batch, N)``; each noisy stream ``(batch, N - comp_start)`` covers the completion columns.
+    Every stream shares the clean stream's position ids. Extra kwargs go to the model (``logits_to_keep``, ...).
     """
     n = clean_ids.shape[1]
-    streams = [*noisy_ids, clean_ids]
-    ids = torch.cat(streams, dim=1)
-    device = ids.device
-    stream = torch.cat([torch.full((n,), s + 1 if s < len(noisy_ids) else 0, device=device) for s in range(len(streams))])
-    col = torch.arange(n, device=device).repeat(len(streams))
-    valid_all = valid.repeat(1, len(streams))
-    pos = position_ids.repeat(1, len(streams))
+    t = n - comp_start
+    k = len(noisy_ids)
+    device = clean_ids.device
+    ids = torch.cat([clean_ids, *noisy_ids], dim=1)
+    stream = torch.cat([torch.zeros(n, dtype=torch.long, device=device),
+                        torch.arange(1, k + 1, device=device).repeat_interleave(t)])
+    col = torch.cat([torch.arange(n, device=device), torch.arange(comp_start, n, device=device).repeat(k)])
+    valid_all = torch.cat([valid, valid[:, comp_start:].repeat(1, k)], dim=1)
+    pos = torch.cat([position_ids, position_ids[:, comp_start:].repeat(1, k)], dim=1)
     impl = getattr(model.config, "_attn_implementation", "sdpa")
     layout = dict(comp_start=comp_start, block_size=spec.block_size, clean_block_causal=spec.clean_block_causal)
     if impl == "flex_attention":
         mask = flex_block_mask(stream, col, valid_all, **layout)
     else:
         mask = to_model_mask(dense_mask(stream, col, stream, col, valid_all, **layout), impl, model.dtype)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep.to(device), use_cache=False)
+    return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **model_kwargs)
+
+
+def multi_stream_logits(model, clean_ids, noisy_ids, valid, position_ids, comp_start, spec, keep) -> torch.Tensor:
+    """:func:`multi_stream_forward` returning only the logits at positions ``keep`` (shared by all rows)."""
+    out = multi_stream_forward(model, clean_ids, noisy_ids, valid, position_ids, comp_start, spec,
+                               logits_to_keep=keep.to(clean_ids.device))
     return out.logits
 
 
@@ -187,7 +198,7 @@ def block_diffusion_loss(
     if segment_weights is not None and batch.segment_ids is None:
         raise ValueError("segment_weights were given but the batch has no segment_ids.")
     n = clean.shape[1]
-    keep = prediction_sources(n, batch.comp_start, spec, noisy_offset=0, clean_offset=n)
+    keep = prediction_sources(n, batch.comp_start, spec, noisy_offset=n)
     weights_tok = (
         torch.tensor(segment_weights, dtype=torch.float32, device=clean.device)[seg]
         if segment_weights is not None
@@ -195,7 +206,7 @@ def block_diffusion_loss(
     )
     denom = clean.new_zeros((), dtype=torch.float32)
     for m in masks_list:
-        noisy = torch.where(m, torch.full_like(clean, spec.mask_token_id), clean)
+        noisy = torch.where(m, torch.full_like(clean, spec.mask_token_id), clean)[:, batch.comp_start :]
         logits = multi_stream_logits(
             model, clean, [noisy], batch.valid, batch.position_ids, batch.comp_start, spec, keep
         ).float()

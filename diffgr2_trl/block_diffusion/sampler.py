@@ -25,7 +25,9 @@ class SamplerOutput:
 
     Attributes:
         sequences: ``(batch, P + T)`` left-padded prompts followed by the completions.
-        completion_ids: ``(batch, T)`` generated tokens (pad after a row finished).
+        completion_ids: ``(batch, T)`` generated tokens (pad after the first stop token).
+        canvas_ids: ``(batch, T)`` the tokens exactly as committed, including whatever sat after the first stop
+            token inside its block (those were visible to the block's later steps; trajectory replay needs them).
         completion_mask: ``(batch, T)`` True up to and including the first stop token.
         step_map: denoising step *within its block* at which each token was committed (-1: never generated).
             Replaying a trajectory rebuilds the canvas of step ``k`` from the tokens with ``step_map < k``.
@@ -38,6 +40,7 @@ class SamplerOutput:
 
     sequences: torch.Tensor
     completion_ids: torch.Tensor
+    canvas_ids: torch.Tensor
     completion_mask: torch.Tensor
     step_map: torch.Tensor
     confidences: torch.Tensor
@@ -194,7 +197,8 @@ class BlockDiffusionSampler:
             if finished.all():
                 break
 
-        gen = seq[:, prompt_len:end]
+        raw = seq[:, prompt_len:end]
+        gen = raw
         t = gen.shape[1]
         is_stop = torch.isin(gen, stops)
         after_stop = (is_stop.long().cumsum(-1) - is_stop.long()) > 0
@@ -205,6 +209,7 @@ class BlockDiffusionSampler:
         return SamplerOutput(
             sequences=torch.cat([input_ids, gen], 1),
             completion_ids=gen,
+            canvas_ids=raw,
             completion_mask=completion_mask,
             step_map=step_map[:, :t],
             confidences=confidences[:, :t],

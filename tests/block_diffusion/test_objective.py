@@ -50,7 +50,8 @@ def test_random_masks_score_exactly_the_masked_tokens_at_block_size_one(word_tok
 def per_token_ce(model, batch, spec, masked):
     n = batch.input_ids.shape[1]
     noisy = torch.where(masked, torch.full_like(batch.input_ids, spec.mask_token_id), batch.input_ids)
-    keep = prediction_sources(n, batch.comp_start, spec, 0, n)
+    noisy = noisy[:, batch.comp_start:]
+    keep = prediction_sources(n, batch.comp_start, spec, n)
     logits = multi_stream_logits(model, batch.input_ids, [noisy], batch.valid, batch.position_ids, batch.comp_start, spec, keep)
     return F.cross_entropy(logits.transpose(1, 2), batch.input_ids[:, batch.comp_start:], reduction="none")
 
@@ -113,10 +114,10 @@ def test_a_later_block_never_changes_an_earlier_blocks_logits(word_tokenizer):
     masked = batch.completion.clone()
     masked[0, batch.comp_start + 8 :: 2] = False  # block 2's canvas shows some of its own (changed) tokens
     n = batch.input_ids.shape[1]
-    keep = prediction_sources(n, batch.comp_start, spec, 0, n)
+    keep = prediction_sources(n, batch.comp_start, spec, n)
 
     def logits(clean):
-        noisy = torch.where(masked, torch.full_like(clean, spec.mask_token_id), clean)
+        noisy = torch.where(masked, torch.full_like(clean, spec.mask_token_id), clean)[:, batch.comp_start:]
         return multi_stream_logits(model, clean, [noisy], batch.valid, batch.position_ids, batch.comp_start, spec, keep)
 
     a = logits(batch.input_ids)

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from diffgr2_trl.block_diffusion import BlockDiffusionSampler, get_spec, left_pad
+from diffgr2_trl.block_diffusion.likelihood import replay_logprobs
+from tests.helpers import converted
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [13]]
+
+
+@pytest.mark.parametrize(
+    "block_size,kw",
+    [(4, dict(tau=0.3)), (4, dict(tau=0.5, temperature=1.0)), (8, dict(tokens_per_step=2, temperature=0.7, top_k=10))],
+)
+@pytest.mark.parametrize("streams", [None, 2])
+def test_replay_equals_the_samplers_logprobs(word_tokenizer, block_size, kw, streams):
+    model, tok = converted(word_tokenizer, block_size=block_size)
+    ids, am = left_pad(PROMPTS, tok.pad_token_id)
+    out = BlockDiffusionSampler(model).generate(ids, am, max_new_tokens=13, generator=torch.Generator().manual_seed(0), **kw)
+    assert out.step_map.max() >= 2  # several steps per block, or the test would prove little
+    lp = replay_logprobs(model, ids, am, out.canvas_ids, out.step_map, get_spec(model),
+                         temperature=kw.get("temperature") or 1.0, max_streams_per_forward=streams)
+    ok = out.completion_mask
+    assert torch.allclose(lp[ok], out.logprobs[ok], atol=1e-5)
+
+
+def test_replay_has_gradients(word_tokenizer):
+    model, tok = converted(word_tokenizer, block_size=4)
+    ids, am = left_pad(PROMPTS, tok.pad_token_id)
+    out = BlockDiffusionSampler(model).generate(ids, am, max_new_tokens=8, tau=0.5)
+    lp = replay_logprobs(model, ids, am, out.canvas_ids, out.step_map, get_spec(model))
+    lp[out.completion_mask].sum().backward()
+    assert model.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_block_size_one_replay_is_ar_loglikelihood(word_tokenizer):
+    model, tok = converted(word_tokenizer, block_size=1)
+    ids, am = left_pad(PROMPTS, tok.pad_token_id)
+    out = BlockDiffusionSampler(model, eos_token_id=[]).generate(ids, am, max_new_tokens=6, tau=0.9)
+    lp = replay_logprobs(model, ids, am, out.canvas_ids, out.step_map, get_spec(model))
+    for r, p in enumerate(PROMPTS):
+        seq = torch.tensor([p + out.canvas_ids[r].tolist()])
+        logits = model(input_ids=seq).logits[0, len(p) - 1 : -1].float()
+        logits[:, get_spec(model).mask_token_id] = float("-inf")
+        ar = torch.log_softmax(logits, -1).gather(-1, seq[0, len(p):, None]).squeeze(-1)
+        assert torch.allclose(lp[r], ar, atol=1e-5)
