@@ -76,7 +76,7 @@ def replay_logits(
         if lo > 0 and spec.token_shift:
             # block-start tokens come from the clean stream, identical in every chunk: take them once
             in_chunk &= ((torch.arange(canvas_ids.shape[1], device=h.device) % spec.block_size) != 0)[None]
-        src = _source_index(n, comp_start, step_map, spec, lambda s: (s - lo).clamp(0, hi - lo - 1))
+        src = _source_index(n, comp_start, step_map, spec, lambda s, lo=lo, hi=hi: (s - lo).clamp(0, hi - lo - 1))
         gathered = h.gather(1, src.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
         hidden = gathered if hidden is None else torch.where(in_chunk.unsqueeze(-1), gathered, hidden)
     logits = head(hidden).float()
