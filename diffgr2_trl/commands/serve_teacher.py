@@ -38,6 +38,7 @@ class ServeTeacherArguments:
         gpu_memory_utilization: memory fraction (of host memory on CPU); default 0.9 on GPU, 0.1 on CPU.
         max_model_len: context length (default: the model config's).
         enforce_eager: skip compilation (default: on CPU only).
+        skip_tokenizer_init: serve token-id prompts only (default), skipping detokenization of every log-prob entry.
         health_timeout: seconds to wait for ``/health`` before giving up.
         log_file: server log path (default: a temporary file).
     """
@@ -53,6 +54,9 @@ class ServeTeacherArguments:
     )
     max_model_len: int | None = field(default=None, metadata={"help": "Context length (default: the model's)."})
     enforce_eager: bool | None = field(default=None, metadata={"help": "Skip torch.compile / CUDA graphs (default: CPU only)."})
+    skip_tokenizer_init: bool = field(
+        default=True, metadata={"help": "Serve token-id prompts only, no detokenization of log-probs (faster scoring)."}
+    )
     health_timeout: float = field(default=600.0, metadata={"help": "Seconds to wait for /health."})
     log_file: str | None = field(default=None, metadata={"help": "Server log path (default: a temporary file)."})
 
@@ -73,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.max_model_len,
         enforce_eager=args.enforce_eager,
+        skip_tokenizer_init=args.skip_tokenizer_init,
         log_path=args.log_file,
     )
     print(f"Starting vLLM teacher server for {args.model} at {url} (log: {process.log_path})", flush=True)
