@@ -209,7 +209,10 @@ class SemanticIds:
     ) -> SemanticIds:
         """Residual k-means over ``embeddings[item_ids]`` plus a collision-resolving last level."""
         item_ids = sorted(int(i) for i in item_ids)
-        codes = residual_kmeans(embeddings[item_ids], codebook_size, n_residual_levels, seed=seed, iters=kmeans_iters)
+        # Rounding absorbs last-bit float differences (BLAS thread count, SVD internals) that would otherwise flip
+        # k-means ties and change IDs between machines; 6 decimals is far below any meaningful distance.
+        x = np.round(np.asarray(embeddings, dtype=np.float64)[item_ids], 6)
+        codes = residual_kmeans(x, codebook_size, n_residual_levels, seed=seed, iters=kmeans_iters)
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for item, c in zip(item_ids, map(tuple, codes.tolist())):
             groups[c].append(item)  # item_ids sorted, so the rank inside a group is by item id
