@@ -83,3 +83,37 @@ def vllm_server(teacher_model_dir):
         yield url, teacher_model_dir
     finally:
         stop_vllm_server(process)
+
+
+# --- A block-diffusion model CFT-trained on the synthetic sort task, shared by trainer tests --------------------------
+SORT_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+SORT_BLOCK_SIZE = 4
+
+
+def train_sort_cft(output_dir: str, max_steps: int = 200, seed: int = 0):
+    """Convert a tiny Qwen3 (block size 4) and CFT it on the sort task; save model + tokenizer to ``output_dir``."""
+    from diffgr2_trl.block_diffusion import convert_to_block_diffusion
+    from diffgr2_trl.synthetic import sort_dataset, sort_tokenizer
+    from diffgr2_trl.trainers import BlockDiffusionConfig, BlockDiffusionTrainer
+
+    tok = sort_tokenizer()
+    model = build_model("qwen3", tokenizer=tok, shape=SORT_SHAPE, seed=seed)
+    convert_to_block_diffusion(model, tok, block_size=SORT_BLOCK_SIZE)
+    args = BlockDiffusionConfig(
+        output_dir, use_cpu=True, bf16=False, max_steps=max_steps, per_device_train_batch_size=64,
+        learning_rate=5e-3, lr_scheduler_type="cosine", warmup_steps=10, logging_steps=10, report_to=[],
+        save_strategy="no", seed=seed, disable_tqdm=True,
+    )
+    trainer = BlockDiffusionTrainer(model, args=args, train_dataset=sort_dataset(2000, seed=seed), processing_class=tok)
+    trainer.train()
+    trainer.save_model(output_dir)
+    tok.save_pretrained(output_dir)
+    return trainer
+
+
+@pytest.fixture(scope="session")
+def sort_cft_model_dir(tmp_path_factory) -> str:
+    """Directory of a converted tiny Qwen3 CFT-trained on the sort task (trained once per test session)."""
+    path = str(tmp_path_factory.mktemp("sort-cft"))
+    train_sort_cft(path)
+    return path

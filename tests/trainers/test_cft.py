@@ -1,0 +1,95 @@
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from diffgr2_trl.block_diffusion import BlockDiffusionSampler, left_pad
+from diffgr2_trl.modeling import build_model
+from diffgr2_trl.synthetic import sort_dataset, sort_tokenizer
+from tests.conftest import SORT_SHAPE
+
+
+def decode_accuracy(model, tok, n=48, tau=0.9):
+    ev = sort_dataset(n, seed=123)
+    ids, am = left_pad([tok(p, add_special_tokens=False).input_ids for p in ev["prompt"]], tok.pad_token_id)
+    out = BlockDiffusionSampler(model).generate(ids, am, max_new_tokens=16, tau=tau)
+    texts = tok.batch_decode(out.completion_ids, skip_special_tokens=True)
+    correct = sum(t.split("answer")[-1].split() == want.split() for t, want in zip(texts, ev["target"]))
+    return correct / n, out.tokens_per_forward
+
+
+def test_cft_teaches_parallel_decoding(sort_cft_model_dir):
+    """CFT makes the converted model decode the task at tau=0.9 with > 1.5 tokens per forward; the naive
+    conversion (same architecture, untrained) does neither."""
+    tok = PreTrainedTokenizerFast.from_pretrained(sort_cft_model_dir)
+    trained = AutoModelForCausalLM.from_pretrained(sort_cft_model_dir).eval()
+    acc, tpf = decode_accuracy(trained, tok)
+    assert acc >= 0.9, acc
+    assert tpf > 1.5, tpf
+
+    from diffgr2_trl.block_diffusion import convert_to_block_diffusion
+
+    tok2 = sort_tokenizer()
+    naive = build_model("qwen3", tokenizer=tok2, shape=SORT_SHAPE, seed=0)
+    convert_to_block_diffusion(naive, tok2, block_size=4)
+    acc0, tpf0 = decode_accuracy(naive, tok2)
+    assert acc0 < 0.1 and tpf0 < 1.5
+
+
+def test_cft_logs_segment_losses_and_mask_ratio(sort_cft_model_dir):
+    import json
+    import os
+
+    # the fixture's trainer state is not kept; re-run two logged steps on the trained weights
+    from diffgr2_trl.trainers import BlockDiffusionConfig, BlockDiffusionTrainer
+
+    tok = PreTrainedTokenizerFast.from_pretrained(sort_cft_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(sort_cft_model_dir)
+    out = os.path.join(sort_cft_model_dir, "relog")
+    args = BlockDiffusionConfig(out, use_cpu=True, bf16=False, max_steps=2, logging_steps=1, report_to=[],
+                                per_device_train_batch_size=8, save_strategy="no", disable_tqdm=True, answer_weight=2.0)
+    trainer = BlockDiffusionTrainer(model, args=args, train_dataset=sort_dataset(32), processing_class=tok)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs and {"loss_reasoning", "loss_answer", "mask_ratio", "masked_token_accuracy"} <= set(logs[0])
+    assert 0.0 < logs[0]["mask_ratio"] < 1.0
+    assert json.dumps(logs)  # plain numbers
+
+
+def test_cft_reduces_loss_with_grad_accumulation_and_resumes(tmp_path):
+    from diffgr2_trl.block_diffusion import convert_to_block_diffusion
+    from diffgr2_trl.trainers import BlockDiffusionConfig, BlockDiffusionTrainer
+
+    tok = sort_tokenizer()
+    model = build_model("qwen3", tokenizer=tok, shape=SORT_SHAPE, seed=0)
+    convert_to_block_diffusion(model, tok, block_size=4)
+    common = dict(use_cpu=True, bf16=False, per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                  learning_rate=3e-3, logging_steps=1, report_to=[], save_steps=10, disable_tqdm=True, seed=0)
+    args = BlockDiffusionConfig(str(tmp_path / "run"), max_steps=20, **common)
+    trainer = BlockDiffusionTrainer(model, args=args, train_dataset=sort_dataset(400), processing_class=tok)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    assert (tmp_path / "run" / "checkpoint-20").is_dir()
+    assert "block_diffusion" in open(tmp_path / "run" / "checkpoint-20" / "config.json").read()
+    # resume: continue to step 30 from the saved checkpoint
+    args2 = BlockDiffusionConfig(str(tmp_path / "run"), max_steps=30, **common)
+    model2 = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint-20")
+    trainer2 = BlockDiffusionTrainer(model2, args=args2, train_dataset=sort_dataset(400), processing_class=tok)
+    trainer2.train(resume_from_checkpoint=True)
+    assert trainer2.state.global_step == 30
+
+
+def test_rows_without_completion_are_rejected():
+    import pytest
+    from datasets import Dataset
+
+    from diffgr2_trl.trainers import BlockDiffusionConfig, BlockDiffusionTrainer
+
+    tok = sort_tokenizer()
+    model = build_model("qwen3", tokenizer=tok, shape=SORT_SHAPE)
+    ds = Dataset.from_list([{"prompt": "sort 1 2 : ", "completion": "think 1 2 answer 1 2"},
+                            {"prompt": "sort 2 1 : ", "completion": ""}])
+    args = BlockDiffusionConfig("/tmp/unused", use_cpu=True, bf16=False, report_to=[], block_size=4)
+    with pytest.raises(ValueError, match="Row 1 of the train dataset has an empty completion"):
+        BlockDiffusionTrainer(model, args=args, train_dataset=ds, processing_class=tok)
+    with pytest.raises(ValueError, match="prompt/completion data"):
+        BlockDiffusionTrainer(model, args=args, train_dataset=Dataset.from_list([{"text": "a"}]), processing_class=tok)
