@@ -1,0 +1,103 @@
+"""``diffgr2 prepare``: data, pre-ranker candidates, semantic IDs, prompt/completion datasets and the local tokenizer.
+
+Example (Amazon Beauty, found automatically under ``../shared/data/amazon-beauty``; ~1-2 min on 2 CPU cores)::
+
+    diffgr2 prepare --out runs/prepared-beauty
+
+Re-running with a complete ``--out`` directory does nothing (pass ``--overwrite`` to rebuild). See
+:mod:`diffgr2_trl.rerank.pipeline_data` for what is written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from trl import TrlParser
+
+
+@dataclass
+class PrepareArguments:
+    """Arguments of ``diffgr2 prepare``.
+
+    Parameters:
+        out: output directory.
+        data_dir: directory with ``{name}.txt`` and ``{name}_item2attributes.json`` (default: located automatically,
+            see :func:`diffgr2_trl.rerank.data.locate_data_dir`).
+        name: dataset file stem.
+        prerankers: comma-separated pre-rankers to fit (``transition``, ``sasrec``, ``popularity``); the best on
+            validation NDCG@10 makes the candidates. ``transition`` alone keeps the step under a couple of minutes
+            (SASRec adds ~3 min on 2 CPU cores and is worse at that budget, see results/data_prerank.md).
+        max_train_examples: subsample the train split (seeded) to this many rows.
+        max_history: history items shown per prompt.
+        match_positions: subsample train so the pre-rank position of the target follows this split's histogram
+            (``none`` keeps the raw split; see :func:`diffgr2_trl.rerank.pipeline_data.match_target_positions`).
+        vocab_size: BPE size of the local tokenizer.
+        overwrite: rebuild even if ``out`` is complete.
+        threads: torch threads (1 is often faster on a contended CPU); 0 keeps torch's default.
+    """
+
+    out: str = field(metadata={"help": "Output directory."})
+    data_dir: str | None = field(default=None, metadata={"help": "Dataset directory (default: located automatically)."})
+    name: str = field(default="Beauty", metadata={"help": "Dataset file stem ({name}.txt)."})
+    prerankers: str = field(default="transition", metadata={"help": "Comma-separated: transition, sasrec, popularity."})
+    max_train_examples: int | None = field(default=None, metadata={"help": "Subsample the train split to N rows."})
+    max_history: int = field(default=20, metadata={"help": "History items shown per prompt."})
+    match_positions: str = field(
+        default="valid",
+        metadata={"help": "Subsample train so target positions follow this split's histogram ('none': raw train)."},
+    )
+    vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size of the local tokenizer."})
+    seed: int = field(default=0, metadata={"help": "Seed (pre-rankers, semantic IDs, subsampling)."})
+    overwrite: bool = field(default=False, metadata={"help": "Rebuild even if the output is complete."})
+    threads: int = field(default=1, metadata={"help": "torch threads (0: torch default)."})
+
+
+def _print_summary(summary: dict, seconds: float | None) -> None:
+    print("rows:", json.dumps(summary["rows"]))
+    print("dataset:", json.dumps({k: v for k, v in summary["stats"].items() if not isinstance(v, dict)}))
+    print(f"pre-ranker: {summary['prerank_chosen']}")
+    if summary.get("match_positions"):
+        after = summary["train_floor_after_matching"]
+        print(f"  train target positions matched to {summary['match_positions']}: R@1 {after['R@1']:.4f}, n {after['n']}")
+    for split, floor in summary["floor"].items():
+        print(f"  floor {split:5s}: " + " ".join(f"{k} {v:.4f}" if k != "n" else f"n {v}" for k, v in floor.items()))
+    for split, lens in summary["token_lengths"].items():
+        print(f"  tokens {split:5s}: prompt {json.dumps(lens['prompt'])} completion {json.dumps(lens['completion'])}")
+    print(f"tokenizer size: {summary['tokenizer_size']}" + (f" | {seconds:.1f} s" if seconds is not None else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    (args,) = TrlParser((PrepareArguments,)).parse_args_and_config(args=argv)
+    import torch
+
+    from diffgr2_trl.rerank.candidates import load_prepared, prepare_data
+    from diffgr2_trl.rerank.pipeline_data import build_pipeline_data, is_complete, load_summary
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if is_complete(args.out) and not args.overwrite:
+        print(f"{args.out} is complete; nothing to do (--overwrite rebuilds it).")
+        _print_summary(load_summary(args.out), None)
+        return 0
+    t0 = time.perf_counter()
+    prerankers = tuple(p.strip() for p in args.prerankers.split(",") if p.strip())
+    try:
+        prepared = load_prepared(args.out) if not args.overwrite else None
+    except FileNotFoundError:
+        prepared = None
+    if prepared is None:  # the examples are the slow part (pre-rankers): reuse them when only the datasets are missing
+        prepared = prepare_data(
+            args.data_dir, args.out, seed=args.seed, name=args.name, prerankers=prerankers, history_len=args.max_history
+        )
+    summary = build_pipeline_data(
+        prepared,
+        max_history=args.max_history,
+        max_train_examples=args.max_train_examples,
+        vocab_size=args.vocab_size,
+        match_positions=None if args.match_positions.lower() == "none" else args.match_positions,
+        seed=args.seed,
+    )
+    _print_summary(summary, time.perf_counter() - t0)
+    return 0

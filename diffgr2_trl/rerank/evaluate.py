@@ -1,0 +1,236 @@
+"""Evaluation of a generative re-ranker: decode, parse strictly, score R@k / N@k, validity and throughput.
+
+Decoding is pluggable. A decode function has the signature::
+
+    decode_fn(model, tokenizer, prompts: list[str], max_new_tokens: int) -> (texts: list[str], stats: dict)
+
+``stats`` may hold ``generated_tokens`` (tokens produced up to and including the stop token, summed over the batch)
+and ``forward_passes`` (forwards each row took part in, summed over the batch); both are summed over batches, and
+``tokens_per_forward`` is derived from them. :func:`ar_greedy_decode` (HF ``generate``, greedy, left padding) is the
+default; :func:`make_block_decode` wraps :class:`~diffgr2_trl.block_diffusion.sampler.BlockDiffusionSampler`.
+Any other decoder can be registered in :data:`DECODERS`.
+
+Invalid outputs (the paper's protocol). A completion that the strict parser rejects
+(:func:`~diffgr2_trl.rerank.parsing.parse_ranking`) **falls back to the pre-rank order** for the ranking metrics,
+so an invalid output scores exactly what the pre-ranker scored on that example; it is counted in ``valid_rate`` and
+in the per-category ``errors`` breakdown. A model that never emits a valid ranking therefore reproduces the floor
+(Diffusion-GR2's "naive conversion" row), and any gain over the floor comes from valid re-rankings only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .metrics import summarize_ranks
+from .parsing import ERRORS, parse_ranking
+
+__all__ = [
+    "DECODERS",
+    "DecodeFn",
+    "ar_greedy_decode",
+    "evaluate_model",
+    "make_block_decode",
+    "score_outputs",
+    "write_json_atomic",
+]
+
+DecodeFn = Callable[[Any, Any, list[str], int], tuple[list[str], dict[str, Any]]]
+
+
+def _count_until_stop(ids: torch.Tensor, stop_ids: set[int], pad_id: int | None) -> int:
+    """Generated tokens of one row: up to and including the first stop token (all non-pad tokens otherwise)."""
+    n = 0
+    for t in ids.tolist():
+        n += 1
+        if t in stop_ids:
+            return n
+    if pad_id is not None:  # no stop token: trailing pads (if any) were not generated
+        while n and ids[n - 1].item() == pad_id:
+            n -= 1
+    return n
+
+
+def _stop_ids(model, tokenizer) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or model.config.eos_token_id
+    ids = set(eos if isinstance(eos, list | tuple) else [eos]) if eos is not None else set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _encode_left(tokenizer, prompts: list[str], device) -> dict[str, torch.Tensor]:
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+@torch.no_grad()
+def ar_greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[list[str], dict[str, Any]]:
+    """Greedy AR decoding of a batch with HF ``generate`` (left padding, KV cache); one forward per token."""
+    enc = _encode_left(tokenizer, prompts, model.device)
+    stop = _stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stop))
+    out = model.generate(
+        **enc,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad,
+        eos_token_id=sorted(stop),
+        # Greedy only: stop transformers from warning about (or applying) sampling knobs saved in a checkpoint.
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
+    gen = out[:, enc["input_ids"].shape[1] :]
+    counts = [_count_until_stop(row, stop, pad) for row in gen]
+    texts = tokenizer.batch_decode([row[:n] for row, n in zip(gen, counts)], skip_special_tokens=False)
+    return texts, {"generated_tokens": sum(counts), "forward_passes": sum(counts)}
+
+
+def make_block_decode(tau: float | None = 0.9, **sampler_kwargs: Any) -> DecodeFn:
+    """A decode function running :class:`BlockDiffusionSampler` (for converted block-diffusion models)."""
+
+    @torch.no_grad()
+    def block_decode(model, tokenizer, prompts: list[str], max_new_tokens: int):
+        from diffgr2_trl.block_diffusion.sampler import BlockDiffusionSampler
+
+        enc = _encode_left(tokenizer, prompts, model.device)
+        out = BlockDiffusionSampler(model, **sampler_kwargs).generate(
+            enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens, tau=tau
+        )
+        mask = out.completion_mask.bool()
+        texts = tokenizer.batch_decode(
+            [row[m] for row, m in zip(out.completion_ids, mask)], skip_special_tokens=False
+        )
+        return texts, {"generated_tokens": int(mask.sum()), "forward_passes": int(out.row_forward_passes.sum())}
+
+    block_decode.__name__ = f"block_decode_tau{tau}"
+    return block_decode
+
+
+# name -> factory(**options) -> DecodeFn. ``evaluate --decoder NAME`` looks names up here.
+DECODERS: dict[str, Callable[..., DecodeFn]] = {
+    "ar": lambda **_: ar_greedy_decode,
+    "block": lambda tau=0.9, **_: make_block_decode(tau=tau),
+}
+
+
+def score_outputs(
+    texts: Sequence[Any], candidates: Sequence[Sequence[str]], targets: Sequence[str]
+) -> dict[str, Any]:
+    """Metrics of decoded completions against their examples (pure: no model involved).
+
+    Returns ``{"metrics": {R@1, R@3, R@5, N@3, N@5, valid_rate, errors, n}, "prerank": {...}, "ranks": [...]}``.
+    An invalid completion falls back to the pre-rank order (see the module docstring); ``errors`` counts every
+    error category of :data:`~diffgr2_trl.rerank.parsing.ERRORS` (zeros included, so breakdowns line up).
+    """
+    if not (len(texts) == len(candidates) == len(targets)):
+        raise ValueError(f"Lengths differ: {len(texts)} texts, {len(candidates)} candidate lists, {len(targets)} targets.")
+    ranks, pre_ranks, errors, valid = [], [], Counter({e: 0 for e in ERRORS}), 0
+    for text, cands, target in zip(texts, candidates, targets):
+        cands = list(cands)
+        if target not in cands:
+            raise ValueError(f"Target {target!r} is not among its candidates; evaluation examples must contain it.")
+        parsed = parse_ranking(text, cands)
+        pre_ranks.append(cands.index(target))
+        if parsed.valid:
+            valid += 1
+            ranks.append(parsed.ranking.index(target))
+        else:
+            errors[parsed.error] += 1
+            ranks.append(cands.index(target))  # fallback: the pre-rank order
+    n = len(texts)
+    metrics: dict[str, Any] = summarize_ranks(ranks)
+    metrics.update(valid_rate=valid / n if n else 0.0, errors=dict(errors))
+    return {"metrics": metrics, "prerank": summarize_ranks(pre_ranks), "ranks": ranks}
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    rows: Sequence[dict[str, Any]],
+    decode_fn: DecodeFn = ar_greedy_decode,
+    batch_size: int = 16,
+    max_new_tokens: int = 256,
+    progress: bool = True,
+    keep_outputs: bool = False,
+) -> dict[str, Any]:
+    """Decode ``rows`` (``prompt``, ``candidates``, ``target``) in batches and score them with :func:`score_outputs`.
+
+    Prompts are decoded in order of length (less padding per batch); results come back in the input order.
+    Adds ``generated_tokens``, ``mean_completion_tokens``, ``decode_seconds``, ``tokens_per_s`` and, when the decoder
+    reports forwards, ``forward_passes`` / ``tokens_per_forward`` to ``metrics``. ``keep_outputs`` also returns the
+    texts (``outputs``).
+    """
+    rows = list(rows)
+    if not rows:
+        raise ValueError("Nothing to evaluate: no rows.")
+    prompts = [r["prompt"] for r in rows]
+    if not all(isinstance(p, str) for p in prompts):
+        raise ValueError("evaluate_model expects plain-text prompts (the 'prompt' column of diffgr2 prepare).")
+    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
+    texts: list[str | None] = [None] * len(rows)
+    totals: Counter = Counter()
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    t0 = time.perf_counter()
+    with tqdm(total=len(rows), desc=f"decode ({getattr(decode_fn, '__name__', 'decode')})", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            out, stats = decode_fn(model, tokenizer, [prompts[i] for i in idx], max_new_tokens)
+            if len(out) != len(idx):
+                raise RuntimeError(f"decode_fn returned {len(out)} texts for {len(idx)} prompts.")
+            for i, text in zip(idx, out):
+                texts[i] = text
+            totals.update({k: v for k, v in stats.items() if isinstance(v, int | float)})
+            bar.update(len(idx))
+    seconds = time.perf_counter() - t0
+    if was_training and hasattr(model, "train"):
+        model.train()
+
+    result = score_outputs(texts, [r["candidates"] for r in rows], [r["target"] for r in rows])
+    m = result["metrics"]
+    m["decode_seconds"] = round(seconds, 2)
+    if "generated_tokens" in totals:
+        m["generated_tokens"] = int(totals["generated_tokens"])
+        m["mean_completion_tokens"] = totals["generated_tokens"] / len(rows)
+        m["tokens_per_s"] = totals["generated_tokens"] / seconds if seconds > 0 else 0.0
+    if totals.get("forward_passes"):
+        m["forward_passes"] = int(totals["forward_passes"])
+        m["tokens_per_forward"] = totals.get("generated_tokens", 0) / totals["forward_passes"]
+    m["examples_per_s"] = len(rows) / seconds if seconds > 0 else 0.0
+    out = {"n": len(rows), "metrics": m, "prerank": result["prerank"]}
+    if keep_outputs:
+        out["outputs"] = texts
+        out["ranks"] = result["ranks"]
+    return out
+
+
+def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """Write JSON to ``path`` via a temporary file in the same directory and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,227 @@
+"""Prompt/completion datasets for the re-ranker, built from a :func:`~diffgr2_trl.rerank.candidates.prepare_data`
+directory, plus the local tokenizer trained on them (``diffgr2 prepare`` runs :func:`build_pipeline_data`).
+
+Layout added under the prepared directory ``DIR`` (everything written atomically, in a temporary sibling renamed
+into place, so an interrupted run never leaves a half-written directory that a later run would trust)::
+
+    DIR/stats.json, prerank.json, semantic_ids.json, {train,valid,test}.jsonl   (prepare_data, examples)
+    DIR/datasets/{train,valid,test}/        datasets.Dataset.save_to_disk
+    DIR/datasets/{train,valid,test}.jsonl   the same rows, for reading with one's eyes (and ``trl`` CLIs)
+    DIR/tokenizer/                          the local BPE tokenizer (tokenizer.train_rerank_tokenizer)
+    DIR/summary.json                        statistics, pre-rank floor, token lengths; its presence marks "complete"
+
+Columns of every split: ``prompt`` (plain text), ``completion`` (offline trace + target ranking, canonical JSON),
+``candidates`` (SIDs in pre-rank order), ``target`` (SID), ``answer_start``, ``user_id``.
+
+``answer_start`` is the character offset in ``completion`` of the ``", "recommendations": ["`` piece that opens the
+answer list. It is the first answer *token* (the local tokenizer makes that piece one added token), so splitting the
+completion there is a token boundary: what CFT needs to weight reasoning and answer tokens separately
+(:class:`~diffgr2_trl.trainers.cft.CFTConfig`'s ``answer_start_column``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .candidates import SPLITS, PreparedData, load_prepared, write_jsonl
+from .metrics import summarize_ranks
+from .prompts import RECOMMENDATIONS_OPEN, build_rerank_row
+from .semantic_ids import SemanticIds
+from .traces import offline_explanation
+
+__all__ = [
+    "COLUMNS",
+    "build_pipeline_data",
+    "build_rows",
+    "is_complete",
+    "load_split",
+    "load_tokenizer",
+    "match_target_positions",
+    "token_lengths",
+]
+
+COLUMNS = ("prompt", "completion", "candidates", "target", "answer_start", "user_id")
+SUMMARY = "summary.json"
+
+
+def build_rows(
+    examples: Sequence[dict], sids: SemanticIds, max_history: int | None = 20, progress: bool = False, desc: str = ""
+) -> list[dict[str, Any]]:
+    """Dataset rows (see the module docstring) for ``{"user_id", "history", "candidates", "target"}`` examples."""
+    rows = []
+    for ex in tqdm(examples, desc=desc or "rows", disable=not progress, leave=False):
+        row = build_rerank_row(ex, sids.encode, sids.attribute_tokens, max_history, explanation=offline_explanation)
+        row["answer_start"] = row["completion"].index(RECOMMENDATIONS_OPEN)
+        row["user_id"] = int(ex["user_id"])
+        rows.append({k: row[k] for k in COLUMNS})
+    return rows
+
+
+def token_lengths(tokenizer, texts: Sequence[str]) -> dict[str, float]:
+    """Mean / p50 / p95 / max token count of ``texts`` (no special tokens)."""
+    if not texts:
+        return {"n": 0}
+    lens = sorted(len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"])
+    return {
+        "n": len(lens),
+        "mean": round(statistics.fmean(lens), 1),
+        "p50": lens[len(lens) // 2],
+        "p95": lens[min(len(lens) - 1, int(0.95 * len(lens)))],
+        "max": lens[-1],
+    }
+
+
+def match_target_positions(
+    examples: Sequence[dict], reference: Sequence[dict], seed: int = 0
+) -> list[dict]:
+    """Subsample ``examples`` so the pre-rank position of their target follows ``reference``'s histogram.
+
+    Why: train candidates come from a pre-ranker fitted on exactly those transitions, so the target is first in
+    50% of train examples against 34% on valid/test (results/data_prerank.md). A re-ranker trained on the raw split
+    learns "keep the first candidate" as a prior calibrated for the wrong distribution. Keeping each example with
+    probability proportional to ``p_ref(position) / p_train(position)`` (the largest ratio kept with probability 1)
+    removes that label shift; only held-out *positions* of the reference split are used, never its items.
+    """
+    import random
+
+    def hist(rows: Sequence[dict]) -> Counter:
+        return Counter(r["candidates"].index(r["target"]) for r in rows)
+
+    h_ex, h_ref = hist(examples), hist(reference)
+    if not h_ref or not h_ex:
+        return list(examples)
+    ratio = {k: (h_ref[k] / len(reference)) / (h_ex[k] / len(examples)) for k in h_ex}
+    top = max(ratio.values())
+    rng = random.Random(seed)
+    return [r for r in examples if rng.random() < ratio[r["candidates"].index(r["target"])] / top]
+
+
+def is_complete(out_dir: str | os.PathLike) -> bool:
+    """Whether ``out_dir`` holds a finished :func:`build_pipeline_data` output."""
+    d = Path(out_dir)
+    return (d / SUMMARY).is_file() and (d / "tokenizer").is_dir() and all((d / "datasets" / s).is_dir() for s in SPLITS)
+
+
+def build_pipeline_data(
+    prepared: PreparedData,
+    max_history: int | None = 20,
+    max_train_examples: int | None = None,
+    vocab_size: int = 2048,
+    tokenizer_texts: int = 20000,
+    match_positions: str | None = "valid",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write datasets, JSONL copies, the tokenizer and ``summary.json`` into ``prepared.out_dir`` (atomically).
+
+    Args:
+        prepared: what :func:`~diffgr2_trl.rerank.candidates.prepare_data` returned (or ``load_prepared``).
+        max_train_examples: keep this many train examples (a seeded random subset; ``None``: all).
+        match_positions: subsample train so its target-position histogram matches this split's
+            (:func:`match_target_positions`); ``None`` keeps the raw train split.
+        vocab_size: BPE merges of the local tokenizer (SID/attribute/format tokens come on top).
+        tokenizer_texts: rows (prompt + completion, train split first) the tokenizer is trained on.
+
+    Returns:
+        The summary dict (also written to ``summary.json``).
+    """
+    import random
+
+    from datasets import Dataset
+
+    from .tokenizer import train_rerank_tokenizer
+
+    out_dir = Path(prepared.out_dir)
+    sids = prepared.semantic_ids
+    rows: dict[str, list[dict]] = {}
+    for split in SPLITS:
+        examples = prepared.examples[split]
+        if split == "train" and match_positions:
+            examples = match_target_positions(examples, prepared.examples[match_positions], seed)
+        if split == "train" and max_train_examples is not None and len(examples) > max_train_examples:
+            examples = random.Random(seed).sample(examples, max_train_examples)
+        rows[split] = build_rows(examples, sids, max_history, progress, desc=f"{split} rows")
+
+    corpus = [r["prompt"] + r["completion"] for s in SPLITS for r in rows[s]][:tokenizer_texts]
+    tmp = Path(tempfile.mkdtemp(prefix=".pipeline.tmp-", dir=out_dir))
+    try:
+        tokenizer = train_rerank_tokenizer(
+            corpus, sids.tokens(), sids.attribute_vocab(), vocab_size=vocab_size, out_dir=tmp / "tokenizer"
+        )
+        for split in SPLITS:
+            Dataset.from_list(rows[split]).save_to_disk(str(tmp / "datasets" / split))
+            write_jsonl(rows[split], tmp / "datasets" / f"{split}.jsonl")
+        lengths = {
+            split: {
+                "prompt": token_lengths(tokenizer, [r["prompt"] for r in rows[split][:2000]]),
+                "completion": token_lengths(tokenizer, [r["completion"] for r in rows[split][:2000]]),
+            }
+            for split in SPLITS
+        }
+        summary = {
+            "rows": {s: len(rows[s]) for s in SPLITS},
+            "stats": prepared.stats,
+            "prerank_chosen": prepared.prerank.get("chosen"),
+            "floor": {s: prepared.prerank["splits"][s]["floor"] for s in SPLITS},
+            "token_lengths": lengths,
+            "tokenizer_size": len(tokenizer),
+            "max_history": max_history,
+            "max_train_examples": max_train_examples,
+            "match_positions": match_positions,
+            "train_floor_after_matching": summarize_ranks(
+                r["candidates"].index(r["target"]) for r in rows["train"]
+            ),
+        }
+        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        # Replace the previous outputs only now that the new ones are complete.
+        for name in ("datasets", "tokenizer", SUMMARY):
+            target = out_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        for name in ("datasets", "tokenizer"):
+            (tmp / name).rename(out_dir / name)
+        (tmp / SUMMARY).rename(out_dir / SUMMARY)  # last: its presence marks the directory complete
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+def load_split(prepared_dir: str | os.PathLike, split: str):
+    """The ``datasets.Dataset`` of one split written by :func:`build_pipeline_data`."""
+    from datasets import load_from_disk
+
+    path = Path(prepared_dir) / "datasets" / split
+    if not path.is_dir():
+        raise FileNotFoundError(f"No {split!r} dataset at {path}; run `diffgr2 prepare --out {prepared_dir}` first.")
+    return load_from_disk(str(path))
+
+
+def load_tokenizer(prepared_dir: str | os.PathLike):
+    """The local tokenizer written by :func:`build_pipeline_data`."""
+    from transformers import AutoTokenizer
+
+    path = Path(prepared_dir) / "tokenizer"
+    if not path.is_dir():
+        raise FileNotFoundError(f"No tokenizer at {path}; run `diffgr2 prepare --out {prepared_dir}` first.")
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_summary(prepared_dir: str | os.PathLike) -> dict:
+    return json.loads((Path(prepared_dir) / SUMMARY).read_text())
+
+
+def load_all(prepared_dir: str | os.PathLike) -> PreparedData:
+    """Convenience re-export of :func:`~diffgr2_trl.rerank.candidates.load_prepared`."""
+    return load_prepared(prepared_dir)
