@@ -12,6 +12,9 @@ import sys
 
 # name -> (module, one-line help). Later subcommands register here.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("diffgr2_trl.commands.prepare", "Re-ranking data: candidates, semantic IDs, prompt/completion datasets, tokenizer."),
+    "train-ar": ("diffgr2_trl.commands.train_ar", "Train the AR GR2 re-ranker with TRL (SFT, then GRPO/DAPO)."),
+    "evaluate": ("diffgr2_trl.commands.evaluate", "Decode a split and report R@k/N@k, validity and tokens/s."),
     "convert": ("diffgr2_trl.commands.convert", "Convert an HF causal LM into a block-diffusion LM."),
     "cft": ("diffgr2_trl.commands.cft", "Conversion fine-tuning (masked block-diffusion objective)."),
     "generate": ("diffgr2_trl.commands.generate", "Decode a prompt with the block-diffusion sampler."),

@@ -1,0 +1,256 @@
+"""Training the autoregressive GR2 re-ranker (the teacher Diffusion-GR2 starts from) with TRL itself.
+
+Two stages, both stock TRL trainers:
+
+1. SFT: :class:`trl.SFTTrainer` on ``prompt`` -> ``completion`` (offline reasoning trace + target ranking), loss on
+   completion tokens only.
+2. RL: :class:`trl.GRPOTrainer` with ``loss_type="dapo"`` and :data:`rewards.rerank.gr2_reward` (rank promotion +
+   conditional format bonus, -1 for invalid output) on the train prompts.
+
+The model is either built from a config with the local tokenizer (CPU runs and tests) or loaded from a checkpoint
+path (a real Qwen3 on a GPU), in which case the semantic-ID, attribute and answer-template tokens are added to the
+checkpoint's own tokenizer and the embeddings resized (:func:`load_model_and_tokenizer`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .pipeline_data import load_split, load_tokenizer
+from .prompts import FORMAT_PIECES
+from .semantic_ids import SemanticIds
+
+__all__ = ["ARTrainArguments", "load_model_and_tokenizer", "make_grpo_config", "make_sft_config", "run_grpo", "run_sft"]
+
+
+@dataclass
+class ARTrainArguments:
+    """Arguments of ``diffgr2 train-ar`` (TRL's own ``SFTConfig`` / ``GRPOConfig`` are built from them).
+
+    Stage-specific knobs carry an ``sft_`` / ``rl_`` prefix because both stages run in one command.
+
+    Parameters:
+        prepared: ``diffgr2 prepare`` output directory.
+        out: output directory; the SFT model goes to ``out/sft``, the RL model to ``out/rl``.
+        stage: ``sft``, ``rl`` (starts from ``out/sft`` unless ``model_name_or_path`` is given) or ``all``.
+        preset: ``cpu`` or ``gpu`` (YAML defaults under ``diffgr2_trl/presets/``); explicit options override them.
+        model_name_or_path: a checkpoint to start from; ``None`` builds ``arch``/``shape`` from a config with the
+            local tokenizer.
+        arch / shape: the config-built model (:data:`diffgr2_trl.modeling.MODEL_SHAPES`).
+        use_peft / lora_r / lora_alpha: LoRA through PEFT (embeddings of the added tokens are trained fully).
+        threads: torch threads on CPU (0: torch default).
+        max_length: SFT sequence cap (prompt + completion tokens).
+        sft_*: SFT epochs / max steps (> 0 overrides epochs), batch size, gradient accumulation, learning rate,
+            number of train rows used.
+        rl_*: GRPO steps, prompts per step x generations, learning rate, completion cap, sampling temperature,
+            KL coefficient, number of train rows used.
+    """
+
+    prepared: str = field(metadata={"help": "diffgr2 prepare output directory."})
+    out: str = field(metadata={"help": "Output directory (out/sft, out/rl)."})
+    stage: str = field(default="all", metadata={"help": "sft, rl or all."})
+    preset: str | None = field(default=None, metadata={"help": "cpu or gpu (defaults from diffgr2_trl/presets)."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Checkpoint to start from."})
+    arch: str = field(default="qwen3", metadata={"help": "Architecture of a config-built model."})
+    shape: str = field(default="small", metadata={"help": "Shape of a config-built model."})
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    use_cpu: bool | None = field(default=None, metadata={"help": "Force CPU (default: when no CUDA)."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 training (GPU only)."})
+    threads: int = field(default=0, metadata={"help": "torch threads on CPU (0: default)."})
+    seed: int = field(default=0, metadata={"help": "Seed."})
+    logging_steps: int = field(default=10, metadata={"help": "Log every N steps."})
+    max_length: int = field(default=640, metadata={"help": "SFT sequence cap (tokens)."})
+    sft_epochs: float = field(default=1.0, metadata={"help": "SFT epochs."})
+    sft_max_steps: int = field(default=-1, metadata={"help": "SFT steps (> 0 overrides epochs)."})
+    sft_batch_size: int = field(default=8, metadata={"help": "SFT per-device batch size."})
+    sft_grad_accum: int = field(default=1, metadata={"help": "SFT gradient accumulation."})
+    sft_learning_rate: float = field(default=1e-3, metadata={"help": "SFT learning rate."})
+    sft_max_examples: int | None = field(default=None, metadata={"help": "SFT train rows used (None: all)."})
+    rl_max_steps: int = field(default=20, metadata={"help": "GRPO steps."})
+    rl_prompts_per_step: int = field(default=2, metadata={"help": "Prompts per GRPO step."})
+    rl_num_generations: int = field(default=4, metadata={"help": "Completions per prompt (group size)."})
+    rl_learning_rate: float = field(default=1e-5, metadata={"help": "GRPO learning rate."})
+    rl_max_completion_length: int = field(default=224, metadata={"help": "GRPO completion cap (tokens)."})
+    rl_temperature: float = field(default=1.0, metadata={"help": "GRPO sampling temperature."})
+    rl_beta: float = field(default=0.0, metadata={"help": "KL coefficient (0: no reference model)."})
+    rl_max_examples: int | None = field(default=None, metadata={"help": "GRPO train rows used (None: all)."})
+
+    def __post_init__(self) -> None:
+        if self.stage not in {"sft", "rl", "all"}:
+            raise ValueError(f"--stage must be sft, rl or all, got {self.stage!r}.")
+        if self.use_cpu is None:
+            self.use_cpu = not torch.cuda.is_available()
+        if self.use_cpu and self.bf16:
+            raise ValueError("bf16 needs a GPU; drop --bf16 on CPU.")
+
+
+def added_tokens(sids: SemanticIds) -> list[str]:
+    """Tokens a pretrained tokenizer must learn as atoms: SID levels, attributes and the answer-template pieces."""
+    return [*FORMAT_PIECES, *sids.tokens(), *sids.attribute_vocab()]
+
+
+def load_model_and_tokenizer(args: ARTrainArguments, start: str | None = None):
+    """``(model, tokenizer)``: from ``start`` / ``args.model_name_or_path`` if given, else a config-built model.
+
+    A checkpoint keeps its tokenizer, extended with the task tokens (:func:`added_tokens`) and a pad token if it has
+    none; embeddings are resized (``mean_resizing`` initialises new rows at the mean embedding).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from diffgr2_trl.modeling import build_model
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    path = start or args.model_name_or_path
+    if path is None:
+        tokenizer = load_tokenizer(args.prepared)
+        model = build_model(args.arch, tokenizer=tokenizer, shape=args.shape, max_position_embeddings=1024, seed=args.seed)
+        return model, tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    sids = SemanticIds.load(Path(args.prepared) / "semantic_ids.json")
+    missing = [t for t in added_tokens(sids) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return model, tokenizer
+
+
+def _peft_config(args: ARTrainArguments, n_added: int):
+    if not args.use_peft:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+        # New task tokens have no pretrained embedding: train embedding/output rows in full.
+        modules_to_save=["embed_tokens", "lm_head"] if n_added else None,
+    )
+
+
+def _common(args: ARTrainArguments, output_dir: str) -> dict[str, Any]:
+    return dict(
+        output_dir=output_dir,
+        use_cpu=args.use_cpu,
+        bf16=args.bf16,
+        seed=args.seed,
+        logging_steps=args.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def make_sft_config(args: ARTrainArguments, output_dir: str):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **_common(args, output_dir),
+        num_train_epochs=args.sft_epochs,
+        max_steps=args.sft_max_steps,
+        per_device_train_batch_size=args.sft_batch_size,
+        gradient_accumulation_steps=args.sft_grad_accum,
+        learning_rate=args.sft_learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        weight_decay=0.01,
+        max_length=args.max_length,
+        completion_only_loss=True,
+    )
+
+
+def make_grpo_config(args: ARTrainArguments, output_dir: str):
+    from trl import GRPOConfig
+
+    g = args.rl_num_generations
+    return GRPOConfig(
+        **_common(args, output_dir),
+        max_steps=args.rl_max_steps,
+        per_device_train_batch_size=args.rl_prompts_per_step * g,
+        num_generations=g,
+        learning_rate=args.rl_learning_rate,
+        loss_type="dapo",
+        beta=args.rl_beta,
+        epsilon=0.2,
+        max_completion_length=args.rl_max_completion_length,
+        temperature=args.rl_temperature,
+        log_completions=False,
+    )
+
+
+def _subset(ds, n: int | None, seed: int):
+    return ds.shuffle(seed=seed).select(range(min(n, len(ds)))) if n is not None else ds
+
+
+def _save(trainer, tokenizer, output_dir: str) -> None:
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):  # LoRA: save a plain model that evaluate/convert load directly
+        model = model.merge_and_unload()
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+
+
+def run_sft(args: ARTrainArguments, model, tokenizer, output_dir: str) -> dict[str, Any]:
+    """SFT with :class:`trl.SFTTrainer` on the train split's ``prompt``/``completion``; saves to ``output_dir``."""
+    from trl import SFTTrainer
+
+    ds = _subset(load_split(args.prepared, "train"), args.sft_max_examples, args.seed)
+    ds = ds.select_columns(["prompt", "completion"])
+    n_added = 0 if args.model_name_or_path is None else 1
+    trainer = SFTTrainer(
+        model=model,
+        args=make_sft_config(args, output_dir),
+        train_dataset=ds,
+        processing_class=tokenizer,
+        peft_config=_peft_config(args, n_added),
+    )
+    result = trainer.train()
+    _save(trainer, tokenizer, output_dir)
+    return {"rows": len(ds), **result.metrics, "log_history": trainer.state.log_history}
+
+
+def run_grpo(args: ARTrainArguments, model, tokenizer, output_dir: str) -> dict[str, Any]:
+    """GRPO/DAPO with :class:`trl.GRPOTrainer` and ``rewards.rerank.gr2_reward``; saves to ``output_dir``."""
+    from trl import GRPOTrainer
+
+    from rewards.rerank import gr2_reward, validity
+
+    ds = _subset(load_split(args.prepared, "train"), args.rl_max_examples, args.seed + 1)
+    ds = ds.select_columns(["prompt", "candidates", "target"])
+    trainer = GRPOTrainer(
+        model=model,
+        # validity gets weight 0: logged for monitoring, not optimised (gr2_reward already pays -1 for invalid).
+        reward_funcs=[gr2_reward, validity],
+        args=_with_reward_weights(make_grpo_config(args, output_dir), [1.0, 0.0]),
+        train_dataset=ds,
+        processing_class=tokenizer,
+        peft_config=_peft_config(args, 0 if args.model_name_or_path is None else 1),
+    )
+    result = trainer.train()
+    _save(trainer, tokenizer, output_dir)
+    return {"rows": len(ds), **result.metrics, "log_history": trainer.state.log_history}
+
+
+def _with_reward_weights(config, weights: list[float]):
+    config.reward_weights = weights
+    return config
+
+
+def set_threads(n: int) -> None:
+    """Set torch's CPU threads (0 keeps the default). On a contended 2-core box 1-2 threads is best: measure."""
+    if n > 0:
+        torch.set_num_threads(n)
+        os.environ.setdefault("OMP_NUM_THREADS", str(n))
