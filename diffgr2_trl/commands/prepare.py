@@ -33,6 +33,7 @@ class PrepareArguments:
         max_history: history items shown per prompt.
         match_positions: subsample train so the pre-rank position of the target follows this split's histogram
             (``none`` keeps the raw split; see :func:`diffgr2_trl.rerank.pipeline_data.match_target_positions`).
+        codebook_size: semantic-ID codes per level (small catalogues need fewer).
         vocab_size: BPE size of the local tokenizer.
         overwrite: rebuild even if ``out`` is complete.
         threads: torch threads (1 is often faster on a contended CPU); 0 keeps torch's default.
@@ -48,6 +49,7 @@ class PrepareArguments:
         default="valid",
         metadata={"help": "Subsample train so target positions follow this split's histogram ('none': raw train)."},
     )
+    codebook_size: int = field(default=256, metadata={"help": "Semantic-ID tokens per level."})
     vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size of the local tokenizer."})
     seed: int = field(default=0, metadata={"help": "Seed (pre-rankers, semantic IDs, subsampling)."})
     overwrite: bool = field(default=False, metadata={"help": "Rebuild even if the output is complete."})
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         prepared = None
     if prepared is None:  # the examples are the slow part (pre-rankers): reuse them when only the datasets are missing
         prepared = prepare_data(
-            args.data_dir, args.out, seed=args.seed, name=args.name, prerankers=prerankers, history_len=args.max_history
+            args.data_dir, args.out, seed=args.seed, name=args.name, prerankers=prerankers, history_len=args.max_history,
+            codebook_size=args.codebook_size, progress=True,
         )
     summary = build_pipeline_data(
         prepared,
