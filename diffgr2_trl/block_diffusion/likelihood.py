@@ -132,8 +132,8 @@ def sample_block_steps(
     num = int(steps.max().item()) + 1 if steps.numel() else 1
     num = max(num, 1)
     # present[b, blk, k]: step k committed an eligible token in this block
-    present = torch.zeros(batch, nb, num, dtype=torch.bool, device=step_map.device)
-    present.scatter_(2, steps.clamp_min(0), ok)
+    # (a scatter would let an ineligible position overwrite an eligible one holding the same step)
+    present = (torch.nn.functional.one_hot(steps.clamp_min(0), num).bool() & ok[..., None]).any(-2)
     weights = present.float()
     empty = weights.sum(-1) == 0
     weights[empty] = 1.0  # any step; nothing in the block is selected anyway

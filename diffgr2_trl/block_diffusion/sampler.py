@@ -166,6 +166,7 @@ class BlockDiffusionSampler:
         position_all = (torch.arange(total, device=device)[None] - pads[:, None]).clamp_min(0)
 
         cache = DynamicCache() if self.use_cache else None
+        self._masks: dict = {}
         cached = 0  # columns [0, cached) are in the KV cache
         forwards = 0
         end = prompt_len
@@ -240,15 +241,18 @@ class BlockDiffusionSampler:
         q_stream = (q_col >= start).long()
         kv_col = torch.cat([torch.arange(ctx, device=device), q_col])
         kv_stream = torch.cat([torch.zeros(ctx, dtype=torch.long, device=device), q_stream])
-        mask = dense_mask(
-            q_stream, q_col, kv_stream, kv_col, valid[:, kv_col],
-            comp_start=comp_start, block_size=spec.block_size, clean_block_causal=spec.clean_block_causal,
-        )
+        key = (ctx, start, canvas_in)
+        if key not in self._masks:  # later steps of a block reuse the same pattern
+            self._masks = {key: to_model_mask(dense_mask(
+                q_stream, q_col, kv_stream, kv_col, valid[:, kv_col],
+                comp_start=comp_start, block_size=spec.block_size, clean_block_causal=spec.clean_block_causal,
+            ), self.attn_implementation, self.model.dtype)}
+        mask = self._masks[key]
         has_seed = shift and new_clean > 0
         keep = ([new_clean - 1] if has_seed else []) + list(range(new_clean, new_clean + canvas_in - int(shift)))
         out = self.model(
             input_ids=torch.cat([seq[:, ctx:start], canvas[:, :canvas_in]], 1),
-            attention_mask=to_model_mask(mask, self.attn_implementation, self.model.dtype),
+            attention_mask=mask,
             position_ids=position_all[:, q_col],
             past_key_values=cache,
             use_cache=self.use_cache,
@@ -270,8 +274,13 @@ class BlockDiffusionSampler:
         """Pick tokens for masked positions and commit per the schedule (in place on ``canvas`` and records)."""
         logits[..., self.spec.mask_token_id] = float("-inf")
         scaled = logits / temperature if temperature > 0 else logits
-        logp = torch.log_softmax(scaled, -1)
-        if temperature > 0:
+        if temperature == 0:
+            # Greedy: max and logsumexp give confidence and log-prob without materialising a softmax.
+            top, tokens = logits.max(-1)
+            tok_logp = top - torch.logsumexp(logits, -1)
+            conf = tok_logp.exp()
+        else:
+            logp = torch.log_softmax(scaled, -1)
             filt = scaled
             if top_k is not None and top_k < filt.shape[-1]:
                 kth = filt.topk(top_k, -1).values[..., -1:]
@@ -280,9 +289,7 @@ class BlockDiffusionSampler:
             flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
             tokens = flat.view(probs.shape[:-1])
             conf = probs.gather(-1, tokens[..., None]).squeeze(-1)
-        else:
-            conf, tokens = torch.softmax(logits, -1).max(-1)
-        tok_logp = logp.gather(-1, tokens[..., None]).squeeze(-1)
+            tok_logp = logp.gather(-1, tokens[..., None]).squeeze(-1)
         score = conf.masked_fill(~masked, -1.0)
         if tokens_per_step is not None:
             k = min(tokens_per_step, score.shape[1])
@@ -299,6 +306,8 @@ class BlockDiffusionSampler:
         logprobs[:, cols][commit] = tok_logp[commit]
         # Everything after a committed stop token in this block is a stop token too: training fills the last block
         # with EOS after EOS, so this is the model's own prediction, committed without spending steps on it.
+        if stops.numel() == 0:
+            return
         is_stop = torch.isin(canvas, stops) & (canvas != self.spec.mask_token_id)
         after = (is_stop.long().cumsum(-1) - is_stop.long()) > 0
         fill = after & (canvas == self.spec.mask_token_id)

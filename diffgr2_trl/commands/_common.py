@@ -1,0 +1,46 @@
+"""Helpers shared by the ``diffgr2`` subcommands: loading models, tokenizers and datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def load_model_and_tokenizer(path: str, *, dtype: str = "float32", attn_implementation: str = "sdpa", device: str | None = None):
+    """Load a causal LM and its tokenizer from a local directory (or a hub id on a machine that has one)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}.")
+    if not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(f"Model directory {path!r} does not exist (and the hub is offline).")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+    if device:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+def load_any_dataset(spec: str, split: str = "train"):
+    """A ``datasets.Dataset`` from a ``save_to_disk`` directory, a JSON/JSONL/Parquet/CSV file, or a hub name."""
+    import datasets
+
+    path = Path(spec)
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+        ds = datasets.load_from_disk(str(path))
+        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    if path.is_dir() and (path / split).is_dir():
+        return load_any_dataset(str(path / split), split)
+    suffix = path.suffix.lower()
+    if path.is_file():
+        kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
+        if kind is None:
+            raise ValueError(f"Unsupported dataset file {spec!r}; use .jsonl/.json/.parquet/.csv or a save_to_disk dir.")
+        return datasets.load_dataset(kind, data_files=str(path), split="train")
+    if path.is_dir():
+        return datasets.load_dataset(str(path), split=split)
+    return datasets.load_dataset(spec, split=split)

@@ -1,0 +1,91 @@
+"""``diffgr2 bench-decode``: block-diffusion decode vs AR decode of the same weights, side by side.
+
+    diffgr2 bench-decode [--model DIR | --shape small --arch qwen3] [--batch_sizes 1 16] [--new_tokens 128]
+                         [--prompt_len 300] [--json PATH]
+
+Without ``--model`` a randomly initialised model of a real shape is built locally (``--shape qwen3-0.6b`` is
+Qwen3-0.6B's shape): speed needs no trained weights when the schedule is fixed (tokens per step). Tau rows on
+random weights commit ~1 token per step (nothing is confident); give a trained model for meaningful tau rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+
+import torch
+from trl import TrlParser
+
+from ..bench.decode import bench_decode, format_rows
+from ..utils import atomic_write_text
+
+
+@dataclass
+class BenchDecodeArguments:
+    """Arguments of ``diffgr2 bench-decode``.
+
+    Parameters:
+        model: converted model directory; omitted: a random model of ``shape`` is built.
+        arch / shape / vocab_size: the random model (see ``diffgr2_trl.modeling.MODEL_SHAPES``).
+        batch_sizes / block_sizes / tokens_per_step / taus: the grid.
+        new_tokens / prompt_len: output and prompt lengths.
+        repeats: timed repeats per row (median reported).
+        device / dtype / threads: where and how to run.
+        json: write ``{"rows": [...], "env": {...}}`` there.
+    """
+
+    model: str | None = field(default=None, metadata={"help": "Converted model dir (default: random model)."})
+    arch: str = field(default="qwen3", metadata={"help": "Architecture of the random model."})
+    shape: str = field(default="small", metadata={"help": "Shape of the random model."})
+    vocab_size: int = field(default=8192, metadata={"help": "Vocabulary of the random model."})
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 16], metadata={"help": "Batch sizes."})
+    block_sizes: list[int] = field(default_factory=lambda: [4, 8, 16, 32], metadata={"help": "Block sizes (fixed rows)."})
+    tokens_per_step: int = field(default=4, metadata={"help": "Tokens committed per step in the fixed rows."})
+    taus: list[float] = field(default_factory=lambda: [0.9, 0.7, 0.5], metadata={"help": "Thresholds (tau rows)."})
+    tau_block_size: int | None = field(default=None, metadata={"help": "Block size of the tau rows."})
+    new_tokens: int = field(default=128, metadata={"help": "New tokens per row."})
+    prompt_len: int = field(default=300, metadata={"help": "Prompt length."})
+    repeats: int = field(default=3, metadata={"help": "Timed repeats per row."})
+    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cpu or cuda."})
+    dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16."})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: all cores)."})
+    seed: int = field(default=0, metadata={"help": "Seed for the random model and prompts."})
+    json: str | None = field(default=None, metadata={"help": "Write the rows as JSON here."})
+
+
+def main(argv: list[str]) -> int:
+    (args,) = TrlParser((BenchDecodeArguments,)).parse_args_and_config(argv)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    torch.manual_seed(args.seed)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    mask_id = None
+    if args.model:
+        from ._common import load_model_and_tokenizer
+
+        model, _ = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
+        vocab = model.config.vocab_size
+    else:
+        from ..modeling import build_model
+
+        model = build_model(args.arch, vocab_size=args.vocab_size, shape=args.shape, pad_token_id=0,
+                            max_position_embeddings=max(2048, args.prompt_len + args.new_tokens + 64),
+                            seed=args.seed).to(device=args.device, dtype=dtype)
+        vocab, mask_id = args.vocab_size, args.vocab_size - 1
+    prompts = torch.randint(3, vocab - 2, (max(args.batch_sizes), args.prompt_len), device=args.device)
+    rows = bench_decode(model, prompts, new_tokens=args.new_tokens, batch_sizes=tuple(args.batch_sizes),
+                        block_sizes=tuple(args.block_sizes), tokens_per_step=args.tokens_per_step,
+                        taus=tuple(args.taus), tau_block_size=args.tau_block_size, repeats=args.repeats,
+                        mask_token_id=mask_id)
+    params = sum(p.numel() for p in model.parameters())
+    env = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(), "params": params,
+           "model": args.model or f"random {args.arch}/{args.shape} vocab {args.vocab_size}",
+           "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "torch": torch.__version__,
+           "cpu": platform.processor() or platform.machine()}
+    print(f"model: {env['model']} ({params / 1e6:.1f}M params), {args.device}, {args.dtype}, "
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens")
+    print(format_rows(rows))
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"rows": [r.to_dict() for r in rows], "env": env}, indent=2))
+    return 0
