@@ -89,7 +89,7 @@ def bench_decode(
         ar_tps = None
         for method, bs, k, tau in configs:
             if method == "ar":
-                def run():
+                def run(ids=ids, am=am):
                     return model.generate(input_ids=ids, attention_mask=am, max_new_tokens=new_tokens,
                                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
                                           eos_token_id=None)
@@ -100,7 +100,7 @@ def bench_decode(
                 spec = BlockDiffusionSpec(**{**base_spec.to_dict(), "block_size": bs})
                 sampler = BlockDiffusionSampler(model, spec, eos_token_id=[], pad_token_id=pad)
 
-                def run(sampler=sampler, k=k, tau=tau):
+                def run(sampler=sampler, k=k, tau=tau, ids=ids, am=am):
                     return sampler.generate(ids, am, max_new_tokens=new_tokens, tokens_per_step=k, tau=tau)
                 run()
                 sec, out = _timed(run, repeats)
