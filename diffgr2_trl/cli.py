@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-train": ("diffgr2_trl.commands.bench_train", "CFT step time vs plain SFT step time."),
     "serve-teacher": ("diffgr2_trl.commands.serve_teacher", "Serve an AR teacher with vLLM's OpenAI server, set up for scoring."),
     "bench-teacher": ("diffgr2_trl.commands.bench_teacher", "Teacher scoring tokens/s: HF in-process vs vLLM server vs vLLM in-process."),
+    "opd": ("diffgr2_trl.commands.opd", "On-policy distillation of a block-diffusion student from an AR teacher."),
+    "bench-opd": ("diffgr2_trl.commands.bench_opd", "OPD step time: rollout / teacher / student forward-backward shares."),
 }
 
 

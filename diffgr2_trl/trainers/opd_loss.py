@@ -18,6 +18,8 @@ import math
 
 import torch
 
+TAIL_FLOOR = -30.0
+
 __all__ = ["divergence", "full_vocab_logprobs", "kl_div", "topk_tail_logprobs"]
 
 
@@ -72,11 +74,13 @@ def topk_tail_logprobs(
     student_all = torch.log_softmax(student_logits.float() / temperature, -1)
     ids = teacher_topk_ids.long()
     student_top = student_all.gather(-1, ids)
-    student_tail = torch.logsumexp(student_all.scatter(-1, ids, float("-inf")), -1, keepdim=True)
+    # Both tails are floored at e^-30 (~1e-13): when the top-k cover every id one side's tail is exactly empty and
+    # the other's holds rounding noise, which would make the divergence infinite.
+    student_tail = torch.logsumexp(student_all.scatter(-1, ids, float("-inf")), -1, keepdim=True).clamp_min(TAIL_FLOOR)
     teacher_top = teacher_topk_logprobs.float()
     # 1 - sum(top-k probs), computed as -expm1(log-sum-exp) to keep precision when the top-k hold nearly all mass.
     top_mass = torch.logsumexp(teacher_top, -1, keepdim=True).clamp(max=0.0)
-    teacher_tail = torch.log((-torch.expm1(top_mass)).clamp_min(1e-12))
+    teacher_tail = torch.log(-torch.expm1(top_mass)).clamp_min(TAIL_FLOOR)
     teacher = torch.cat([teacher_top, teacher_tail], -1)
     if temperature != 1.0:
         teacher = torch.log_softmax(teacher / temperature, -1)

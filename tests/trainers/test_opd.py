@@ -1,0 +1,296 @@
+"""On-policy distillation: behaviour on the sort task, loss consistency, backends, PEFT/resume, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from diffgr2_trl.block_diffusion import BlockDiffusionSampler, convert_to_block_diffusion, left_pad
+from diffgr2_trl.block_diffusion.likelihood import sample_block_steps
+from diffgr2_trl.modeling import build_model
+from diffgr2_trl.synthetic import sort_dataset, sort_tokenizer
+from diffgr2_trl.teachers import (
+    Teacher,
+    TeacherInputError,
+    TeacherResponseError,
+    TeacherScores,
+    TeacherUnavailableError,
+    VocabMismatchError,
+)
+from diffgr2_trl.trainers.opd import OnPolicyDistillationConfig, OnPolicyDistillationTrainer
+from diffgr2_trl.trainers.opd_loss import divergence, full_vocab_logprobs, topk_tail_logprobs
+from tests.conftest import SORT_SHAPE, TEACHER_SHAPE, WORDS
+from tests.trainers.opd_helpers import SortRuleTeacher
+
+FAST = dict(use_cpu=True, bf16=False, report_to=[], disable_tqdm=True, logging_steps=1, save_strategy="no", seed=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The tiny models here are latency-bound; on a shared CPU one thread per process is faster than two.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def prompts(n: int, seed: int = 0) -> Dataset:
+    return sort_dataset(n, seed=seed).select_columns(["prompt", "target"])
+
+
+@pytest.fixture(scope="module")
+def weak_student_dir(tmp_path_factory) -> str:
+    """A converted tiny Qwen3 after only 20 CFT steps: decodes the sort task rarely right, room for OPD to improve."""
+    from diffgr2_trl.trainers import BlockDiffusionConfig, BlockDiffusionTrainer
+
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("weak-student"))
+    tok = sort_tokenizer()
+    model = build_model("qwen3", tokenizer=tok, shape=SORT_SHAPE, seed=0)
+    convert_to_block_diffusion(model, tok, block_size=4)
+    args = BlockDiffusionConfig(path, max_steps=20, per_device_train_batch_size=64, learning_rate=5e-3,
+                                lr_scheduler_type="cosine", warmup_steps=5, **{**FAST, "logging_steps": 10})
+    BlockDiffusionTrainer(model, args=args, train_dataset=sort_dataset(1280), processing_class=tok).train()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def load(path):
+    return AutoModelForCausalLM.from_pretrained(path), PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def agreement(model, tok, teacher: SortRuleTeacher, n: int = 64) -> float:
+    """Fraction of held-out prompts whose greedy tau=0.9 decode equals the teacher's greedy output."""
+    ps = [tok(p, add_special_tokens=False).input_ids for p in sort_dataset(n, seed=123)["prompt"]]
+    ids, am = left_pad(ps, tok.pad_token_id)
+    out = BlockDiffusionSampler(model.eval()).generate(ids, am, max_new_tokens=16, tau=0.9)
+    return sum(out.completion_ids[r, : len(teacher.canonical(p))].tolist() == teacher.canonical(p)
+               for r, p in enumerate(ps)) / n
+
+
+def history(trainer, key):
+    return [h[key] for h in trainer.state.log_history if key in h]
+
+
+def test_opd_lowers_kl_and_raises_agreement_with_teacher(weak_student_dir):
+    model, tok = load(weak_student_dir)
+    teacher = SortRuleTeacher()
+    before = agreement(copy.deepcopy(model), tok, teacher)
+    args = OnPolicyDistillationConfig("/tmp/unused-opd", max_steps=50, per_device_train_batch_size=8,
+                                      learning_rate=3e-3, max_new_tokens=16, **FAST)
+    trainer = OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=prompts(400),
+                                          processing_class=tok, teacher_tokenizer=teacher.tokenizer)
+    trainer.train()
+    kl = history(trainer, "kl")
+    assert sum(kl[-10:]) / 10 < 0.7 * sum(kl[:5]) / 5, kl
+    after = agreement(trainer.model, tok, teacher)
+    assert after >= before + 0.05, (before, after)
+    # every committed token was distilled at the state the sampler saw it in
+    assert max(history(trainer, "replay/max_logprob_error")) < 1e-4
+    assert history(trainer, "replay/distilled_fraction") == [1.0] * 50
+    logs = trainer.state.log_history[0]
+    for key in ("rollout/tokens_per_forward", "rollout/validity", "time/rollout", "time/teacher", "time/train",
+                "time/teacher_share", "teacher/token_logprob"):
+        assert key in logs, key
+    assert 0 < logs["time/teacher_share"] < 1 and json.dumps(trainer.state.log_history)
+
+
+def test_one_state_per_block_with_topk_tail_teacher(weak_student_dir):
+    model, tok = load(weak_student_dir)
+    teacher = SortRuleTeacher()
+    args = OnPolicyDistillationConfig("/tmp/unused-opd", max_steps=3, per_device_train_batch_size=4, max_new_tokens=16,
+                                      replay="one_state_per_block", full_vocab=False, teacher_top_k=5, **FAST)
+    trainer = OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=prompts(16),
+                                          processing_class=tok, teacher_tokenizer=teacher.tokenizer)
+    trainer.train()
+    assert all(0 < f < 1 for f in history(trainer, "replay/distilled_fraction"))
+    assert max(history(trainer, "replay/max_logprob_error")) < 1e-4
+    assert all(math.isfinite(x) and x > 0 for x in history(trainer, "loss"))
+
+
+def test_sample_block_steps_selects_one_committed_step_per_block():
+    step_map = torch.tensor([[0, 0, 1, 2, 0, 1, 1, 1, 0, -1]])
+    mask = step_map >= 0
+    for seed in range(5):
+        steps, selected, weight = sample_block_steps(step_map, 4, mask, generator=torch.Generator().manual_seed(seed))
+        assert steps.shape == (1, 3)
+        for b, lo in enumerate(range(0, 10, 4)):
+            blk = slice(lo, lo + 4)
+            assert (step_map[0, blk][selected[0, blk]] == steps[0, b]).all() and selected[0, blk].any()
+        assert torch.equal(weight[0, :4][selected[0, :4]], torch.full((int(selected[0, :4].sum()),), 3.0))
+    # averaged over draws, the weighted selection counts every committed token once: unbiased
+    total = sum(sample_block_steps(step_map, 4, mask, generator=torch.Generator().manual_seed(s))[2]
+                for s in range(2000)) / 2000
+    assert torch.allclose(total, mask.float(), atol=0.15)
+
+
+def test_divergences_zero_on_equal_and_topk_tail_bounds_full_kl():
+    g = torch.Generator().manual_seed(0)
+    s_logits, t_logits = torch.randn(6, 40, generator=g), torch.randn(6, 40, generator=g) * 2
+    t_lp = torch.log_softmax(t_logits, -1)
+    for beta in (0.0, 0.5, 1.0):
+        same = divergence(*full_vocab_logprobs(t_logits, t_lp), beta)
+        assert same.abs().max() < 1e-5
+        assert (divergence(*full_vocab_logprobs(s_logits, t_lp), beta) > 0).all()
+    full = divergence(*full_vocab_logprobs(s_logits, t_lp))
+    top = t_lp.topk(5, -1)
+    sparse = divergence(*topk_tail_logprobs(s_logits, top.indices, top.values))
+    assert (sparse <= full + 1e-6).all() and (sparse > 0).all()
+    # all ids in the top-k: bucketing loses nothing
+    top = t_lp.topk(40, -1)
+    assert torch.allclose(divergence(*topk_tail_logprobs(s_logits, top.indices, top.values)), full, atol=1e-4)
+
+
+class SameWeightsTeacher(Teacher):
+    """Plain causal forward of the student's own weights, over the teacher vocabulary (mask row dropped)."""
+
+    supports_full_vocab = True
+
+    def __init__(self, model, vocab_size):
+        super().__init__()
+        self.model, self.vocab_size = model, vocab_size
+
+    @torch.no_grad()
+    def _score(self, sequences, starts, top_k, full_vocab):
+        out = TeacherScores([], [], [], [])
+        for seq, start in zip(sequences, starts):
+            logits = self.model(input_ids=torch.tensor([seq])).logits[0, start - 1 : len(seq) - 1, : self.vocab_size]
+            lp = torch.log_softmax(logits.float(), -1)
+            out.token_logprobs.append(lp.gather(-1, torch.tensor(seq[start:])[:, None])[:, 0])
+            top = lp.topk(top_k, -1)
+            out.topk_ids.append(top.indices)
+            out.topk_logprobs.append(top.values)
+            out.full_logprobs.append(lp)
+        return out
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_kl_is_zero_when_teacher_is_the_student(word_tokenizer, block_size):
+    """Block size 1 is exactly AR: a teacher with the student's weights gives KL 0 through the whole loss path
+    (rollout, teacher alignment, replay, vocabulary cut). Block size 4 is not AR, so the same check must fail."""
+    tok = copy.deepcopy(word_tokenizer)
+    model = build_model("qwen3", tokenizer=tok, seed=0)
+    convert_to_block_diffusion(model, tok, block_size=block_size)
+    teacher = SameWeightsTeacher(copy.deepcopy(model).eval(), len(word_tokenizer))
+    data = Dataset.from_list([{"prompt": "sort 3 1 2 :"}, {"prompt": "copy 7 7 :"}])
+    args = OnPolicyDistillationConfig("/tmp/unused-opd", max_steps=1, per_device_train_batch_size=2, learning_rate=0.0,
+                                      max_new_tokens=8, beta=0.0, **FAST)
+    trainer = OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=data,
+                                          processing_class=tok, teacher_tokenizer=word_tokenizer)
+    trainer.train()
+    kl = history(trainer, "kl")[0]
+    assert (kl < 1e-5) if block_size == 1 else (kl > 1e-3), kl
+
+
+def test_opd_with_vllm_server_teacher(vllm_server, word_tokenizer):
+    url, model_dir = vllm_server
+    tok = copy.deepcopy(word_tokenizer)
+    model = build_model("qwen3", tokenizer=tok, shape=TEACHER_SHAPE, seed=1)
+    convert_to_block_diffusion(model, tok, block_size=4)
+    data = Dataset.from_list([{"prompt": "sort 3 1 2 :"}, {"prompt": "copy 4 5 :"}])
+    args = OnPolicyDistillationConfig("/tmp/unused-opd", teacher_model=url, teacher_top_k=8, max_steps=2,
+                                      per_device_train_batch_size=2, max_new_tokens=8, **FAST)
+    trainer = OnPolicyDistillationTrainer(model, args=args, train_dataset=data, processing_class=tok)
+    assert trainer.full_vocab is False
+    assert tok.convert_tokens_to_ids(tok.mask_token) in trainer.teacher.forbidden_token_ids
+    assert trainer.teacher.forbidden_token_ids == set(range(len(WORDS) + 4, len(tok)))  # only student-only ids
+    trainer.train()
+    assert all(math.isfinite(x) and x > 0 for x in history(trainer, "kl"))
+    assert max(history(trainer, "replay/max_logprob_error")) < 1e-4
+
+
+# --- bad input ----------------------------------------------------------------------------------------------------
+def tiny_student(word_tokenizer):
+    tok = copy.deepcopy(word_tokenizer)
+    model = build_model("qwen3", tokenizer=tok, seed=0)
+    convert_to_block_diffusion(model, tok, block_size=4)
+    return model, tok
+
+
+def test_unreachable_teacher_url_fails_at_start_up(word_tokenizer):
+    model, tok = tiny_student(word_tokenizer)
+    args = OnPolicyDistillationConfig("/tmp/unused-opd", teacher_model="http://127.0.0.1:9",
+                                      teacher_kwargs={"retries": 0, "timeout": 2}, **FAST)
+    with pytest.raises(TeacherUnavailableError, match="http://127.0.0.1:9"):
+        OnPolicyDistillationTrainer(model, args=args, train_dataset=Dataset.from_list([{"prompt": "sort 1 :"}]),
+                                    processing_class=tok, teacher_tokenizer=word_tokenizer)
+
+
+class ShortTeacher(SortRuleTeacher):
+    def _score(self, sequences, starts, top_k, full_vocab):
+        out = super()._score(sequences, starts, top_k, full_vocab)
+        out.token_logprobs[0] = out.token_logprobs[0][:-1]
+        return out
+
+
+def test_teacher_returning_fewer_positions_is_an_error(weak_student_dir):
+    model, tok = load(weak_student_dir)
+    teacher = ShortTeacher()
+    args = OnPolicyDistillationConfig("/tmp/unused-opd", max_steps=1, per_device_train_batch_size=2, max_new_tokens=8, **FAST)
+    trainer = OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=prompts(4),
+                                          processing_class=tok, teacher_tokenizer=teacher.tokenizer)
+    with pytest.raises(TeacherResponseError, match="completion positions for sequence 0"):
+        trainer.train()
+
+
+def test_tokenizer_mismatch_and_bad_config(weak_student_dir, word_tokenizer):
+    model, tok = load(weak_student_dir)
+    args = OnPolicyDistillationConfig("/tmp/unused-opd", **FAST)
+    with pytest.raises(VocabMismatchError, match="incompatible"):
+        OnPolicyDistillationTrainer(model, teacher=SortRuleTeacher(), args=args, train_dataset=prompts(4),
+                                    processing_class=tok, teacher_tokenizer=word_tokenizer)
+    with pytest.raises(ValueError, match="num_generations must be a positive integer"):
+        OnPolicyDistillationConfig("/tmp/unused-opd", num_generations=0, **FAST)
+    with pytest.raises(ValueError, match="replay must be one of"):
+        OnPolicyDistillationConfig("/tmp/unused-opd", replay="some", **FAST)
+    with pytest.raises(ValueError, match="needs a 'prompt' column"):
+        OnPolicyDistillationTrainer(model, teacher=SortRuleTeacher(), args=args, processing_class=tok,
+                                    train_dataset=Dataset.from_list([{"text": "sort 1 2 :"}]))
+
+
+def test_prompt_longer_than_teacher_context(weak_student_dir):
+    model, tok = load(weak_student_dir)
+    teacher = SortRuleTeacher()
+    teacher.max_length = 20
+    args = OnPolicyDistillationConfig("/tmp/unused-opd", max_new_tokens=16, **FAST)
+    with pytest.raises(ValueError, match="more than the teacher's context of 20"):
+        OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=prompts(4), processing_class=tok,
+                                    teacher_tokenizer=teacher.tokenizer)
+    # left truncation makes it fit; the teacher still refuses anything longer at scoring time
+    args = OnPolicyDistillationConfig("/tmp/unused-opd", max_new_tokens=16, max_prompt_length=4, **FAST)
+    OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=prompts(4), processing_class=tok,
+                                teacher_tokenizer=teacher.tokenizer)
+    with pytest.raises(TeacherInputError, match="longer than the teacher's context"):
+        teacher.score([list(range(5)) * 5], [3])
+
+
+def test_lora_grad_accumulation_checkpoint_and_resume(weak_student_dir, tmp_path):
+    from peft import LoraConfig
+
+    model, tok = load(weak_student_dir)
+    teacher = SortRuleTeacher()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2, max_new_tokens=16,
+                  **{**FAST, "save_strategy": "steps"}, save_steps=2)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    args = OnPolicyDistillationConfig(str(tmp_path / "run"), max_steps=2, **common)
+    trainer = OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=prompts(32),
+                                          processing_class=tok, teacher_tokenizer=teacher.tokenizer, peft_config=lora)
+    trainer.train()
+    merged = trainer.model.get_base_model().state_dict()
+    assert torch.equal(merged["model.layers.0.self_attn.q_proj.base_layer.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in merged.items())
+    assert (tmp_path / "run" / "checkpoint-2" / "adapter_model.safetensors").exists()
+    model2, _ = load(weak_student_dir)
+    args2 = OnPolicyDistillationConfig(str(tmp_path / "run"), max_steps=3, **common)
+    trainer2 = OnPolicyDistillationTrainer(model2, teacher=teacher, args=args2, train_dataset=prompts(32),
+                                           processing_class=tok, teacher_tokenizer=teacher.tokenizer, peft_config=lora)
+    trainer2.train(resume_from_checkpoint=True)
+    assert trainer2.state.global_step == 3
