@@ -10,7 +10,8 @@ model (then ``--block_size`` converts it first).
 
 from __future__ import annotations
 
-from trl import ModelConfig, ScriptArguments, TrlParser, get_kbit_device_map, get_peft_config, get_quantization_config
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+from trl.trainer.utils import get_quantization_config
 
 from ..trainers import BlockDiffusionConfig, BlockDiffusionTrainer
 from ._common import load_any_dataset
@@ -29,7 +30,7 @@ def main(argv: list[str]) -> int:
         attn_implementation=model_args.attn_implementation or "sdpa",
     )
     if quantization_config is not None:
-        model_kwargs.update(quantization_config=quantization_config, device_map=get_kbit_device_map())
+        model_kwargs.update(quantization_config=quantization_config)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **model_kwargs)
     train = load_any_dataset(script_args.dataset_name, script_args.dataset_train_split)

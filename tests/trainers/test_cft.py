@@ -93,3 +93,37 @@ def test_rows_without_completion_are_rejected():
         BlockDiffusionTrainer(model, args=args, train_dataset=ds, processing_class=tok)
     with pytest.raises(ValueError, match="prompt/completion data"):
         BlockDiffusionTrainer(model, args=args, train_dataset=Dataset.from_list([{"text": "a"}]), processing_class=tok)
+
+
+def test_cft_with_lora_and_qlora(tmp_path):
+    import pytest
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+
+    from diffgr2_trl.block_diffusion import convert_to_block_diffusion, get_spec
+    from diffgr2_trl.trainers import BlockDiffusionConfig, BlockDiffusionTrainer
+
+    tok = sort_tokenizer()
+    base = build_model("qwen3", tokenizer=tok, shape=SORT_SHAPE, seed=0)
+    convert_to_block_diffusion(base, tok, block_size=4)
+    base.save_pretrained(tmp_path / "base")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    args = dict(use_cpu=True, bf16=False, max_steps=3, per_device_train_batch_size=4, report_to=[],
+                save_strategy="no", disable_tqdm=True, learning_rate=1e-3)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    trainer = BlockDiffusionTrainer(model, args=BlockDiffusionConfig(str(tmp_path / "lora"), **args),
+                                    train_dataset=sort_dataset(32), processing_class=tok, peft_config=lora)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if n in before)
+    assert get_spec(trainer.model).block_size == 4
+    try:
+        q = AutoModelForCausalLM.from_pretrained(
+            tmp_path / "base", quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                                      bnb_4bit_compute_dtype=torch.float32))
+    except Exception as e:  # pragma: no cover - depends on the bitsandbytes build
+        pytest.skip(f"4-bit loading unavailable here: {e}")
+    trainer = BlockDiffusionTrainer(q, args=BlockDiffusionConfig(str(tmp_path / "qlora"), **args),
+                                    train_dataset=sort_dataset(32), processing_class=tok, peft_config=lora)
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in trainer.state.log_history if "train_loss" in h)
