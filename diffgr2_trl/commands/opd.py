@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, TrlParser, get_kbit_device_map, get_peft_config, get_quantization_config
+from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from ..trainers.opd import OnPolicyDistillationConfig, OnPolicyDistillationTrainer
 from ._common import load_any_dataset
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
     )
     quantization_config = get_quantization_config(model_args)
     if quantization_config is not None:
-        model_kwargs.update(quantization_config=quantization_config, device_map=get_kbit_device_map())
+        model_kwargs.update(quantization_config=quantization_config)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, **model_kwargs)
     train = load_any_dataset(script.dataset, script.dataset_split)

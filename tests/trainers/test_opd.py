@@ -294,3 +294,18 @@ def test_lora_grad_accumulation_checkpoint_and_resume(weak_student_dir, tmp_path
                                            processing_class=tok, teacher_tokenizer=teacher.tokenizer, peft_config=lora)
     trainer2.train(resume_from_checkpoint=True)
     assert trainer2.state.global_step == 3
+
+
+def test_cli_opd_with_hf_teacher_path(weak_student_dir, tmp_path):
+    from diffgr2_trl.cli import main
+
+    teacher_dir, out = str(tmp_path / "teacher"), str(tmp_path / "out")
+    tok = sort_tokenizer()
+    build_model("qwen3", tokenizer=tok, seed=0).save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    prompts(6).to_json(str(tmp_path / "prompts.jsonl"))
+    rc = main(["opd", "--model", weak_student_dir, "--teacher", teacher_dir, "--dataset", str(tmp_path / "prompts.jsonl"),
+               "--output_dir", out, "--max_steps", "1", "--per_device_train_batch_size", "2", "--max_new_tokens", "8",
+               "--use_cpu", "--bf16", "false", "--report_to", "none", "--save_strategy", "no"])
+    assert rc == 0
+    assert "block_diffusion" in open(f"{out}/config.json").read()
