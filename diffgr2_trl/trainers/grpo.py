@@ -1,0 +1,349 @@
+"""Diffusion GRPO: TRL's GRPOTrainer with block-diffusion rollouts and block-diffusion likelihoods.
+
+Everything TRL's GRPOTrainer does is kept: reward functions with TRL's signature (dataset columns as keyword
+arguments, ``reward_weights``, async rewards, ``None`` = not applicable), group advantages, the loss types (DAPO by
+default, GRPO, Dr.GRPO, ...), clipping, the KL to a reference when ``beta > 0``, PEFT, checkpointing, ``accelerate``,
+logging and callbacks. Three hooks change:
+
+* :meth:`DiffusionGRPOTrainer._generate_single_turn`: rollouts come from
+  :class:`~diffgr2_trl.block_diffusion.BlockDiffusionSampler` on the current policy; each rollout's committed canvas
+  and step map are kept so its likelihood can be replayed.
+* :meth:`DiffusionGRPOTrainer._get_per_token_logps_and_entropies`: per-token log-probs come from a block-diffusion
+  likelihood estimator (:mod:`~diffgr2_trl.block_diffusion.estimators`): trajectory replay by default. The old and
+  reference log-probs go through the same method, so they are always recomputed by the trainer; the sampler's own
+  numbers are never used for the loss.
+* :meth:`DiffusionGRPOTrainer._calculate_rewards`: optional ``validity_fn`` (invalid rollouts get
+  ``invalid_penalty`` and stay in their group) and a check that every reward function returns one number (or None)
+  per completion; groups whose reward has zero variance are dropped from the loss.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import numbers
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate.utils import gather
+from trl import GRPOConfig, GRPOTrainer
+from trl.models import unwrap_model_for_generation
+from trl.trainer.utils import nanstd
+
+from ..block_diffusion import BlockDiffusionSampler, get_spec
+from ..block_diffusion.convert import check_attention_honours_masks
+from ..block_diffusion.estimators import ESTIMATORS, check_estimator, estimate_token_logprobs
+
+ROLLOUT_KEYS = ("canvas_ids", "step_map", "estimator_seeds")
+
+
+@dataclass
+class DiffusionGRPOConfig(GRPOConfig):
+    """Configuration for :class:`DiffusionGRPOTrainer` (all of :class:`trl.GRPOConfig`, plus the fields below).
+
+    TRL's generation fields keep their meaning: ``temperature`` (0 = greedy), ``top_k`` (0 = off),
+    ``max_completion_length``, ``num_generations``. ``top_p`` / ``min_p`` / ``repetition_penalty`` are not supported
+    by the block sampler and must stay at their defaults.
+
+    Parameters:
+        likelihood_estimator: ``"trajectory_replay"`` (TraceRL, exact for the sampler), ``"mean_field"`` (d1 one-step)
+            or ``"elbo"`` (``elbo_samples`` random masks). See :mod:`diffgr2_trl.block_diffusion.estimators`.
+        tau: the sampler's confidence threshold: each step commits every masked position whose confidence is >= tau,
+            plus the most confident one.
+        tokens_per_step: fixed schedule instead of ``tau``: commit the k most confident positions per step.
+        prompt_mask_prob: ``mean_field`` only: probability of masking each prompt token (d1's regulariser).
+        elbo_samples: ``elbo`` only: number of random masks K (complementary pairs; odd K adds the all-masked one).
+        max_streams_per_forward: bound the number of noisy streams packed in one likelihood forward (memory).
+        invalid_penalty: total reward given to a rollout that ``validity_fn`` marks invalid (paper: -1).
+        drop_zero_std_groups: mask groups whose total reward has zero variance out of the loss (they carry no
+            advantage). TRL already logs their share as ``frac_reward_zero_std``.
+    """
+
+    likelihood_estimator: str = field(
+        default="trajectory_replay", metadata={"help": f"Likelihood estimator, one of {list(ESTIMATORS)}."}
+    )
+    tau: float = field(default=0.9, metadata={"help": "Sampler confidence threshold in (0, 1]."})
+    tokens_per_step: int | None = field(default=None, metadata={"help": "Fixed tokens per step (overrides tau)."})
+    prompt_mask_prob: float = field(default=0.0, metadata={"help": "mean_field: prompt-token mask probability."})
+    elbo_samples: int = field(default=4, metadata={"help": "elbo: number of random masks per sample."})
+    max_streams_per_forward: int | None = field(
+        default=None, metadata={"help": "Max noisy streams per likelihood forward (None: all in one)."}
+    )
+    invalid_penalty: float = field(default=-1.0, metadata={"help": "Total reward of rollouts marked invalid."})
+    drop_zero_std_groups: bool = field(default=True, metadata={"help": "Drop zero-reward-variance groups from the loss."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_estimator(self.likelihood_estimator)
+        if self.tokens_per_step is None and not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"tau must be in (0, 1], got {self.tau}.")
+        if self.tokens_per_step is not None and self.tokens_per_step <= 0:
+            raise ValueError(f"tokens_per_step must be positive, got {self.tokens_per_step}.")
+        if not 0.0 <= self.prompt_mask_prob < 1.0:
+            raise ValueError(f"prompt_mask_prob must be in [0, 1), got {self.prompt_mask_prob}.")
+        if self.elbo_samples < 1:
+            raise ValueError(f"elbo_samples must be >= 1, got {self.elbo_samples}.")
+        if self.top_p != 1.0 or self.min_p is not None or self.repetition_penalty != 1.0:
+            raise ValueError("The block-diffusion sampler supports temperature and top_k only: leave top_p=1.0, "
+                             "min_p=None and repetition_penalty=1.0.")
+        if self.use_vllm or self.use_transformers_continuous_batching:
+            raise ValueError("Rollouts come from the block-diffusion sampler: use_vllm and "
+                             "use_transformers_continuous_batching are not supported.")
+
+
+def _checked_reward(func: Callable, name: str) -> Callable:
+    """Wrap a TRL reward function so a wrong-length or non-numeric result fails with a message naming it."""
+
+    def check(out: Any, n: int) -> list:
+        if not isinstance(out, list | tuple) and not (isinstance(out, torch.Tensor) and out.ndim == 1):
+            raise TypeError(f"Reward function {name!r} must return a list of floats (or None), got {type(out).__name__}.")
+        out = out.tolist() if isinstance(out, torch.Tensor) else list(out)
+        if len(out) != n:
+            raise ValueError(f"Reward function {name!r} returned {len(out)} rewards for {n} completions; it must "
+                             "return exactly one per completion.")
+        for i, r in enumerate(out):
+            if r is None:
+                continue
+            if isinstance(r, bool) or not isinstance(r, numbers.Real):
+                raise TypeError(f"Reward function {name!r} returned {r!r} (type {type(r).__name__}) for completion {i}; "
+                                "rewards must be real numbers, or None for 'not applicable'.")
+        return out
+
+    if inspect.iscoroutinefunction(func):
+        @functools.wraps(func)
+        async def async_wrapper(*args, **kwargs):
+            return check(await func(*args, **kwargs), len(kwargs["completions"]))
+
+        return async_wrapper
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return check(func(*args, **kwargs), len(kwargs["completions"]))
+
+    return wrapper
+
+
+class _Unwrapped:
+    """A DDP-wrapped model whose forward goes through the wrapper (gradient sync) while attributes (``config``,
+    ``dtype``, ``get_output_embeddings``) come from the inner model, as the block-diffusion core expects."""
+
+    def __init__(self, wrapped, inner):
+        self._wrapped, self._inner = wrapped, inner
+
+    def __call__(self, *args, **kwargs):
+        return self._wrapped(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+class DiffusionGRPOTrainer(GRPOTrainer):
+    """GRPO / DAPO / Dr.GRPO for block-diffusion LMs; same arguments as :class:`trl.GRPOTrainer`, plus
+    ``validity_fn``.
+
+    Args:
+        validity_fn: optional function with TRL's reward signature returning, per completion, a truthy value for a
+            valid rollout and a falsy one for an invalid one (None: not applicable, counts as valid); e.g.
+            ``rewards.rerank.validity``. Invalid rollouts get the total reward ``args.invalid_penalty`` and stay in
+            their group (their negative advantage is the learning signal).
+
+    Example:
+        >>> trainer = DiffusionGRPOTrainer(model, reward_funcs=sort_reward, train_dataset=ds, processing_class=tok,
+        ...                                args=DiffusionGRPOConfig("out", use_cpu=True, num_generations=4))
+        >>> trainer.train()
+    """
+
+    _tag_names = ["trl", "grpo", "diffgr2-trl", "block-diffusion"]
+    _name = "DiffusionGRPO"
+
+    def __init__(self, model, reward_funcs=None, args: DiffusionGRPOConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, *, validity_fn: Callable | None = None, **kwargs):
+        if args is None:
+            args = DiffusionGRPOConfig("diffusion-grpo-output")
+        if not isinstance(args, DiffusionGRPOConfig):
+            raise TypeError(f"args must be a DiffusionGRPOConfig, got {type(args).__name__}.")
+        for unsupported in ("tools", "rollout_func", "environment_factory"):
+            if kwargs.get(unsupported) is not None:
+                raise ValueError(f"{unsupported} is not supported: rollouts come from the block-diffusion sampler.")
+        if not isinstance(model, str):
+            get_spec(model)  # fail before TRL builds anything for an unconverted model
+        super().__init__(model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.spec = get_spec(base)
+        check_attention_honours_masks(base)
+        self.reward_funcs = [
+            f if isinstance(f, torch.nn.Module) else _checked_reward(f, n)
+            for f, n in zip(self.reward_funcs, self.reward_func_names, strict=True)
+        ]
+        self.validity_fn = _checked_reward(validity_fn, getattr(validity_fn, "__name__", "validity_fn")) if validity_fn else None
+        self._rollout_ctx: dict[str, torch.Tensor] | None = None  # the rollout the current log-prob call scores
+        self._zero_std_rows: torch.Tensor | None = None
+        self.timings = {"rollout": 0.0, "likelihood": 0.0}  # cumulative seconds, read by `diffgr2 bench-rl`
+
+    # ------------------------------------------------------------------------------------------------- rollouts
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if images is not None or multimodal_fields:
+            raise ValueError("Multimodal prompts are not supported by the block-diffusion sampler.")
+        t0 = time.perf_counter()
+        device = self.accelerator.device
+        pad_id = self._tokenizer.pad_token_id
+        input_ids, attention_mask = _left_pad(prompt_ids, pad_id, device)
+        args = self.args
+        with (
+            unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                        gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs) as unwrapped,
+            torch.no_grad(),
+        ):
+            sampler = BlockDiffusionSampler(unwrapped, self.spec, pad_token_id=pad_id, eos_token_id=list(self.eos_token_ids))
+            out = sampler.generate(
+                input_ids, attention_mask, max_new_tokens=args.max_completion_length, tau=args.tau,
+                tokens_per_step=args.tokens_per_step, temperature=args.temperature,
+                top_k=args.top_k if args.top_k else None,
+            )
+        width = args.max_completion_length  # fixed width, so rollouts of different generation batches stack
+        canvas = _pad_right(out.canvas_ids, width, pad_id)
+        step_map = _pad_right(out.step_map, width, -1)
+        seeds = torch.randint(0, 2**31 - 1, (input_ids.shape[0],), device=device)
+        self._rollout_ctx = {"canvas_ids": canvas, "step_map": step_map, "estimator_seeds": seeds}
+        completion_ids = [c[m].tolist() for c, m in zip(out.completion_ids.cpu(), out.completion_mask.cpu(), strict=True)]
+        logprobs = [lp[m].tolist() for lp, m in zip(out.logprobs.cpu(), out.completion_mask.cpu(), strict=True)]
+        mode = "train" if self.model.training else "eval"
+        rows = out.row_forward_passes.float()
+        self._metrics[mode]["rollout/forward_passes_per_sample"].append(self._gmean(rows.mean()))
+        self._metrics[mode]["rollout/tokens_per_forward"].append(
+            self._gmean(out.completion_mask.sum() / rows.sum().clamp_min(1.0)))
+        self.timings["rollout"] += time.perf_counter() - t0
+        return completion_ids, logprobs
+
+    def _gmean(self, x: torch.Tensor) -> float:
+        return self.accelerator.gather(x.detach().float().reshape(1).to(self.accelerator.device)).mean().item()
+
+    def _generate_and_score_completions(self, inputs):
+        try:
+            output = super()._generate_and_score_completions(inputs)
+            ctx = self._rollout_ctx
+            if ctx is None:
+                raise RuntimeError("No block-diffusion rollout was recorded for this batch.")
+            output.update(ctx)
+            if self.args.drop_zero_std_groups and self._zero_std_rows is not None:
+                n = output["completion_ids"].shape[0]
+                rows = self._zero_std_rows[self.accelerator.process_index * n : (self.accelerator.process_index + 1) * n]
+                keep = (~rows).to(output["completion_mask"].dtype).unsqueeze(1)
+                output["completion_mask"] = output["completion_mask"] * keep
+                mask = output["completion_mask"] * output["tool_mask"] if "tool_mask" in output else output["completion_mask"]
+                output["num_items_in_batch"] = self.accelerator.gather(mask.sum()).sum()
+            return output
+        finally:
+            self._rollout_ctx = None
+            self._zero_std_rows = None
+
+    # ------------------------------------------------------------------------------------------------ likelihood
+    def _compute_loss(self, model, inputs):
+        self._rollout_ctx = {k: inputs[k] for k in ROLLOUT_KEYS}
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._rollout_ctx = None
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        """Per-token log-probs of the completions in ``input_ids`` under the block-diffusion policy ``model``.
+
+        TRL passes ``[prompt || completion]``; the rollout's canvas, step map and estimator seeds, which TRL's
+        signature has no room for, come from the batch being scored (set around the call).
+        """
+        ctx = self._rollout_ctx
+        if ctx is None or ctx["canvas_ids"].shape[0] != input_ids.shape[0]:
+            raise RuntimeError("Log-probs were requested for completions this trainer did not sample (no rollout "
+                               "canvas / step map for them); DiffusionGRPOTrainer can only score its own rollouts.")
+        t0 = time.perf_counter()
+        prompt_len = input_ids.shape[1] - logits_to_keep
+        bs = self.spec.block_size
+        # Later columns never influence earlier ones, so cut the canvas at the block boundary past the longest
+        # completion: the rest of that block stays (it was visible to the block's later steps).
+        width = min(ctx["canvas_ids"].shape[1], -(-logits_to_keep // bs) * bs)
+        inner = self.accelerator.unwrap_model(model)
+        scorer = _Unwrapped(model, inner) if inner is not model and not hasattr(model, "config") else model
+        batch_size = batch_size or input_ids.shape[0]
+        logps, entropies, forwards, streams = [], [], 0, 0
+        for lo in range(0, input_ids.shape[0], batch_size):
+            hi = min(lo + batch_size, input_ids.shape[0])
+            with self.accelerator.autocast():
+                est = estimate_token_logprobs(
+                    scorer, self.args.likelihood_estimator,
+                    input_ids[lo:hi, :prompt_len], attention_mask[lo:hi, :prompt_len],
+                    ctx["canvas_ids"][lo:hi, :width], ctx["step_map"][lo:hi, :width], self.spec,
+                    temperature=self.temperature if self.temperature > 0 else 1.0,
+                    seeds=ctx["estimator_seeds"][lo:hi], prompt_mask_prob=self.args.prompt_mask_prob,
+                    elbo_samples=self.args.elbo_samples, compute_entropy=compute_entropy,
+                    max_streams_per_forward=self.args.max_streams_per_forward,
+                )
+            logps.append(_fit(est.logps, logits_to_keep))
+            if compute_entropy:
+                entropies.append(_fit(est.entropies, logits_to_keep))
+            forwards, streams = forwards + est.forward_passes, streams + est.streams
+        mode = "train" if self.model.training else "eval"
+        chunks = -(-input_ids.shape[0] // batch_size)
+        self._metrics[mode]["likelihood/forward_passes_per_sample"].append(forwards / chunks)
+        self._metrics[mode]["likelihood/streams_per_sample"].append(streams / chunks)
+        self.timings["likelihood"] += time.perf_counter() - t0
+        return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
+
+    # ---------------------------------------------------------------------------------------------------- rewards
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        mode = "train" if self.model.training else "eval"
+        device = rewards_per_func.device
+        weights = self.reward_weights.to(device)
+        if self.validity_fn is not None:
+            keys = [k for k in inputs[0] if k not in ("prompt", "completion", "completion_ids")]
+            kwargs = {k: [x[k] for x in inputs] for k in keys}
+            valid = self.validity_fn(prompts=prompts, completions=completions, completion_ids=completion_ids_list,
+                                     trainer_state=self.state, **kwargs)
+            invalid = torch.tensor([v is not None and not v for v in valid], device=device)
+            invalid = gather(invalid)
+            total = float(weights.sum())
+            if total == 0:
+                raise ValueError("validity_fn needs reward weights with a non-zero sum to give invalid_penalty.")
+            # Spread the penalty over the functions so the weighted total TRL builds is exactly invalid_penalty.
+            rewards_per_func[invalid] = self.args.invalid_penalty / total
+            self._metrics[mode]["invalid_frac"].append(invalid.float().mean().item())
+        g = self.num_generations if mode == "train" else self.num_generations_eval
+        if self.multi_objective_aggregation == "sum_then_normalize":
+            rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(1)
+            rewards[torch.isnan(rewards_per_func).all(1)] = torch.nan
+            std = nanstd(rewards.view(-1, g), dim=1)
+        else:
+            std = nanstd(rewards_per_func.view(-1, g, rewards_per_func.shape[1]), dim=1).nan_to_num(0.0).amax(-1)
+        zero = torch.isclose(std.nan_to_num(0.0), torch.zeros_like(std))
+        self._zero_std_rows = zero.repeat_interleave(g)
+        return rewards_per_func
+
+
+def _left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for r, s in enumerate(sequences):
+        if len(s) == 0:
+            raise ValueError("Every prompt must hold at least one token.")
+        ids[r, width - len(s):] = torch.as_tensor(s, device=device)
+        mask[r, width - len(s):] = 1
+    return ids, mask
+
+
+def _pad_right(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    if x.shape[1] >= width:
+        return x[:, :width]
+    return torch.cat([x, x.new_full((x.shape[0], width - x.shape[1]), value)], 1)
+
+
+def _fit(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Cut or zero-pad ``(batch, T)`` to ``width`` columns (TRL may pad completions to a multiple)."""
+    if x.shape[1] >= width:
+        return x[:, :width]
+    return torch.cat([x, x.new_zeros(x.shape[0], width - x.shape[1])], 1)
