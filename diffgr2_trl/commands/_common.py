@@ -44,3 +44,12 @@ def load_any_dataset(spec: str, split: str = "train"):
     if path.is_dir():
         return datasets.load_dataset(str(path), split=split)
     return datasets.load_dataset(spec, split=split)
+
+
+def write_log_history(trainer, output_dir: str) -> None:
+    """Save the trainer's log history (losses and metrics per logging step) as ``log_history.json``."""
+    import json
+
+    from ..utils import atomic_write_text
+
+    atomic_write_text(Path(output_dir) / "log_history.json", json.dumps(trainer.state.log_history, indent=1))

@@ -14,7 +14,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 from trl.trainer.utils import get_quantization_config
 
 from ..trainers import BlockDiffusionConfig, BlockDiffusionTrainer
-from ._common import load_any_dataset
+from ._common import load_any_dataset, write_log_history
 
 
 def main(argv: list[str]) -> int:
@@ -41,4 +41,6 @@ def main(argv: list[str]) -> int:
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     tokenizer.save_pretrained(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        write_log_history(trainer, training_args.output_dir)
     return 0
