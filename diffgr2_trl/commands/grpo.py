@@ -1,0 +1,117 @@
+"""``diffgr2 grpo``: diffusion GRPO / DAPO from the command line (all TRL GRPO flags; ``--config file.yaml`` too).
+
+    diffgr2 grpo --model DIR --dataset PATH --reward_funcs rewards.rerank.gr2_reward --output_dir OUT
+                 [--validity_func rewards.rerank.validity] [--likelihood_estimator trajectory_replay|mean_field|elbo]
+                 [--num_generations 8] [--tau 0.9] [--use_peft --lora_r 16] [--load_in_4bit] [--use_cpu]
+
+``DIR`` is a converted block-diffusion checkpoint (``diffgr2 convert`` / ``diffgr2 cft`` output). ``PATH`` is a
+``save_to_disk`` directory or a JSONL/JSON/Parquet/CSV file with a ``prompt`` column; every other column reaches the
+reward functions as a keyword argument, as in TRL. Reward functions are dotted import paths, resolved like
+``trl grpo --reward_funcs`` does (the current directory is importable, so ``rewards.<module>.<fn>`` works from the
+repository root) or one of TRL's built-in names.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from trl import ModelConfig, TrlParser, get_peft_config
+from trl.trainer.utils import get_quantization_config
+
+from ..trainers import DiffusionGRPOConfig, DiffusionGRPOTrainer
+
+
+@dataclass
+class GRPOScriptArguments:
+    """Script arguments of ``diffgr2 grpo``.
+
+    Parameters:
+        model: converted block-diffusion model directory (or hub id).
+        dataset: dataset directory (``save_to_disk``) or data file with a ``prompt`` column.
+        dataset_split: split to train on when the dataset has several.
+        reward_funcs: reward functions as dotted import paths (or TRL built-in names).
+        validity_func: optional dotted path of a validity function (TRL reward signature, falsy = invalid).
+    """
+
+    model: str | None = field(default=None, metadata={"help": "Converted block-diffusion model directory."})
+    dataset: str | None = field(default=None, metadata={"help": "Dataset directory or data file (prompt column)."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
+    reward_funcs: list[str] | None = field(default=None, metadata={"help": "Reward functions (dotted import paths)."})
+    validity_func: str | None = field(default=None, metadata={"help": "Validity function (dotted import path)."})
+
+
+def resolve_function(path: str) -> Callable:
+    """Import ``pkg.module.fn`` (or a TRL built-in reward name) the way ``trl grpo --reward_funcs`` does."""
+    from trl import rewards as trl_rewards
+
+    if "." not in path:
+        if hasattr(trl_rewards, path):
+            return getattr(trl_rewards, path)
+        raise ValueError(f"Could not load reward function {path!r}: expected a dotted import path "
+                         "(e.g. rewards.rerank.gr2_reward) or a TRL built-in reward name.")
+    module_path, name = path.rsplit(".", 1)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module = importlib.import_module(module_path)
+    if not hasattr(module, name):
+        raise ValueError(f"Module {module_path!r} has no function {name!r}.")
+    return getattr(module, name)
+
+
+def load_dataset_path(path: str, split: str = "train"):
+    """A ``datasets.Dataset`` from a ``save_to_disk`` directory or a JSONL/JSON/Parquet/CSV file."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    if os.path.isdir(path):
+        ds = load_from_disk(path)
+    elif os.path.isfile(path):
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(path)[1])
+        if kind is None:
+            raise ValueError(f"Unsupported data file {path!r}: use .jsonl/.json/.parquet/.csv or a save_to_disk dir.")
+        ds = load_dataset(kind, data_files=path)
+    else:
+        raise FileNotFoundError(f"Dataset {path!r} not found.")
+    if isinstance(ds, DatasetDict):
+        if split not in ds:
+            raise ValueError(f"Dataset {path!r} has splits {list(ds)}, not {split!r}.")
+        ds = ds[split]
+    if "prompt" not in ds.column_names:
+        raise ValueError(f"Dataset {path!r} has columns {ds.column_names}; GRPO needs a 'prompt' column.")
+    return ds
+
+
+def main(argv: list[str]) -> int:
+    parser = TrlParser((GRPOScriptArguments, DiffusionGRPOConfig, ModelConfig))
+    script_args, training_args, model_args = parser.parse_args_and_config(argv)
+    if not script_args.model or not script_args.dataset or not script_args.reward_funcs:
+        raise SystemExit("diffgr2 grpo needs --model, --dataset and --reward_funcs.")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reward_funcs = [resolve_function(p) for p in script_args.reward_funcs]
+    validity = resolve_function(script_args.validity_func) if script_args.validity_func else None
+    model_kwargs = dict(attn_implementation=model_args.attn_implementation or "sdpa")
+    if model_args.dtype not in ("auto", None):
+        model_kwargs["dtype"] = getattr(torch, model_args.dtype)
+    quantization_config = get_quantization_config(model_args)
+    if quantization_config is not None:
+        model_kwargs["quantization_config"] = quantization_config
+    tokenizer = AutoTokenizer.from_pretrained(script_args.model)
+    model = AutoModelForCausalLM.from_pretrained(script_args.model, **model_kwargs)
+    trainer = DiffusionGRPOTrainer(
+        model, reward_funcs=reward_funcs, args=training_args, processing_class=tokenizer,
+        train_dataset=load_dataset_path(script_args.dataset, script_args.dataset_split),
+        peft_config=get_peft_config(model_args), validity_fn=validity,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    tokenizer.save_pretrained(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        with open(os.path.join(training_args.output_dir, "log_history.json"), "w") as f:
+            json.dump(trainer.state.log_history, f, indent=1)
+    return 0
