@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from ..trainers.opd import OnPolicyDistillationConfig, OnPolicyDistillationTrainer
-from ._common import load_any_dataset
+from ._common import load_any_dataset, write_log_history
 
 
 @dataclass
@@ -70,4 +70,6 @@ def main(argv: list[str]) -> int:
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
+    if trainer.accelerator.is_main_process:
+        write_log_history(trainer, args.output_dir)
     return 0

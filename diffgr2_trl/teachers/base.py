@@ -215,7 +215,8 @@ def check_vocab_compatible(
     Args:
         teacher_vocab_size: rows of the teacher's output layer (may exceed ``len(teacher_tokenizer)``: padded rows).
         teacher_tokenizer / student_tokenizer: HF tokenizers.
-        mask_token_id: the student's mask token id; it must be a student-only token.
+        mask_token_id: the student's mask token id: a student-only token, or a reserved special token of the shared
+            vocabulary (never an ordinary teacher token).
 
     Returns:
         Sorted ids of the student-only tokens (including ``mask_token_id``): pass them to a teacher as
@@ -250,11 +251,18 @@ def check_vocab_compatible(
     student_only = sorted(i for i in s_vocab.values() if i not in teacher_ids)
     if mask_token_id is not None:
         if mask_token_id in teacher_ids:
-            problems.append(
-                f"mask_token_id={mask_token_id} is a teacher token ({teacher_tokenizer.convert_ids_to_tokens(mask_token_id)!r});"
-                " the mask token must be a student-only id so it can be kept away from the teacher"
-            )
-        elif mask_token_id not in student_only:
+            # A tokenizer built with a spare mask token (never seen in the teacher's training text) is fine: the id is
+            # forbidden below like any student-only id. An ordinary teacher token would make real text read as masked.
+            token = teacher_tokenizer.convert_ids_to_tokens(mask_token_id)
+            special = set(getattr(teacher_tokenizer, "all_special_tokens", [])) | {
+                t.content for t in getattr(teacher_tokenizer, "added_tokens_decoder", {}).values() if t.special
+            }
+            if token not in special:
+                problems.append(
+                    f"mask_token_id={mask_token_id} is an ordinary teacher token ({token!r}); the mask token must be a "
+                    "student-only id or a reserved special token that teacher text never contains"
+                )
+        if mask_token_id not in student_only:
             student_only = sorted([*student_only, mask_token_id])
 
     if problems:

@@ -97,8 +97,12 @@ def test_vocab_mismatch_errors(word_tokenizer):
     other_eos.eos_token = "sort"
     with pytest.raises(VocabMismatchError, match="eos_token_id differs"):
         check_vocab_compatible(vocab, word_tokenizer, other_eos)
-    with pytest.raises(VocabMismatchError, match="must be a student-only id"):
+    with pytest.raises(VocabMismatchError, match="is an ordinary teacher token"):
         check_vocab_compatible(vocab, word_tokenizer, word_tokenizer, mask_token_id=5)
+    # a reserved special token shared by both vocabularies (a spare mask token) is allowed, and forbidden to the teacher
+    spare = build_word_tokenizer(WORDS, extra_special_tokens=["<|mask|>"])
+    spare_id = spare.convert_tokens_to_ids("<|mask|>")
+    assert check_vocab_compatible(len(spare), spare, spare, mask_token_id=spare_id) == [spare_id]
 
 
 def test_load_teacher_dispatch(tmp_path, word_tokenizer):
