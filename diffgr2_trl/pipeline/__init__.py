@@ -1,0 +1,5 @@
+"""The whole Diffusion-GR2 recipe as resumable stages (``diffgr2 pipeline``)."""
+
+from .runner import PIPELINE_STAGES, PipelineArguments, load_preset, run_pipeline
+
+__all__ = ["PIPELINE_STAGES", "PipelineArguments", "load_preset", "run_pipeline"]

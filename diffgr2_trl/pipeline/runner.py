@@ -1,0 +1,288 @@
+"""Resumable stages of the recipe: prepare -> AR SFT -> AR RL -> convert -> CFT -> OPD -> RL, each evaluated.
+
+Every stage works in ``RUN/<stage>/`` and is *done* only once ``RUN/<stage>/stage.json`` exists; that marker is
+written atomically after the stage's outputs, so an interrupted stage is simply run again, and the training stages
+then resume from their last checkpoint (``checkpoint-*`` in the stage directory). Re-running the pipeline skips done
+stages and never deletes their outputs. Each stage calls the same ``diffgr2`` subcommand a user would, with its
+options written to ``RUN/<stage>/args.yaml`` (``--config``), so every stage can be reproduced by hand.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..utils import atomic_write_text
+
+PRESETS = Path(__file__).resolve().parents[1] / "presets"
+
+
+@dataclass
+class PipelineArguments:
+    """Arguments of ``diffgr2 pipeline``.
+
+    Parameters:
+        preset: ``smoke`` (tiny slice, minutes), ``cpu`` (the default main job) or ``gpu`` (a real checkpoint).
+        out: run directory; re-running with the same directory resumes.
+        data_dir: dataset directory (default: located automatically, e.g. ``../shared/data/amazon-beauty``).
+        teacher_url: score OPD with a running vLLM server (``diffgr2 serve-teacher``) instead of in-process HF.
+        stages: run only these stages (default: all, in order).
+        overrides: YAML file whose per-stage mappings update the preset's (same layout as the preset files).
+    """
+
+    preset: str = field(default="cpu", metadata={"help": "smoke, cpu or gpu."})
+    out: str = field(default="runs/cpu", metadata={"help": "Run directory (resumable)."})
+    data_dir: str | None = field(default=None, metadata={"help": "Dataset directory (default: located)."})
+    teacher_url: str | None = field(default=None, metadata={"help": "vLLM server URL for the OPD teacher."})
+    stages: list[str] = field(default_factory=list, metadata={"help": "Only these stages (default: all)."})
+    overrides: str | None = field(default=None, metadata={"help": "YAML with per-stage overrides."})
+
+
+def load_preset(name: str, overrides: str | None = None) -> dict[str, dict[str, Any]]:
+    path = PRESETS / f"pipeline_{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem.removeprefix("pipeline_") for p in PRESETS.glob("pipeline_*.yaml"))
+        raise ValueError(f"Unknown pipeline preset {name!r}; choose from {known}.")
+    preset = yaml.safe_load(path.read_text()) or {}
+    if overrides:
+        extra = yaml.safe_load(Path(overrides).read_text()) or {}
+        unknown = sorted(set(extra) - set(preset))
+        if unknown:
+            raise ValueError(f"{overrides}: unknown stage keys {unknown}; known: {sorted(preset)}.")
+        for stage, values in extra.items():
+            preset[stage] = {**(preset.get(stage) or {}), **(values or {})}
+    return preset
+
+
+def _cli(argv: list[str]) -> None:
+    from ..cli import main
+
+    rc = main(argv)
+    if rc:
+        raise RuntimeError(f"`diffgr2 {' '.join(argv)}` exited with {rc}.")
+
+
+def _config(stage_dir: Path, values: dict[str, Any]) -> list[str]:
+    path = stage_dir / "args.yaml"
+    atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
+    return ["--config", str(path)]
+
+
+def _has_checkpoint(stage_dir: Path) -> bool:
+    return bool(glob.glob(str(stage_dir / "checkpoint-*")))
+
+
+class Context:
+    """Paths and settings shared by the stages of one run."""
+
+    def __init__(self, args: PipelineArguments, preset: dict[str, dict[str, Any]]):
+        self.args = args
+        self.preset = preset
+        self.run = Path(args.out)
+        self.prepared = self.run / "prepare" / "data"
+
+    def stage(self, name: str) -> dict[str, Any]:
+        return copy.deepcopy(self.preset.get(name) or {})
+
+    def dir(self, name: str) -> Path:
+        d = self.run / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def model(self, stage: str) -> str:
+        return str(self.run / stage / "model")
+
+
+# ----------------------------------------------------------------------------------------------------- stages
+def stage_prepare(ctx: Context, d: Path) -> dict:
+    values = ctx.stage("prepare")
+    if ctx.args.data_dir:
+        values["data_dir"] = ctx.args.data_dir
+    _cli(["prepare", *_config(d, values), "--out", str(ctx.prepared)])
+    from ..rerank.pipeline_data import load_summary
+
+    return load_summary(ctx.prepared)
+
+
+def _train_ar(ctx: Context, d: Path, stage: str, start: str | None) -> dict:
+    values = ctx.stage(f"ar_{stage}")
+    argv = ["train-ar", *_config(d, values), "--prepared", str(ctx.prepared), "--out", str(d / "work"), "--stage", stage]
+    if start:
+        argv += ["--model_name_or_path", start]
+    _cli(argv)
+    produced = d / "work" / stage
+    target = Path(ctx.model(d.name))
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    os.replace(produced, target)
+    summary = d / "work" / f"train_{stage}.json"
+    return json.loads(summary.read_text()) if summary.exists() else {}
+
+
+def stage_ar_sft(ctx: Context, d: Path) -> dict:
+    return _train_ar(ctx, d, "sft", None)
+
+
+def stage_ar_rl(ctx: Context, d: Path) -> dict:
+    return _train_ar(ctx, d, "rl", ctx.model("ar_sft"))
+
+
+def stage_convert(ctx: Context, d: Path) -> dict:
+    values = ctx.stage("convert")
+    _cli(["convert", *_config(d, values), "--model", ctx.model("ar_rl"), "--output", str(d / "model")])
+    return {"block_size": values.get("block_size", 32)}
+
+
+def _train_stage(ctx: Context, d: Path, command: str, extra: list[str]) -> dict:
+    """Run a trainer subcommand with ``output_dir = RUN/<stage>/model``, resuming from its last checkpoint."""
+    values = ctx.stage(d.name)
+    values["output_dir"] = str(d / "model")
+    argv = [command, *_config(d, values), *extra]
+    if _has_checkpoint(d / "model"):
+        argv += ["--resume_from_checkpoint", "true"]
+    _cli(argv)
+    history = d / "model" / "log_history.json"
+    return {"log_history": json.loads(history.read_text())} if history.exists() else {}
+
+
+def stage_cft(ctx: Context, d: Path) -> dict:
+    train = ctx.prepared / "datasets" / "train"
+    return _train_stage(ctx, d, "cft", ["--model_name_or_path", ctx.model("convert"), "--dataset_name", str(train)])
+
+
+def stage_opd(ctx: Context, d: Path) -> dict:
+    teacher = ctx.args.teacher_url or ctx.model("ar_rl")
+    train = ctx.prepared / "datasets" / "train"
+    return _train_stage(ctx, d, "opd", ["--model", ctx.model("cft"), "--teacher", teacher, "--dataset", str(train)])
+
+
+def stage_rl(ctx: Context, d: Path) -> dict:
+    train = ctx.prepared / "datasets" / "train"
+    return _train_stage(ctx, d, "grpo", ["--model", ctx.model("opd"), "--dataset", str(train)])
+
+
+def _evaluate(ctx: Context, d: Path, model: str, decoder: str, tau: float | None = None, tag: str = "eval",
+              section: str = "evaluate") -> dict:
+    values = ctx.stage(section)
+    values.pop("taus", None)
+    argv = ["evaluate", *_config(d, values), "--model", model, "--prepared", str(ctx.prepared), "--decoder", decoder,
+            "--json", str(d / f"{tag}.json"), "--outputs", str(d / f"{tag}_outputs.json")]
+    if tau is not None:
+        argv += ["--tau", str(tau)]
+    _cli(argv)
+    return json.loads((d / f"{tag}.json").read_text())
+
+
+def _eval_stage(model_stage: str, decoder: str) -> Callable[[Context, Path], dict]:
+    def run(ctx: Context, d: Path) -> dict:
+        tau = ctx.stage("evaluate").get("tau", 0.9) if decoder == "block" else None
+        return _evaluate(ctx, d, ctx.model(model_stage), decoder, tau)
+
+    run.__name__ = f"eval_{model_stage}"
+    return run
+
+
+def stage_decode(ctx: Context, d: Path) -> dict:
+    """Accuracy vs speed across tau against AR, measured side by side in one process at the reasoning length."""
+    taus = ctx.stage("decode").get("taus", [0.9, 0.7, 0.5, 0.3])
+    rows = []
+    ar = _evaluate(ctx, d, ctx.model("ar_rl"), "ar", tag="ar", section="decode")
+    rows.append({"method": "ar", "tau": None, **_speed_row(ar)})
+    for tau in taus:
+        res = _evaluate(ctx, d, ctx.model("rl"), "block", tau, tag=f"tau{tau}", section="decode")
+        rows.append({"method": "block_diffusion", "tau": tau, **_speed_row(res)})
+    ar_tps = rows[0]["tokens_per_s"] or float("nan")
+    for r in rows:
+        r["speedup_vs_ar"] = r["tokens_per_s"] / ar_tps if ar_tps else None
+    return {"rows": rows}
+
+
+def _speed_row(result: dict) -> dict:
+    m = result["metrics"]
+    return {
+        "tokens_per_s": m.get("tokens_per_s"), "forward_passes": m.get("forward_passes"),
+        "tokens_per_forward": m.get("tokens_per_forward", 1.0), "R@1": m.get("R@1"), "valid_rate": m.get("valid_rate"),
+        "mean_completion_tokens": m.get("mean_completion_tokens"), "n": result.get("n"),
+    }
+
+
+def stage_report(ctx: Context, d: Path) -> dict:
+    from .report import write_report
+
+    return write_report(ctx)
+
+
+PIPELINE_STAGES: list[tuple[str, Callable[[Context, Path], dict]]] = [
+    ("prepare", stage_prepare),
+    ("ar_sft", stage_ar_sft),
+    ("ar_rl", stage_ar_rl),
+    ("eval_ar", _eval_stage("ar_rl", "ar")),
+    ("convert", stage_convert),
+    ("eval_naive", _eval_stage("convert", "block")),
+    ("cft", stage_cft),
+    ("eval_cft", _eval_stage("cft", "block")),
+    ("opd", stage_opd),
+    ("eval_opd", _eval_stage("opd", "block")),
+    ("rl", stage_rl),
+    ("eval_rl", _eval_stage("rl", "block")),
+    ("decode", stage_decode),
+    ("report", stage_report),
+]
+
+
+def stage_record(run: Path, name: str) -> dict | None:
+    marker = run / name / "stage.json"
+    return json.loads(marker.read_text()) if marker.exists() else None
+
+
+def run_pipeline(args: PipelineArguments) -> dict:
+    """Run (or resume) every stage; returns ``{stage: record}``."""
+    preset = load_preset(args.preset, args.overrides)
+    ctx = Context(args, preset)
+    ctx.run.mkdir(parents=True, exist_ok=True)
+    names = [n for n, _ in PIPELINE_STAGES]
+    unknown = sorted(set(args.stages) - set(names))
+    if unknown:
+        raise ValueError(f"Unknown stages {unknown}; stages are {names}.")
+    atomic_write_text(ctx.run / "pipeline.json", json.dumps({"preset": args.preset, "config": preset,
+                                                             "args": vars(args)}, indent=2, default=str))
+    records = {}
+    for i, (name, fn) in enumerate(PIPELINE_STAGES):
+        if args.stages and name not in args.stages:
+            continue
+        done = stage_record(ctx.run, name)
+        if done is not None and name != "report":
+            print(f"[{i + 1:2d}/{len(PIPELINE_STAGES)}] {name}: done earlier ({done['wall_s']:.0f} s), skipped")
+            records[name] = done
+            continue
+        print(f"[{i + 1:2d}/{len(PIPELINE_STAGES)}] {name} ...", flush=True)
+        t0 = time.time()
+        d = ctx.dir(name)
+        metrics = fn(ctx, d)
+        record = {"stage": name, "status": "done", "wall_s": time.time() - t0, "metrics": metrics}
+        atomic_write_text(d / "stage.json", json.dumps(record, indent=2, default=str))
+        records[name] = record
+        print(f"[{i + 1:2d}/{len(PIPELINE_STAGES)}] {name}: {summary_line(name, metrics)} ({record['wall_s']:.0f} s)",
+              flush=True)
+    return records
+
+
+def summary_line(name: str, metrics: dict) -> str:
+    m = metrics.get("metrics") if isinstance(metrics, dict) else None
+    if m and "R@1" in m:
+        return f"R@1 {m['R@1']:.4f} R@3 {m.get('R@3', float('nan')):.4f} valid {m.get('valid_rate', float('nan')):.3f}"
+    if name == "decode":
+        return " | ".join(f"{r['method']}{'' if r['tau'] is None else ' tau=' + str(r['tau'])}: "
+                          f"{(r['tokens_per_s'] or 0):.1f} tok/s" for r in metrics.get("rows", []))
+    return "ok"
