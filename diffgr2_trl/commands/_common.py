@@ -53,3 +53,26 @@ def write_log_history(trainer, output_dir: str) -> None:
     from ..utils import atomic_write_text
 
     atomic_write_text(Path(output_dir) / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
+
+
+def load_for_training(path: str, model_args):
+    """Model + tokenizer for a trainer subcommand, honouring TRL's ``ModelConfig`` (dtype, attention, 4/8-bit)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.trainer.utils import get_quantization_config
+
+    kwargs: dict = {"attn_implementation": model_args.attn_implementation or "sdpa"}
+    if model_args.dtype not in ("auto", None):
+        kwargs["dtype"] = getattr(torch, model_args.dtype)
+    quantization_config = get_quantization_config(model_args)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs), AutoTokenizer.from_pretrained(path)
+
+
+def train_and_save(trainer, tokenizer, output_dir: str, resume_from_checkpoint=None) -> None:
+    """Train (resuming if asked), then save the model, tokenizer and log history to ``output_dir``."""
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    trainer.save_model(output_dir)
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(output_dir)
+        write_log_history(trainer, output_dir)

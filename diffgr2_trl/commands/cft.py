@@ -11,10 +11,9 @@ model (then ``--block_size`` converts it first).
 from __future__ import annotations
 
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
-from trl.trainer.utils import get_quantization_config
 
 from ..trainers import BlockDiffusionConfig, BlockDiffusionTrainer
-from ._common import load_any_dataset, write_log_history
+from ._common import load_any_dataset, load_for_training, train_and_save
 
 
 def main(argv: list[str]) -> int:
@@ -22,25 +21,11 @@ def main(argv: list[str]) -> int:
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
     if not model_args.model_name_or_path or not script_args.dataset_name:
         raise SystemExit("diffgr2 cft needs --model_name_or_path and --dataset_name.")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    quantization_config = get_quantization_config(model_args)
-    model_kwargs = dict(
-        dtype=model_args.dtype if model_args.dtype in ("auto", None) else getattr(__import__("torch"), model_args.dtype),
-        attn_implementation=model_args.attn_implementation or "sdpa",
-    )
-    if quantization_config is not None:
-        model_kwargs.update(quantization_config=quantization_config)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **model_kwargs)
+    model, tokenizer = load_for_training(model_args.model_name_or_path, model_args)
     train = load_any_dataset(script_args.dataset_name, script_args.dataset_train_split)
     trainer = BlockDiffusionTrainer(
         model, args=training_args, train_dataset=train, processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    tokenizer.save_pretrained(training_args.output_dir)
-    if trainer.accelerator.is_main_process:
-        write_log_history(trainer, training_args.output_dir)
+    train_and_save(trainer, tokenizer, training_args.output_dir, training_args.resume_from_checkpoint)
     return 0

@@ -14,16 +14,15 @@ repository root) or one of TRL's built-in names.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from trl import ModelConfig, TrlParser, get_peft_config
-from trl.trainer.utils import get_quantization_config
 
 from ..trainers import DiffusionGRPOConfig, DiffusionGRPOTrainer
+from ._common import load_for_training, train_and_save
 
 
 @dataclass
@@ -90,28 +89,13 @@ def main(argv: list[str]) -> int:
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
     if not script_args.model or not script_args.dataset or not script_args.reward_funcs:
         raise SystemExit("diffgr2 grpo needs --model, --dataset and --reward_funcs.")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     reward_funcs = [resolve_function(p) for p in script_args.reward_funcs]
     validity = resolve_function(script_args.validity_func) if script_args.validity_func else None
-    model_kwargs = dict(attn_implementation=model_args.attn_implementation or "sdpa")
-    if model_args.dtype not in ("auto", None):
-        model_kwargs["dtype"] = getattr(torch, model_args.dtype)
-    quantization_config = get_quantization_config(model_args)
-    if quantization_config is not None:
-        model_kwargs["quantization_config"] = quantization_config
-    tokenizer = AutoTokenizer.from_pretrained(script_args.model)
-    model = AutoModelForCausalLM.from_pretrained(script_args.model, **model_kwargs)
+    model, tokenizer = load_for_training(script_args.model, model_args)
     trainer = DiffusionGRPOTrainer(
         model, reward_funcs=reward_funcs, args=training_args, processing_class=tokenizer,
         train_dataset=load_dataset_path(script_args.dataset, script_args.dataset_split),
         peft_config=get_peft_config(model_args), validity_fn=validity,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    tokenizer.save_pretrained(training_args.output_dir)
-    if trainer.accelerator.is_main_process:
-        with open(os.path.join(training_args.output_dir, "log_history.json"), "w") as f:
-            json.dump(trainer.state.log_history, f, indent=1)
+    train_and_save(trainer, tokenizer, training_args.output_dir, training_args.resume_from_checkpoint)
     return 0

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+from trl import ModelConfig, TrlParser, get_peft_config
 
 from ..trainers.opd import OnPolicyDistillationConfig, OnPolicyDistillationTrainer
-from ._common import load_any_dataset, write_log_history
+from ._common import load_any_dataset, load_for_training, train_and_save
 
 
 @dataclass
@@ -49,27 +49,12 @@ def main(argv: list[str]) -> int:
         args.teacher_model = script.teacher
     if not args.teacher_model:
         raise SystemExit("diffgr2 opd needs --teacher (a path, http://host:port or vllm:PATH).")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model_kwargs = dict(
-        dtype=model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype),
-        attn_implementation=model_args.attn_implementation or "sdpa",
-    )
-    quantization_config = get_quantization_config(model_args)
-    if quantization_config is not None:
-        model_kwargs.update(quantization_config=quantization_config)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, **model_kwargs)
+    model, tokenizer = load_for_training(model_path, model_args)
     train = load_any_dataset(script.dataset, script.dataset_split)
     evaluation = load_any_dataset(script.dataset, script.eval_split) if script.eval_split else None
     trainer = OnPolicyDistillationTrainer(
         model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    trainer.save_model(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
-    if trainer.accelerator.is_main_process:
-        write_log_history(trainer, args.output_dir)
+    train_and_save(trainer, tokenizer, args.output_dir, args.resume_from_checkpoint)
     return 0
