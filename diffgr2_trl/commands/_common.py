@@ -70,7 +70,12 @@ def load_for_training(path: str, model_args):
 
 
 def train_and_save(trainer, tokenizer, output_dir: str, resume_from_checkpoint=None) -> None:
-    """Train (resuming if asked), then save the model, tokenizer and log history to ``output_dir``."""
+    """Train (resuming if asked), then save the model, tokenizer and log history to ``output_dir``.
+
+    ``resume_from_checkpoint`` may be a checkpoint path, or ``"true"``/``"last"`` for the last one in ``output_dir``.
+    """
+    if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "last"):
+        resume_from_checkpoint = True
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(output_dir)
     if trainer.accelerator.is_main_process:

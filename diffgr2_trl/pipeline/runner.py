@@ -150,7 +150,9 @@ def _train_stage(ctx: Context, d: Path, command: str, extra: list[str]) -> dict:
     values["output_dir"] = str(d / "model")
     argv = [command, *_config(d, values), *extra]
     if _has_checkpoint(d / "model"):
-        argv += ["--resume_from_checkpoint", "true"]
+        from transformers.trainer_utils import get_last_checkpoint
+
+        argv += ["--resume_from_checkpoint", get_last_checkpoint(str(d / "model"))]
     _cli(argv)
     history = d / "model" / "log_history.json"
     return {"log_history": json.loads(history.read_text())} if history.exists() else {}
