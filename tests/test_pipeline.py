@@ -56,10 +56,20 @@ def test_smoke_pipeline_runs_every_stage_resumes_and_reports(tmp_path):
     assert time.time() - t0 < 60
     assert before == {n: (out / n / "stage.json").stat().st_mtime for n in before}
 
-    # an interrupted training stage (no marker, checkpoints left) resumes from its last checkpoint
+    # an interrupted training stage (no marker, checkpoints left) resumes from its last checkpoint: drop the last
+    # checkpoint and tag the previous one's state; the tag surviving into the final log history proves the resume
+    import shutil
+
     os.remove(out / "cft" / "stage.json")
-    assert any(p.name.startswith("checkpoint-") for p in (out / "cft" / "model").iterdir())
+    ckpts = sorted((out / "cft" / "model").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert len(ckpts) >= 2
+    shutil.rmtree(ckpts[-1])
+    state_path = ckpts[-2] / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state["log_history"].append({"step": state["global_step"], "resume_probe": 1.0})
+    state_path.write_text(json.dumps(state))
     assert main(["pipeline", "--preset", "smoke", "--out", str(out), "--stages", "cft"]) == 0
     history = json.loads((out / "cft" / "model" / "log_history.json").read_text())
-    steps = [h["step"] for h in history if "loss" in h]
-    assert not steps or min(steps) > load_preset("smoke")["cft"]["save_steps"]
+    assert any(h.get("resume_probe") == 1.0 for h in history)
+    assert max(h["step"] for h in history) == load_preset("smoke")["cft"]["max_steps"]
+    assert (out / "cft" / "stage.json").exists()
