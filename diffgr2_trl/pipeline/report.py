@@ -86,6 +86,32 @@ def _plot_speed(run: Path, rows: list[dict]) -> str | None:
     return path.name
 
 
+def _targets(evals: dict, floor: dict | None, decode_rows: list[dict]) -> list[dict]:
+    """The recipe's acceptance targets, each with the measured value and the gap."""
+    final = (evals.get("eval_rl") or {}).get("metrics")
+    teacher = (evals.get("eval_ar") or {}).get("metrics")
+    naive = (evals.get("eval_naive") or {}).get("metrics")
+    out = []
+    if final and teacher:
+        ratio = final["R@1"] / teacher["R@1"] if teacher["R@1"] else float("nan")
+        out.append({"target": "final R@1 >= 98% of the AR teacher's", "measured": f"{ratio:.1%}", "met": ratio >= 0.98})
+    if final and floor:
+        gap = final["R@1"] - floor["R@1"]
+        out.append({"target": "final R@1 >= pre-rank floor + 1 point", "measured": f"{gap * 100:+.2f} points",
+                    "met": gap >= 0.01})
+    tau09 = next((r for r in decode_rows if r.get("tau") == 0.9), None)
+    if tau09:
+        out.append({"target": "valid >= 99.5% at tau=0.9", "measured": f"{(tau09.get('valid_rate') or 0):.1%}",
+                    "met": (tau09.get("valid_rate") or 0) >= 0.995})
+        sp = tau09.get("speedup_vs_ar") or 0.0
+        out.append({"target": "decode speedup vs AR >= 2.4x at tau=0.9 (stretch 3.5x)", "measured": f"{sp:.2f}x",
+                    "met": sp >= 2.4})
+    if naive:
+        out.append({"target": "naive conversion shows the structural gap (mostly invalid)",
+                    "measured": f"{1 - naive['valid_rate']:.1%} invalid", "met": naive["valid_rate"] < 0.5})
+    return out
+
+
 def write_report(ctx) -> dict:
     """Write the report files into the run directory and return the ``report.json`` content."""
     run: Path = ctx.run
@@ -125,6 +151,10 @@ def write_report(ctx) -> dict:
             lines.append(f"| {label} | {_fmt(r.get('tokens_per_s'), 1)} | {_fmt(r.get('forward_passes'))} | "
                          f"{_fmt(r.get('tokens_per_forward'), 2)} | {_fmt(r.get('speedup_vs_ar'), 2)}x | "
                          f"{_fmt(r.get('R@1'))} | {_fmt(r.get('valid_rate'), 3)} | {_fmt(r.get('mean_completion_tokens'), 1)} |")
+    targets = _targets(evals, floor, decode_rows)
+    if targets:
+        lines += ["", "## Targets (issue: cpu preset)", "", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in targets]
     plots = _plot_curves(run, records)
     speed_plot = _plot_speed(run, decode_rows)
     if plots or speed_plot:
@@ -141,6 +171,7 @@ def write_report(ctx) -> dict:
         "data": data,
         "wall_s": wall,
         "floor": floor,
+        "targets": targets,
     }
     for stage in list(report["stages"]):
         if isinstance(report["stages"][stage], dict):
