@@ -379,7 +379,8 @@ class OnPolicyDistillationTrainer(_BaseTrainer):
         # Run the replay inside the DDP wrapper's forward so gradient sync hooks fire (as TRL's distillation does).
         logits = self._forward_redirection(model, student, self._student_logits, student, inputs)
         if self.full_vocab:
-            s_logp, t_logp = full_vocab_logprobs(logits, inputs["teacher_full_logprobs"], args.loss_temperature)
+            s_logp, t_logp = full_vocab_logprobs(logits, inputs["teacher_full_logprobs"], args.loss_temperature,
+                                                 exclude_ids=self.student_only_ids)
         else:
             s_logp, t_logp = topk_tail_logprobs(logits, inputs["teacher_topk_ids"], inputs["teacher_topk_logprobs"],
                                                 args.loss_temperature)

@@ -15,6 +15,7 @@ anything between = generalised JSD with mixture ``beta * teacher + (1 - beta) * 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -44,17 +45,28 @@ def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: flo
 
 
 def full_vocab_logprobs(
-    student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, temperature: float = 1.0
+    student_logits: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    temperature: float = 1.0,
+    exclude_ids: Sequence[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student and teacher log-probs ``(..., V)`` on the ids both vocabularies hold (the first ``V`` rows).
+    """Student and teacher log-probs ``(..., V')`` on the ids both vocabularies hold and both may produce.
 
     Rows past the teacher's vocabulary are student-only (the mask token added by conversion, which the sampler never
-    commits) and rows past the student's are teacher padding; both are dropped and each side renormalised, so
-    neither distribution puts mass where the other cannot.
+    commits) and rows past the student's are teacher padding; ``exclude_ids`` drops more ids, e.g. a reserved mask
+    token both tokenizers share (the student's replay gives it -inf, the teacher some tiny mass). The dropped ids are
+    removed, not masked, and each side renormalised, so neither distribution puts mass where the other cannot and no
+    ``0 * log 0`` term appears.
     """
     v = min(student_logits.shape[-1], teacher_logprobs.shape[-1])
-    student = torch.log_softmax(student_logits[..., :v].float() / temperature, -1)
-    teacher = torch.log_softmax(teacher_logprobs[..., :v].float() / temperature, -1)
+    student_logits, teacher_logprobs = student_logits[..., :v], teacher_logprobs[..., :v]
+    drop = [i for i in exclude_ids if 0 <= i < v]
+    if drop:
+        keep = torch.ones(v, dtype=torch.bool, device=student_logits.device)
+        keep[drop] = False
+        student_logits, teacher_logprobs = student_logits[..., keep], teacher_logprobs[..., keep]
+    student = torch.log_softmax(student_logits.float() / temperature, -1)
+    teacher = torch.log_softmax(teacher_logprobs.float() / temperature, -1)
     return student, teacher
 
 
@@ -73,7 +85,9 @@ def topk_tail_logprobs(
     """
     student_all = torch.log_softmax(student_logits.float() / temperature, -1)
     ids = teacher_topk_ids.long()
-    student_top = student_all.gather(-1, ids)
+    # An id the student can never emit (a shared reserved mask token, -inf after replay) may still sit in the
+    # teacher's top-k with negligible mass: floor it like the tails so the divergence stays finite.
+    student_top = student_all.gather(-1, ids).clamp_min(TAIL_FLOOR)
     # Both tails are floored at e^-30 (~1e-13): when the top-k cover every id one side's tail is exactly empty and
     # the other's holds rounding noise, which would make the divergence infinite.
     student_tail = torch.logsumexp(student_all.scatter(-1, ids, float("-inf")), -1, keepdim=True).clamp_min(TAIL_FLOOR)

@@ -309,3 +309,19 @@ def test_cli_opd_with_hf_teacher_path(weak_student_dir, tmp_path):
                "--use_cpu", "--bf16", "false", "--report_to", "none", "--save_strategy", "no"])
     assert rc == 0
     assert "block_diffusion" in open(f"{out}/config.json").read()
+
+
+def test_divergence_is_finite_when_a_shared_mask_id_has_teacher_mass():
+    """A reserved mask token both tokenizers hold: the student's replay gives it -inf, the teacher tiny mass."""
+    from diffgr2_trl.trainers.opd_loss import divergence, full_vocab_logprobs, topk_tail_logprobs
+
+    torch.manual_seed(0)
+    student = torch.randn(2, 3, 10)
+    student[..., 4] = float("-inf")
+    teacher = torch.log_softmax(torch.randn(2, 3, 10), -1)
+    s, t = full_vocab_logprobs(student, teacher, exclude_ids=[4])
+    assert s.shape[-1] == 9 and torch.isfinite(divergence(s, t, 0.0)).all()
+    ids = teacher.topk(5, -1).indices
+    ids[..., 0] = 4
+    s, t = topk_tail_logprobs(student, ids, teacher.gather(-1, ids))
+    assert torch.isfinite(divergence(s, t, 0.0)).all()
