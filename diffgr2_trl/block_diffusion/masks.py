@@ -20,8 +20,6 @@ dense path materialises the rule over index grids; flex attention calls the very
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 
@@ -123,15 +121,3 @@ def flex_block_mask(
 
     batch, length = valid.shape
     return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=length, KV_LEN=length, device=valid.device)
-
-
-def rule_for(spec, comp_start: int) -> Callable[..., torch.Tensor]:
-    """``allowed`` with the spec's block layout bound, for callers that only vary the token tables."""
-
-    def rule(q_stream, q_col, kv_stream, kv_col):
-        return allowed(
-            q_stream, q_col, kv_stream, kv_col,
-            comp_start=comp_start, block_size=spec.block_size, clean_block_causal=spec.clean_block_causal,
-        )
-
-    return rule

@@ -61,9 +61,6 @@ class BlockDiffusionSpec:
             raise ValueError(
                 f"Need 0 <= min_mask_ratio <= max_mask_ratio <= 1, got {self.min_mask_ratio}, {self.max_mask_ratio}."
             )
-        if not self.token_shift:
-            # Without shift the hidden state at i predicts i; supported by the objective and the sampler.
-            pass
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
