@@ -181,15 +181,23 @@ class BlockDiffusionSampler:
                 masked = canvas == spec.mask_token_id
                 if not masked.any():
                     break
-                new_seed, canvas_logits, cached = self._forward(
-                    seq, valid, position_all, canvas, start, prompt_len, cached, cache
-                )
-                seed_logits = new_seed if new_seed is not None else seed_logits
-                forwards += 1
-                row_forwards += (~finished).long()
-                logits = canvas_logits if seed_logits is None else torch.cat([seed_logits[:, None], canvas_logits], 1)
+                need = masked.any(0)  # block columns some row still has to predict
+                if spec.token_shift and seed_logits is not None and not need[1:].any():
+                    # Only the first position is left and its prediction comes from the committed context alone.
+                    canvas_logits, cols = seed_logits[:, None, :][:, :0], []
+                else:
+                    new_seed, canvas_logits, cols, cached = self._forward(
+                        seq, valid, position_all, canvas, start, prompt_len, cached, cache, need
+                    )
+                    seed_logits = new_seed if new_seed is not None else seed_logits
+                    forwards += 1
+                    row_forwards += (~finished).long()
+                if spec.token_shift and need[0]:
+                    logits, cols = torch.cat([seed_logits[:, None], canvas_logits], 1), [0, *cols]
+                else:
+                    logits = canvas_logits
                 self._commit(
-                    logits, canvas, masked, step, start - prompt_len, stops,
+                    logits, cols, canvas, masked, step, start - prompt_len, stops,
                     tau, tokens_per_step, temperature, top_k, generator, step_map, confidences, logprobs,
                 )
                 step += 1
@@ -221,12 +229,13 @@ class BlockDiffusionSampler:
         )
 
     # ------------------------------------------------------------------ internals
-    def _forward(self, seq, valid, position_all, canvas, start, comp_start, cached, cache):
-        """One denoising forward. Returns ``(seed_logits, canvas_logits, new_cached)``.
+    def _forward(self, seq, valid, position_all, canvas, start, comp_start, cached, cache, need):
+        """One denoising forward. Returns ``(seed_logits, canvas_logits, cols, new_cached)``.
 
         ``seed_logits`` (batch, V) predicts the block's first token with token shift; it is None when this forward
-        had no new clean tokens (later steps of a block reuse the first step's). ``canvas_logits`` (batch, W', V)
-        predict the other positions of the block.
+        had no new clean tokens (later steps of a block reuse the first step's). ``canvas_logits`` (batch, len(cols),
+        V) predict the block columns ``cols``: only those in ``need`` (still masked in some row), since the LM head
+        over a large vocabulary is a real share of a small forward.
         """
         spec = self.spec
         device = seq.device
@@ -249,7 +258,8 @@ class BlockDiffusionSampler:
             ), self.attn_implementation, self.model.dtype)}
         mask = self._masks[key]
         has_seed = shift and new_clean > 0
-        keep = ([new_clean - 1] if has_seed else []) + list(range(new_clean, new_clean + canvas_in - int(shift)))
+        cols = [j + int(shift) for j in range(canvas_in - int(shift)) if need[j + int(shift)]]
+        keep = ([new_clean - 1] if has_seed else []) + [new_clean + c - int(shift) for c in cols]
         out = self.model(
             input_ids=torch.cat([seq[:, ctx:start], canvas[:, :canvas_in]], 1),
             attention_mask=mask,
@@ -264,14 +274,16 @@ class BlockDiffusionSampler:
                 cache.crop(-canvas_in)
             cached = start
         if has_seed:
-            return logits[:, 0], logits[:, 1:], cached
-        return None, logits, cached
+            return logits[:, 0], logits[:, 1:], cols, cached
+        return None, logits, cols, cached
 
     def _commit(
-        self, logits, canvas, masked, step, offset, stops,
+        self, logits, cols, canvas, masked, step, offset, stops,
         tau, tokens_per_step, temperature, top_k, generator, step_map, confidences, logprobs,
     ):
-        """Pick tokens for masked positions and commit per the schedule (in place on ``canvas`` and records)."""
+        """Pick tokens for the masked positions among block columns ``cols`` (``logits`` is ``(batch, len(cols),
+        V)``) and commit per the schedule, in place on ``canvas`` and the records."""
+        full_masked, masked = masked, masked[:, cols]
         logits[..., self.spec.mask_token_id] = float("-inf")
         scaled = logits / temperature if temperature > 0 else logits
         if temperature == 0:
@@ -299,11 +311,16 @@ class BlockDiffusionSampler:
             best = score.argmax(-1, keepdim=True)
             commit.scatter_(1, best, True)
             commit &= masked
-        canvas[commit] = tokens[commit]
-        cols = slice(offset, offset + canvas.shape[1])
-        step_map[:, cols][commit] = step
-        confidences[:, cols][commit] = conf[commit]
-        logprobs[:, cols][commit] = tok_logp[commit]
+        sub = canvas[:, cols]
+        sub[commit] = tokens[commit]
+        canvas[:, cols] = sub
+        span = slice(offset, offset + canvas.shape[1])
+        for record, values in ((step_map, torch.full_like(tokens, step)), (confidences, conf), (logprobs, tok_logp)):
+            region = record[:, span]
+            chosen = region[:, cols]
+            chosen[commit] = values[commit].to(chosen.dtype)
+            region[:, cols] = chosen
+        del full_masked
         # Everything after a committed stop token in this block is a stop token too: training fills the last block
         # with EOS after EOS, so this is the model's own prediction, committed without spending steps on it.
         if stops.numel() == 0:
@@ -313,5 +330,5 @@ class BlockDiffusionSampler:
         fill = after & (canvas == self.spec.mask_token_id)
         if fill.any():
             canvas[fill] = stops[0]
-            step_map[:, cols][fill] = step
-            confidences[:, cols][fill] = 1.0
+            step_map[:, span][fill] = step
+            confidences[:, span][fill] = 1.0
