@@ -33,7 +33,8 @@ class EvaluateArguments:
         batch_size / max_new_tokens: decoding batch and completion cap.
         threads: torch CPU threads (0: default).
         json: write ``{"n", "metrics", "prerank", ...}`` here (atomically).
-        outputs: also write the decoded texts (a JSON list of {user_id, completion, valid, error, rank}) to this path.
+        outputs: also write the decoded texts (a JSON list of {user_id, completion, valid, error, rank, prerank_rank},
+            0-based ranks of the target after re-ranking and in the pre-rank order) to this path.
     """
 
     model: str = field(metadata={"help": "Model directory."})
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         for row, text, rank in zip(rows, outputs, ranks):
             parsed = parse_ranking(text, row["candidates"])
             records.append(
-                dict(user_id=row["user_id"], completion=text, valid=parsed.valid, error=parsed.error, rank=rank)
+                dict(user_id=row["user_id"], completion=text, valid=parsed.valid, error=parsed.error, rank=rank,
+                     prerank_rank=row["candidates"].index(row["target"]))
             )
         write_json_atomic(records, args.outputs)
     return 0

@@ -25,7 +25,12 @@ class PrepareArguments:
         out: output directory.
         data_dir: directory with ``{name}.txt`` and ``{name}_item2attributes.json`` (default: located automatically,
             see :func:`diffgr2_trl.rerank.data.locate_data_dir`).
-        name: dataset file stem.
+        name: dataset file stem (default: inferred from the directory's one ``NAME.txt`` +
+            ``NAME_item2attributes.json`` pair).
+        train_rows: ``all_prefixes`` builds a training row from every prefix of each user's training items, with
+            candidates scored leave-one-out (the user's own transitions from the target on removed), so the target's
+            pre-rank position follows the valid/test distribution; ``last`` keeps one row per user.
+        mid_rows / mid_mix: SID mid-training rows (:mod:`diffgr2_trl.rerank.midtrain`) and their task weights.
         prerankers: comma-separated pre-rankers to fit (``transition``, ``sasrec``, ``popularity``); the best on
             validation NDCG@10 makes the candidates. ``transition`` alone keeps the step under a couple of minutes
             (SASRec adds ~3 min on 2 CPU cores and is worse at that budget, see results/data_prerank.md).
@@ -41,13 +46,23 @@ class PrepareArguments:
 
     out: str = field(metadata={"help": "Output directory."})
     data_dir: str | None = field(default=None, metadata={"help": "Dataset directory (default: located automatically)."})
-    name: str = field(default="Beauty", metadata={"help": "Dataset file stem ({name}.txt)."})
+    name: str | None = field(
+        default=None, metadata={"help": "Dataset file stem ({name}.txt; default: inferred from data_dir)."}
+    )
+    train_rows: str = field(
+        default="all_prefixes",
+        metadata={"help": "all_prefixes (every training prefix, leave-one-out candidates) or last (one per user)."},
+    )
     prerankers: str = field(default="transition", metadata={"help": "Comma-separated: transition, sasrec, popularity."})
     max_train_examples: int | None = field(default=None, metadata={"help": "Subsample the train split to N rows."})
     max_history: int = field(default=20, metadata={"help": "History items shown per prompt."})
     match_positions: str = field(
-        default="valid",
+        default="none",
         metadata={"help": "Subsample train so target positions follow this split's histogram ('none': raw train)."},
+    )
+    mid_rows: int = field(default=0, metadata={"help": "SID mid-training rows to build (datasets/mid; 0: none)."})
+    mid_mix: str | None = field(
+        default=None, metadata={"help": "Mid-training task weights, e.g. front=0.5,repeat=0.15,drop=0.15,next=0.15."}
     )
     codebook_size: int = field(default=256, metadata={"help": "Semantic-ID tokens per level."})
     vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size of the local tokenizer."})
@@ -92,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if prepared is None:  # the examples are the slow part (pre-rankers): reuse them when only the datasets are missing
         prepared = prepare_data(
             args.data_dir, args.out, seed=args.seed, name=args.name, prerankers=prerankers, history_len=args.max_history,
-            codebook_size=args.codebook_size, progress=True,
+            codebook_size=args.codebook_size, train_rows=args.train_rows, progress=True,
         )
     summary = build_pipeline_data(
         prepared,
@@ -101,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         vocab_size=args.vocab_size,
         match_positions=None if args.match_positions.lower() == "none" else args.match_positions,
         seed=args.seed,
+        mid_rows=args.mid_rows,
+        mid_mix=args.mid_mix,
     )
     _print_summary(summary, time.perf_counter() - t0)
     return 0

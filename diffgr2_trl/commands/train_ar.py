@@ -69,14 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stages = ["sft", "rl"] if args.stage == "all" else [args.stage]
+    if args.stage == "all":
+        stages = (["mid"] if args.mid_max_steps > 0 else []) + ["sft", "rl"]
+    else:
+        stages = [args.stage]
+    if "mid" in stages and args.mid_max_steps <= 0:
+        raise SystemExit("diffgr2 train-ar: --stage mid needs --mid_max_steps > 0.")
     for stage in stages:
         t0 = time.perf_counter()
-        if stage == "sft":
-            model, tokenizer = load_model_and_tokenizer(args)
+        if stage in ("mid", "sft"):
+            start = str(out / "mid") if stage == "sft" and "mid" in stages else None
+            model, tokenizer = load_model_and_tokenizer(args, start=start)
             n = sum(p.numel() for p in model.parameters())
-            print(f"train-ar sft: {type(model).__name__} {n / 1e6:.2f}M params, vocab {len(tokenizer)}")
-            info = run_sft(args, model, tokenizer, str(out / "sft"))
+            print(f"train-ar {stage}: {type(model).__name__} {n / 1e6:.2f}M params, vocab {len(tokenizer)}")
+            info = run_sft(args, model, tokenizer, str(out / stage), stage=stage)
         else:
             start = None if args.model_name_or_path and args.stage == "rl" else str(out / "sft")
             if start is not None and not (Path(start) / "config.json").is_file():

@@ -130,8 +130,29 @@ def _train_ar(ctx: Context, d: Path, stage: str, start: str | None) -> dict:
     return json.loads(summary.read_text()) if summary.exists() else {}
 
 
+def _mid_enabled(ctx: Context) -> bool:
+    return int(ctx.stage("ar_mid").get("mid_max_steps", 0) or 0) > 0
+
+
+def stage_ar_mid(ctx: Context, d: Path) -> dict:
+    """SID mid-training (``train-ar --stage mid``) on the prepared ``mid`` split; skipped when the preset has none."""
+    if not _mid_enabled(ctx):
+        return {"skipped": "no mid_max_steps in the preset's ar_mid section"}
+    return _train_ar(ctx, d, "mid", None)
+
+
 def stage_ar_sft(ctx: Context, d: Path) -> dict:
-    return _train_ar(ctx, d, "sft", None)
+    return _train_ar(ctx, d, "sft", ctx.model("ar_mid") if _mid_enabled(ctx) else None)
+
+
+def stage_baseline(ctx: Context, d: Path) -> dict:
+    """The six-feature logistic re-ranker on the evaluation rows (same split and limit as the evaluation stages)."""
+    from ..rerank.baselines import evaluate_logistic
+
+    values = ctx.stage("evaluate")
+    result = evaluate_logistic(ctx.prepared, split=values.get("split", "test"), limit=values.get("limit"))
+    atomic_write_text(d / "eval.json", json.dumps(result, indent=2))
+    return {k: v for k, v in result.items() if k not in ("ranks", "prerank_ranks", "user_ids")}
 
 
 def stage_ar_rl(ctx: Context, d: Path) -> dict:
@@ -227,6 +248,8 @@ def stage_report(ctx: Context, d: Path) -> dict:
 
 PIPELINE_STAGES: list[tuple[str, Callable[[Context, Path], dict]]] = [
     ("prepare", stage_prepare),
+    ("baseline", stage_baseline),
+    ("ar_mid", stage_ar_mid),
     ("ar_sft", stage_ar_sft),
     ("ar_rl", stage_ar_rl),
     ("eval_ar", _eval_stage("ar_rl", "ar")),

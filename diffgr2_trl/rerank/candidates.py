@@ -46,9 +46,10 @@ from .prerank import (
 )
 from .semantic_ids import SemanticIds, item_embeddings
 
-__all__ = ["PreparedData", "SPLITS", "build_examples", "load_prepared", "prepare_data", "read_jsonl", "write_jsonl"]
+__all__ = ["PreparedData", "SPLITS", "build_examples", "load_prepared", "load_train_sequences", "prepare_data", "read_jsonl", "write_jsonl"]
 
 SPLITS = ("train", "valid", "test")
+TRAIN_SEQUENCES = "train_sequences.json"
 
 
 @dataclass
@@ -81,14 +82,34 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _split_inputs(split, name: str) -> tuple[list[int], list[list[int]], list[int]]:
-    """(users, histories, targets) a pre-ranker sees for one split (train: the prefix before the last train item)."""
+TRAIN_ROWS = ("all_prefixes", "last")
+
+
+def _split_inputs(split, name: str, train_rows: str = "all_prefixes"):
+    """(users, histories, targets, held_out) a pre-ranker sees for one split.
+
+    ``train``: every prefix of each user's training items (``train_rows="all_prefixes"``: item ``i`` is the target of
+    ``items[:i]`` for every ``i >= 1``) or only the last one (``"last"``). ``held_out`` pairs each train history with its
+    full training sequence and cut, so the pre-ranker can drop the user's own transitions from ``i`` on
+    (leave-one-out): the target's pre-rank position then follows the valid/test distribution. valid/test: ``None``.
+    """
     if name == "train":
-        users = [u for u, s in split.train.items() if len(s) >= 2]
-        return users, [split.train[u][:-1] for u in users], [split.train[u][-1] for u in users]
+        if train_rows not in TRAIN_ROWS:
+            raise ValueError(f"train_rows must be one of {TRAIN_ROWS}, got {train_rows!r}.")
+        users, hists, targets, held_out = [], [], [], []
+        for u, seq in split.train.items():
+            cuts = range(1, len(seq)) if train_rows == "all_prefixes" else range(len(seq) - 1, len(seq))
+            for i in cuts:
+                if i < 1:
+                    continue
+                users.append(u)
+                hists.append(seq[:i])
+                targets.append(seq[i])
+                held_out.append((seq, i))
+        return users, hists, targets, held_out
     pairs = getattr(split, name)
     users = list(pairs)
-    return users, [pairs[u][0] for u in users], [pairs[u][1] for u in users]
+    return users, [pairs[u][0] for u in users], [pairs[u][1] for u in users], None
 
 
 def build_examples(
@@ -124,19 +145,21 @@ def prepare_data(
     data_dir: str | os.PathLike | None,
     out_dir: str | os.PathLike,
     seed: int = 0,
-    name: str = "Beauty",
+    name: str | None = None,
     prerankers: tuple[str, ...] = ("transition", "sasrec"),
     sasrec_config: SASRecConfig | None = None,
     n_candidates: int = 10,
     history_len: int = 20,
     codebook_size: int = 256,
     n_residual_levels: int = 3,
+    train_rows: str = "all_prefixes",
     progress: bool = True,
 ) -> PreparedData:
     """Load, split, fit pre-rankers, build candidates / examples and semantic IDs; save to ``out_dir``.
 
     Args:
         data_dir: directory with ``{name}.txt`` (``None``: see :func:`~diffgr2_trl.rerank.data.locate_data_dir`).
+        name: dataset file stem; ``None`` infers it from the one ``NAME.txt`` + ``NAME_item2attributes.json`` pair.
         out_dir: output directory; replaced atomically if it exists.
         seed: seeds SASRec, the SVD and k-means.
         prerankers: pre-rankers to fit and report; the one with the best validation NDCG@10 makes the candidates.
@@ -145,6 +168,8 @@ def prepare_data(
         history_len: history items kept per example (most recent).
         codebook_size: semantic-ID tokens per level.
         n_residual_levels: residual k-means levels before the collision-resolving level.
+        train_rows: ``"all_prefixes"`` (every prefix of every user's training items, scored leave-one-out) or
+            ``"last"`` (one row per user, its last training item).
         progress: tqdm bars for SASRec training.
 
     Returns:
@@ -163,7 +188,7 @@ def prepare_data(
     print("dataset:", json.dumps(stats))
     lap("load_split", t0)
 
-    inputs = {s: _split_inputs(split, s) for s in SPLITS}
+    inputs = {s: _split_inputs(split, s, train_rows) for s in SPLITS}
     full_ranking: dict[str, dict] = {}
     models = {}
     for pr in prerankers:
@@ -185,8 +210,13 @@ def prepare_data(
     examples: dict[str, list[dict]] = {}
     per_split: dict[str, dict] = {}
     for s in SPLITS:
-        users, hists, targets = inputs[s]
-        cands = recommend(models[chosen], hists, k=n_candidates)
+        users, hists, targets, held_out = inputs[s]
+        if held_out is not None and not getattr(models[chosen], "supports_held_out", False):
+            raise ValueError(
+                f"The chosen pre-ranker {chosen!r} cannot score training prefixes leave-one-out; "
+                "use prerankers=('transition',) or pass it first."
+            )
+        cands = recommend(models[chosen], hists, k=n_candidates, held_out=held_out)
         examples[s], ranks = build_examples(users, hists, targets, cands, history_len)
         kept = [r for r in ranks if r is not None]
         per_split[s] = {
@@ -220,6 +250,8 @@ def prepare_data(
         "semantic_ids": sids.stats,
         "timings_s": timings,
         "seed": seed,
+        "train_rows": train_rows,
+        "train_candidates": "leave-one-out (the user's own transitions from the target on are removed)",
         "torch_threads": torch.get_num_threads(),
     }
     print("candidates:", json.dumps(per_split))
@@ -234,6 +266,8 @@ def prepare_data(
         sids.save(tmp / "semantic_ids.json")
         for s in SPLITS:
             write_jsonl(examples[s], tmp / f"{s}.jsonl")
+        # Training sequences (never valid/test items): what SID mid-training builds its tasks from.
+        (tmp / TRAIN_SEQUENCES).write_text(json.dumps({str(u): seq for u, seq in split.train.items()}) + "\n")
         if out_dir.exists():  # swap: the old directory is removed only once the new one is complete
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             out_dir.rename(old)
@@ -245,6 +279,14 @@ def prepare_data(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return PreparedData(out_dir, stats, prerank, sids, examples)
+
+
+def load_train_sequences(out_dir: str | os.PathLike) -> dict[int, list[int]]:
+    """The training item sequences :func:`prepare_data` saved (``{user_id: [item, ...]}``, time order)."""
+    path = Path(out_dir) / TRAIN_SEQUENCES
+    if not path.is_file():
+        raise FileNotFoundError(f"No {TRAIN_SEQUENCES} in {out_dir}; re-run `diffgr2 prepare --overwrite`.")
+    return {int(u): seq for u, seq in json.loads(path.read_text()).items()}
 
 
 def load_prepared(out_dir: str | os.PathLike) -> PreparedData:

@@ -44,6 +44,7 @@ __all__ = [
     "SequenceData",
     "Split",
     "dataset_stats",
+    "infer_dataset_name",
     "leave_one_out",
     "load_item_attributes",
     "load_sequence_data",
@@ -68,7 +69,28 @@ def _repo_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
-def locate_data_dir(path: str | os.PathLike | None = None, name: str = "Beauty") -> Path:
+def infer_dataset_name(data_dir: str | os.PathLike) -> str:
+    """The dataset stem ``NAME`` of a directory holding exactly one ``NAME.txt`` with its ``NAME_item2attributes.json``.
+
+    Raises:
+        FileNotFoundError: naming what the directory holds when there is no such pair, or more than one.
+    """
+    d = Path(data_dir).expanduser()
+    if not d.is_dir():
+        raise FileNotFoundError(f"Data dir {d} does not exist.")
+    names = sorted(p.stem for p in d.glob("*.txt") if (d / f"{p.stem}_item2attributes.json").is_file())
+    if len(names) == 1:
+        return names[0]
+    found = sorted(p.name for p in d.iterdir())[:20]
+    if not names:
+        raise FileNotFoundError(
+            f"No dataset in {d}: expected one NAME.txt with its NAME_item2attributes.json; found {found}. "
+            "Pass --name NAME for a NAME.txt without attributes."
+        )
+    raise FileNotFoundError(f"Several datasets in {d}: {names}; pass --name to choose one.")
+
+
+def locate_data_dir(path: str | os.PathLike | None = None, name: str | None = "Beauty") -> Path:
     """Find the directory holding ``{name}.txt`` (and normally ``{name}_item2attributes.json``).
 
     Tried in order: the explicit ``path``; the ``DIFFGR2_DATA_DIR`` environment variable; ``../shared/data/amazon-beauty``
@@ -82,7 +104,18 @@ def locate_data_dir(path: str | os.PathLike | None = None, name: str = "Beauty")
 
     def ok(d: Path) -> bool:
         tried.append(str(d))
+        if name is None:
+            try:
+                infer_dataset_name(d)
+                return True
+            except FileNotFoundError:
+                return False
         return (d / f"{name}.txt").is_file()
+
+    if path is not None and name is None:
+        d = Path(path).expanduser()
+        infer_dataset_name(d)  # raises with what the directory holds
+        return d.resolve()
 
     if path is not None:
         d = Path(path).expanduser()
@@ -206,12 +239,15 @@ def load_item_attributes(path: str | os.PathLike) -> dict[int, list[int]]:
     return out
 
 
-def load_sequence_data(data_dir: str | os.PathLike | None = None, name: str = "Beauty") -> SequenceData:
+def load_sequence_data(data_dir: str | os.PathLike | None = None, name: str | None = "Beauty") -> SequenceData:
     """Locate (see :func:`locate_data_dir`) and load ``{name}.txt`` plus ``{name}_item2attributes.json``.
 
-    A missing attributes file is allowed (every item gets no attributes, counted in the report).
+    ``name=None`` infers the stem from the directory (:func:`infer_dataset_name`). A missing attributes file is
+    allowed when ``name`` is given (every item gets no attributes, counted in the report).
     """
     d = locate_data_dir(data_dir, name)
+    if name is None:
+        name = infer_dataset_name(d)
     report = LoadReport()
     seqs = load_sequences(d / f"{name}.txt", report=report)
     attr_path = d / f"{name}_item2attributes.json"

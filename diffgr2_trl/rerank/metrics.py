@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-__all__ = ["recall_at_k", "ndcg_at_k", "rank_of", "summarize_ranks"]
+__all__ = ["ndcg_at_k", "paired_bootstrap_ci", "rank_of", "recall_at_k", "summarize_ranks"]
 
 
 def recall_at_k(rank_of_target: int | None, k: int) -> float:
@@ -52,3 +52,33 @@ def summarize_ranks(
         out[f"N@{k}"] = sum(ndcg_at_k(r, k) for r in ranks) / n if n else 0.0
     out["n"] = n
     return out
+
+
+def paired_bootstrap_ci(
+    ranks_a: Sequence[int | None],
+    ranks_b: Sequence[int | None],
+    metric: str = "R@1",
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Paired bootstrap of ``metric(a) - metric(b)`` over the same examples (``ranks_*[i]`` ranks example ``i``).
+
+    Examples are resampled with replacement ``n_boot`` times, the same resample for both sides, so the interval
+    reflects the per-example difference rather than two independent noises. Returns ``{"diff", "lo", "hi", "n"}``
+    (the observed difference and the percentile interval at ``level``).
+    """
+    import numpy as np
+
+    if len(ranks_a) != len(ranks_b):
+        raise ValueError(f"paired bootstrap needs the same examples: {len(ranks_a)} vs {len(ranks_b)} ranks.")
+    if not ranks_a:
+        raise ValueError("paired bootstrap over no examples.")
+    kind, k = metric.split("@")
+    score = recall_at_k if kind == "R" else ndcg_at_k
+    diff = np.array([score(a, int(k)) - score(b, int(k)) for a, b in zip(ranks_a, ranks_b)])
+    idx = np.random.default_rng(seed).integers(0, len(diff), size=(n_boot, len(diff)))
+    boots = diff[idx].mean(1)
+    alpha = (1 - level) / 2
+    return {"diff": float(diff.mean()), "lo": float(np.quantile(boots, alpha)), "hi": float(np.quantile(boots, 1 - alpha)),
+            "n": len(diff)}

@@ -118,9 +118,11 @@ def build_pipeline_data(
     max_train_examples: int | None = None,
     vocab_size: int = 2048,
     tokenizer_texts: int = 20000,
-    match_positions: str | None = "valid",
+    match_positions: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    mid_rows: int = 0,
+    mid_mix: str | None = None,
 ) -> dict[str, Any]:
     """Write datasets, JSONL copies, the tokenizer and ``summary.json`` into ``prepared.out_dir`` (atomically).
 
@@ -131,6 +133,9 @@ def build_pipeline_data(
             (:func:`match_target_positions`); ``None`` keeps the raw train split.
         vocab_size: BPE merges of the local tokenizer (SID/attribute/format tokens come on top).
         tokenizer_texts: rows (prompt + completion, train split first) the tokenizer is trained on.
+        mid_rows: also write a ``mid`` dataset of this many SID mid-training rows
+            (:func:`~diffgr2_trl.rerank.midtrain.build_midtraining_rows`, from training sequences only); 0: none.
+        mid_mix: task weights of the mid-training rows (``"front=0.5,repeat=0.15,..."``; default mix if ``None``).
 
     Returns:
         The summary dict (also written to ``summary.json``).
@@ -152,6 +157,16 @@ def build_pipeline_data(
             examples = random.Random(seed).sample(examples, max_train_examples)
         rows[split] = build_rows(examples, sids, max_history, progress, desc=f"{split} rows")
 
+    mid: list[dict] = []
+    if mid_rows > 0:
+        from .candidates import load_train_sequences
+        from .midtrain import build_midtraining_rows
+
+        mid = build_midtraining_rows(
+            load_train_sequences(out_dir), sids, mid_rows, n_candidates=prepared.prerank.get("n_candidates", 10),
+            max_history=max_history or 20, mix=mid_mix, seed=seed,
+        )
+
     corpus = [r["prompt"] + r["completion"] for s in SPLITS for r in rows[s]][:tokenizer_texts]
     tmp = Path(tempfile.mkdtemp(prefix=".pipeline.tmp-", dir=out_dir))
     try:
@@ -161,6 +176,9 @@ def build_pipeline_data(
         for split in SPLITS:
             Dataset.from_list(rows[split]).save_to_disk(str(tmp / "datasets" / split))
             write_jsonl(rows[split], tmp / "datasets" / f"{split}.jsonl")
+        if mid:
+            Dataset.from_list(mid).save_to_disk(str(tmp / "datasets" / "mid"))
+            write_jsonl(mid, tmp / "datasets" / "mid.jsonl")
         lengths = {
             split: {
                 "prompt": token_lengths(tokenizer, [r["prompt"] for r in rows[split][:2000]]),
@@ -169,7 +187,8 @@ def build_pipeline_data(
             for split in SPLITS
         }
         summary = {
-            "rows": {s: len(rows[s]) for s in SPLITS},
+            "rows": {**{s: len(rows[s]) for s in SPLITS}, **({"mid": len(mid)} if mid else {})},
+            "mid_tasks": dict(Counter(r["task"] for r in mid)),
             "stats": prepared.stats,
             "prerank_chosen": prepared.prerank.get("chosen"),
             "floor": {s: prepared.prerank["splits"][s]["floor"] for s in SPLITS},

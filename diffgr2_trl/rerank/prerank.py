@@ -82,11 +82,13 @@ class TransitionPreRanker:
     """
 
     name = "transition"
+    supports_held_out = True
 
     def __init__(self, n_items: int, window: int = 3, backward_weight: float = 0.0, popularity_weight: float = 1e-4):
         self.n_items, self.window = n_items, window
         self.backward_weight, self.popularity_weight = backward_weight, popularity_weight
         self.T: torch.Tensor | None = None
+        self._pop_unit = 0.0
         self.pop = torch.zeros(n_items + 1)
 
     def fit(self, train: dict[int, list[int]]) -> TransitionPreRanker:
@@ -111,11 +113,23 @@ class TransitionPreRanker:
             warnings.simplefilter("ignore", UserWarning)
             T = torch.sparse_coo_tensor(idx, torch.from_numpy(np.concatenate(vals)).float(), (n, n))
             self.T = T.coalesce().to_sparse_csr()
+        self._pop_unit = 1.0 / float(self.pop.max().clamp(min=1))  # what one purchase adds to the normalised prior
         self.pop = self.pop / self.pop.max().clamp(min=1)
         return self
 
-    def score(self, histories: list[list[int]]) -> torch.Tensor:
+    def score(
+        self, histories: list[list[int]], held_out: list[tuple[list[int], int]] | None = None
+    ) -> torch.Tensor:
+        """Scores ``[B, n_items + 1]``; ``held_out`` removes each row's own future from the fitted counts.
+
+        ``held_out[r] = (sequence, i)``: the fitted training sequence of row ``r``'s user and the position of its
+        target (``histories[r] == sequence[:i]``). Every transition of that sequence that ends at ``i`` or later
+        (and their popularity counts) is subtracted, so a training prefix is scored by exactly the model a valid/test
+        history would see: all of the user's past, none of the transition being predicted (leave-one-out).
+        """
         assert self.T is not None, "call fit() first"
+        if held_out is not None and len(held_out) != len(histories):
+            raise ValueError(f"held_out has {len(held_out)} rows for {len(histories)} histories.")
         rows, cols, vals = [], [], []
         for r, h in enumerate(histories):
             for back, item in enumerate(reversed(h[-self.window :])):
@@ -131,7 +145,32 @@ class TransitionPreRanker:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             scores = (q.coalesce().to_sparse_csr() @ self.T).to_dense()
-        return scores + self.popularity_weight * self.pop
+        scores = scores + self.popularity_weight * self.pop
+        if held_out is not None:
+            for r, (seq, i) in enumerate(held_out):
+                self._subtract_future(scores[r], seq, i)
+        return scores
+
+    def _subtract_future(self, row: torch.Tensor, seq: list[int], i: int) -> None:
+        """Remove ``seq``'s transitions ending at position ``>= i`` from one row of scores (see :meth:`score`)."""
+        if not 0 < i < len(seq):
+            raise ValueError(f"held-out position {i} is outside a sequence of length {len(seq)}.")
+        query: dict[int, float] = {}
+        for back, item in enumerate(reversed(seq[:i][-self.window :])):
+            query[item] = query.get(item, 0.0) + 1.0 / (back + 1)
+        for k in range(i, len(seq)):
+            for gap in range(1, self.window + 1):
+                j = k - gap
+                if j < 0:
+                    break
+                w = query.get(seq[j], 0.0)
+                if w:
+                    row[seq[k]] -= w / gap
+                if self.backward_weight:
+                    w = query.get(seq[k], 0.0)
+                    if w:
+                        row[seq[j]] -= w * self.backward_weight / gap
+            row[seq[k]] -= self.popularity_weight * self._pop_unit
 
 
 # --------------------------------------------------------------------------------------------------- SASRec
@@ -288,18 +327,34 @@ class SASRecPreRanker:
 
 @torch.no_grad()
 def recommend(
-    model, histories: list[list[int]], k: int = 10, exclude_history: bool = True, batch_size: int = 1024
+    model,
+    histories: list[list[int]],
+    k: int = 10,
+    exclude_history: bool = True,
+    batch_size: int = 1024,
+    held_out: list[tuple[list[int], int]] | None = None,
 ) -> np.ndarray:
     """Top-``k`` item ids per history, best first, as an int array [N, k].
+
+    ``held_out`` (leave-one-out scoring of training prefixes) is passed to the model's ``score``; only pre-rankers
+    that support it (:class:`TransitionPreRanker`) accept it.
 
     Items already in the history are excluded (S3-Rec's full-ranking protocol; re-buying is rare in Amazon 5-core
     and a re-ranker gains nothing from candidates the user already has). Ties break towards the lower item id so the
     output is deterministic.
     """
+    if held_out is not None and not getattr(model, "supports_held_out", False):
+        raise ValueError(
+            f"Leave-one-out candidates need a pre-ranker that can drop a user's own future transitions "
+            f"(transition); {getattr(model, 'name', type(model).__name__)!r} cannot."
+        )
     out = np.zeros((len(histories), k), dtype=np.int64)
     for start in range(0, len(histories), batch_size):
         hs = histories[start : start + batch_size]
-        s = model.score(hs).float().clone()
+        if held_out is None:
+            s = model.score(hs).float().clone()
+        else:
+            s = model.score(hs, held_out=held_out[start : start + batch_size]).float().clone()
         s[:, 0] = float("-inf")
         if exclude_history:
             rows = torch.tensor([r for r, h in enumerate(hs) for _ in h], dtype=torch.long)

@@ -38,8 +38,8 @@ def prepared(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ar")
     data = _write_toy(root / "data")
     out = root / "prepared"
-    argv = ["prepare", "--data_dir", str(data), "--name", "Toy", "--out", str(out), "--codebook_size", "4",
-            "--max_history", "5", "--vocab_size", "600"]
+    argv = ["prepare", "--data_dir", str(data), "--out", str(out), "--codebook_size", "4",  # name inferred: Toy
+            "--max_history", "5", "--vocab_size", "600", "--mid_rows", "40"]
     assert main(argv) == 0
     return out
 
@@ -57,6 +57,11 @@ def test_prepare_writes_datasets_tokenizer_summary(prepared, capsys):
             assert parsed.valid and parsed.ranking[0] == row["target"]
     summary = json.loads((prepared / "summary.json").read_text())
     assert summary["token_lengths"]["test"]["completion"]["mean"] > 0
+    assert summary["rows"]["mid"] == 40 == len(load_from_disk(str(prepared / "datasets" / "mid")))
+    # every training prefix is a candidate row; with leave-one-out candidates the train floor is not inflated
+    prerank = json.loads((prepared / "prerank.json").read_text())
+    assert prerank["train_rows"] == "all_prefixes"
+    assert prerank["splits"]["train"]["users"] > 3 * prerank["splits"]["test"]["users"]
     assert (prepared / "tokenizer" / "tokenizer.json").is_file()
     assert not [p for p in prepared.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
     # Re-running on a complete directory skips the work.
@@ -78,14 +83,16 @@ def test_match_target_positions_follows_reference():
 def test_train_ar_sft_rl_then_evaluate(prepared, tmp_path):
     out = tmp_path / "model"
     argv = ["train-ar", "--prepared", str(prepared), "--out", str(out), "--stage", "all", "--preset", "cpu",
-            "--shape", "tiny", "--threads", "0", "--sft_max_steps", "4", "--sft_batch_size", "4", "--rl_max_steps", "1",
+            "--shape", "tiny", "--threads", "0", "--mid_max_steps", "2", "--mid_batch_size", "4",
+            "--sft_max_steps", "4", "--sft_batch_size", "4", "--rl_max_steps", "1",
             "--rl_prompts_per_step", "2", "--rl_num_generations", "2", "--rl_max_completion_length", "16",
             "--logging_steps", "1"]
     assert main(argv) == 0
-    for stage in ("sft", "rl"):
+    for stage in ("mid", "sft", "rl"):
         assert (out / stage / "config.json").is_file() and (out / stage / "tokenizer.json").is_file()
         info = json.loads((out / f"train_{stage}.json").read_text())
         assert info["global_step"] if "global_step" in info else info["log_history"]
+    assert json.loads((out / "train_mid.json").read_text())["rows"] == 40
     assert json.loads((out / "train_sft.json").read_text())["args"]["shape"] == "tiny"  # CLI beats preset
 
     result = tmp_path / "eval.json"
@@ -97,7 +104,17 @@ def test_train_ar_sft_rl_then_evaluate(prepared, tmp_path):
     # An 8-token cap cannot hold a ranking: every output is invalid and falls back to the pre-rank order.
     assert r["metrics"]["valid_rate"] == 0.0
     assert all(r["metrics"][k] == pytest.approx(r["prerank"][k]) for k in ("R@1", "R@3", "N@3"))
-    assert len(json.loads((tmp_path / "o.json").read_text())) == 6
+    outputs = json.loads((tmp_path / "o.json").read_text())
+    assert len(outputs) == 6 and all(o["rank"] == o["prerank_rank"] for o in outputs)  # invalid: pre-rank fallback
+
+
+def test_logistic_baseline_on_prepared_rows(prepared):
+    from diffgr2_trl.rerank.baselines import evaluate_logistic
+
+    r = evaluate_logistic(prepared, split="test", limit=10)
+    assert r["n"] == len(r["ranks"]) == len(r["prerank_ranks"]) == 10
+    assert r["prerank"]["R@1"] == sum(p == 0 for p in r["prerank_ranks"]) / 10
+    assert set(r["coefficients"]) >= {"position", "shared_last", "log_popularity", "bias"}
 
 
 def test_unknown_preset_and_stage(prepared, tmp_path):

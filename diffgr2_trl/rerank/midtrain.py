@@ -1,0 +1,123 @@
+"""SID mid-training: tasks that align a model from scratch (or a pretrained LM) to the item IDs before SFT.
+
+A small model trained only on the re-ranking rows memorises them: it learns the answer format but writes frequent
+IDs instead of copying the row's candidates (0% valid at CPU scale). Copying from context is learnable from scratch,
+but only after tens of thousands of *diverse* lists (a phase change, as in-context copying emerges in small
+transformers: Singh et al. 2024; Zucchet et al. 2025). These tasks provide that diversity from the training split
+alone, in the prompt and answer template the re-ranker uses, as SID-based LLM recommenders align a model to its IDs:
+
+- ``front``: move a named candidate to the front, keep the others in order (exactly the re-ranking answer once the
+  explanation has named its top item);
+- ``repeat``: repeat the candidate list;
+- ``drop``: list the candidates without a named one;
+- ``next``: next-item prediction over a user's training history, answered with one SID;
+- ``attributes``: an item's brand/category tokens from its SID.
+
+Lists draw random training items, so no two prompts repeat and no ordering or ID can be memorised; histories are
+prefixes of training sequences (never a valid or test item).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .prompts import CANDIDATES_HEADER, HISTORY_HEADER, OUTPUT_SPEC, SYSTEM_PROMPT, format_completion, to_items
+from .semantic_ids import SemanticIds
+
+__all__ = ["MID_TASKS", "build_midtraining_rows", "parse_task_mix"]
+
+MID_TASKS = ("front", "repeat", "drop", "next", "attributes")
+DEFAULT_MIX = {"front": 0.5, "repeat": 0.15, "drop": 0.15, "next": 0.15, "attributes": 0.05}
+
+
+def parse_task_mix(spec: str | Mapping[str, float] | None) -> dict[str, float]:
+    """``"front=0.5,repeat=0.2"`` (or a mapping) -> normalised weights; unknown task names are an error."""
+    if spec is None or spec == "":
+        mix = dict(DEFAULT_MIX)
+    elif isinstance(spec, Mapping):
+        mix = {str(k): float(v) for k, v in spec.items()}
+    else:
+        mix = {}
+        for part in str(spec).split(","):
+            name, _, weight = part.partition("=")
+            try:
+                mix[name.strip()] = float(weight)
+            except ValueError:
+                raise ValueError(f"mid-training mix: expected NAME=WEIGHT, got {part!r} in {spec!r}.") from None
+    unknown = sorted(set(mix) - set(MID_TASKS))
+    if unknown:
+        raise ValueError(f"mid-training mix: unknown tasks {unknown}; tasks are {list(MID_TASKS)}.")
+    total = sum(mix.values())
+    if total <= 0 or any(w < 0 for w in mix.values()):
+        raise ValueError(f"mid-training mix: weights must be >= 0 and not all 0, got {mix}.")
+    return {k: v / total for k, v in mix.items() if v > 0}
+
+
+def _list_prompt(instruction: str, items: Sequence[Any]) -> str:
+    return "\n".join(
+        [SYSTEM_PROMPT, instruction, CANDIDATES_HEADER, *(it.render() for it in items),
+         OUTPUT_SPEC.replace("{n}", str(len(items)))]
+    )
+
+
+def build_midtraining_rows(
+    train_sequences: Mapping[int, Sequence[int]],
+    sids: SemanticIds,
+    n_rows: int,
+    n_candidates: int = 10,
+    max_history: int = 20,
+    mix: str | Mapping[str, float] | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """``n_rows`` seeded ``{"prompt", "completion", "task"}`` rows of the mid-training tasks (module docstring).
+
+    Args:
+        train_sequences: ``{user: [item, ...]}`` training items in time order (``load_train_sequences``).
+        sids: the semantic IDs (items without one are skipped).
+        n_candidates: list length of the list tasks (the re-ranker's candidate count).
+        max_history: history items shown by the ``next`` task.
+        mix: task weights (:func:`parse_task_mix`).
+    """
+    weights = parse_task_mix(mix)
+    rng = random.Random(seed)
+    seqs = [[i for i in s if i in sids] for s in train_sequences.values()]
+    seqs = [s for s in seqs if len(s) >= 2]
+    catalog = sorted({i for s in seqs for i in s})
+    if len(catalog) < n_candidates + 1:
+        raise ValueError(f"mid-training needs at least {n_candidates + 1} training items with SIDs, got {len(catalog)}.")
+    names, probs = zip(*weights.items())
+    rows = []
+    for _ in range(n_rows):
+        task = rng.choices(names, probs)[0]
+        if task in ("front", "repeat", "drop"):
+            items = to_items(rng.sample(catalog, n_candidates), sids.encode, sids.attribute_tokens)
+            order = [it.sid for it in items]
+            if task == "repeat":
+                prompt = _list_prompt("Repeat the candidates in order.", items)
+                completion = format_completion("Keep the order.", order)
+            else:
+                pick = rng.randrange(n_candidates)
+                named = order[pick]
+                rest = [s for s in order if s != named]
+                if task == "front":
+                    prompt = _list_prompt(f"Move {named} to the front.", items)
+                    completion = format_completion(f"So {named} ranks first. The rest keep pre-rank order.",
+                                                   [named, *rest])
+                else:
+                    prompt = _list_prompt(f"Drop {named}.", items)
+                    completion = format_completion(f"Without {named}.", rest)
+        elif task == "next":
+            seq = rng.choice(seqs)
+            cut = rng.randrange(1, len(seq))
+            history = to_items(seq[:cut][-max_history:], sids.encode, sids.attribute_tokens)
+            prompt = "\n".join([SYSTEM_PROMPT, "Predict the next item.", HISTORY_HEADER,
+                                *(it.render() for it in history)])
+            completion = sids.encode(seq[cut])
+        else:
+            item = rng.choice(catalog)
+            prompt = "\n".join([SYSTEM_PROMPT, "Item attributes:", sids.encode(item)])
+            completion = "".join(sids.attribute_tokens(item)) or "none"
+        rows.append({"prompt": prompt, "completion": completion, "task": task})
+    return rows

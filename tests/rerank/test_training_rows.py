@@ -1,0 +1,183 @@
+"""Training rows that let a small re-ranker learn: leave-one-out prefixes, SID mid-training tasks, the logistic
+baseline, paired bootstrap intervals, dataset-name inference and the batched SFT tokenisation."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from diffgr2_trl.rerank.baselines import LogisticReRanker, candidate_features
+from diffgr2_trl.rerank.candidates import _split_inputs
+from diffgr2_trl.rerank.data import infer_dataset_name, leave_one_out, load_sequence_data
+from diffgr2_trl.rerank.metrics import paired_bootstrap_ci
+from diffgr2_trl.rerank.midtrain import build_midtraining_rows, parse_task_mix
+from diffgr2_trl.rerank.parsing import parse_ranking
+from diffgr2_trl.rerank.prerank import PopularityPreRanker, TransitionPreRanker, recommend
+from diffgr2_trl.rerank.prompts import SID_RE
+
+
+def _sequences(n_users: int = 30, n_items: int = 25, seed: int = 0) -> dict[int, list[int]]:
+    rng = random.Random(seed)
+    return {u: [rng.randint(1, n_items) for _ in range(rng.randint(3, 9))] for u in range(1, n_users + 1)}
+
+
+@pytest.mark.parametrize("backward_weight", [0.0, 0.5])
+def test_held_out_scores_equal_a_model_fitted_without_the_users_future(backward_weight):
+    train = _sequences()
+    full = TransitionPreRanker(25, backward_weight=backward_weight, popularity_weight=0.0).fit(train)
+    for u, i in [(1, 1), (2, 2), (5, len(train[5]) - 1)]:
+        seq = train[u]
+        refit = TransitionPreRanker(25, backward_weight=backward_weight, popularity_weight=0.0).fit(
+            {**train, u: seq[:i]})
+        got = full.score([seq[:i]], held_out=[(seq, i)])
+        assert torch.allclose(got, refit.score([seq[:i]]), atol=1e-5)
+    # without held_out, the user's own transition into the target inflates its score
+    seq = train[3]
+    assert full.score([seq[:1]])[0, seq[1]] > full.score([seq[:1]], held_out=[(seq, 1)])[0, seq[1]]
+
+
+def test_held_out_popularity_is_removed_and_bad_cuts_are_errors():
+    train = {1: [1, 2, 3], 2: [1, 2, 2, 2]}  # item 2 is the most popular with or without user 1's future
+    pre = TransitionPreRanker(3, popularity_weight=1.0).fit(train)
+    refit = TransitionPreRanker(3, popularity_weight=1.0).fit({1: [1], 2: train[2]})
+    assert torch.allclose(pre.score([[1]], held_out=[(train[1], 1)]), refit.score([[1]]), atol=1e-6)
+    with pytest.raises(ValueError, match="outside"):
+        pre.score([[1, 2, 3]], held_out=[(train[1], 3)])
+    with pytest.raises(ValueError, match="leave-one-out|Leave-one-out"):
+        recommend(PopularityPreRanker(3).fit(train), [[1]], k=2, held_out=[(train[1], 1)])
+
+
+def test_all_prefix_rows_cover_every_training_position():
+    seqs = {1: [5, 6, 7, 8, 9, 10], 2: [1, 2, 3, 4]}
+    split = leave_one_out(seqs)
+    users, hists, targets, held = _split_inputs(split, "train", "all_prefixes")
+    assert len(users) == sum(len(s) - 1 for s in split.train.values())
+    assert all(h == seq[:i] and t == seq[i] for h, t, (seq, i) in zip(hists, targets, held))
+    assert [t for u, t in zip(users, targets) if u == 1] == split.train[1][1:]  # never a valid/test item
+    last = _split_inputs(split, "train", "last")
+    assert last[2] == [split.train[u][-1] for u in last[0]]
+    with pytest.raises(ValueError, match="train_rows"):
+        _split_inputs(split, "train", "every")
+
+
+class _Sids:
+    """A stand-in for SemanticIds: item i -> <a_i><b_0><c_0><d_0> with two attribute tokens."""
+
+    def __contains__(self, item):
+        return True
+
+    def encode(self, item):
+        return f"<a_{item}><b_0><c_0><d_0>"
+
+    def attribute_tokens(self, item):
+        return [f"<attr_{item % 4}>", f"<attr_{4 + item % 3}>"]
+
+
+def test_midtraining_rows_are_correct_seeded_and_diverse():
+    train = _sequences(n_items=60)
+    rows = build_midtraining_rows(train, _Sids(), 300, seed=3)
+    assert rows == build_midtraining_rows(train, _Sids(), 300, seed=3)
+    assert {r["task"] for r in rows} == {"front", "repeat", "drop", "next", "attributes"}
+    for r in rows:
+        shown = SID_RE.findall(r["prompt"].split("Candidates (pre-rank order):")[-1])
+        if r["task"] in ("front", "repeat"):
+            parsed = parse_ranking(r["completion"], shown)
+            assert parsed.valid, r
+            if r["task"] == "front":
+                named = SID_RE.findall(r["prompt"].splitlines()[1])[0]
+                assert parsed.ranking == [named] + [s for s in shown if s != named]
+            else:
+                assert parsed.ranking == shown
+        elif r["task"] == "drop":
+            named = SID_RE.findall(r["prompt"].splitlines()[1])[0]
+            assert SID_RE.findall(r["completion"].split("recommendations")[1]) == [s for s in shown if s != named]
+        elif r["task"] == "next":
+            assert SID_RE.fullmatch(r["completion"])
+    lists = [r["prompt"] for r in rows if r["task"] in ("front", "repeat", "drop")]
+    assert len(set(lists)) == len(lists)  # no list repeats: nothing to memorise
+
+
+def test_task_mix_parsing():
+    assert parse_task_mix("front=3,repeat=1") == {"front": 0.75, "repeat": 0.25}
+    assert abs(sum(parse_task_mix(None).values()) - 1) < 1e-9
+    with pytest.raises(ValueError, match="unknown tasks"):
+        parse_task_mix("copy=1")
+    with pytest.raises(ValueError, match="NAME=WEIGHT"):
+        parse_task_mix("front")
+    with pytest.raises(ValueError, match=">= 0"):
+        parse_task_mix({"front": 0})
+
+
+def test_infer_dataset_name(tmp_path):
+    (tmp_path / "Toys.txt").write_text("1 1 2 3\n")
+    (tmp_path / "Toys_item2attributes.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("x")
+    assert infer_dataset_name(tmp_path) == "Toys"
+    assert load_sequence_data(tmp_path, None).sequences == {1: [1, 2, 3]}
+    (tmp_path / "Games.txt").write_text("1 1 2 3\n")
+    (tmp_path / "Games_item2attributes.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="Several datasets"):
+        infer_dataset_name(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "Beauty.txt.gz").write_text("")
+    with pytest.raises(FileNotFoundError, match=r"found \['Beauty.txt.gz'\]"):
+        infer_dataset_name(empty)
+
+
+def test_logistic_reranker_learns_the_attribute_signal():
+    rng = random.Random(0)
+    attrs = {i: [f"<attr_{i % 7}>"] for i in range(1, 200)}
+    feats, targets = [], []
+    for _ in range(300):
+        history = rng.sample(range(1, 200), 4)
+        cands = rng.sample([i for i in range(1, 200) if i not in history], 10)
+        # the target is the candidate that shares the last item's attribute (when one does), else position 0
+        match = [c for c in cands if attrs[c] == attrs[history[-1]]]
+        target = match[0] if match else cands[0]
+        feats.append(candidate_features(history, cands, attrs, {}))
+        targets.append(cands.index(target))
+    model = LogisticReRanker().fit(feats[:200], targets[:200])
+    hits = sum(model.rerank(f)[0] == t for f, t in zip(feats[200:], targets[200:]))
+    assert hits >= 95  # the pre-rank order alone gets far fewer
+    assert sum(t == 0 for t in targets[200:]) < 60
+    assert model.coefficients()["shared_last"] > 0
+
+
+def test_paired_bootstrap_ci():
+    same = paired_bootstrap_ci([0, 1, 2, 0], [0, 1, 2, 0])
+    assert same == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "n": 4}
+    better = paired_bootstrap_ci([0] * 50, [3] * 50)
+    assert better["diff"] == 1.0 and better["lo"] == 1.0
+    rng = random.Random(1)
+    a = [rng.randint(0, 9) for _ in range(400)]
+    b = [rng.randint(0, 9) for _ in range(400)]
+    ci = paired_bootstrap_ci(a, b, seed=2)
+    assert ci["lo"] <= ci["diff"] <= ci["hi"] and ci["hi"] - ci["lo"] < 0.15
+    with pytest.raises(ValueError, match="same examples"):
+        paired_bootstrap_ci([0], [0, 1])
+
+
+def test_batched_sft_tokenisation_matches_trl(tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from diffgr2_trl.modeling import build_model
+    from diffgr2_trl.rerank.ar import tokenize_prompt_completion
+    from diffgr2_trl.rerank.tokenizer import train_rerank_tokenizer
+
+    sid_tokens = [f"<{lv}_{i}>" for lv in "abcd" for i in range(4)]
+    tok = train_rerank_tokenizer(["hello world " * 20, "rank the items"], sid_tokens, ["<attr_0>"], vocab_size=300)
+    rows = [{"prompt": "rank <a_1><b_2><c_0><d_0> now", "completion": '{"explanation": "x", "recommendations": []}'},
+            {"prompt": "hello", "completion": "world plain"},  # starts with no added token: joint tokenisation
+            {"prompt": "item <a_3>", "completion": "<b_1>"}]
+    ours = tokenize_prompt_completion(Dataset.from_list(rows), tok)
+    model = build_model("qwen3", tokenizer=tok, shape="tiny")
+    cfg = SFTConfig(str(tmp_path), use_cpu=True, bf16=False, report_to="none", completion_only_loss=True, max_steps=1)
+    theirs = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok).train_dataset
+    ref = SFTTrainer(model=model, args=cfg, train_dataset=ours, processing_class=tok).train_dataset
+    assert theirs["input_ids"] == ref["input_ids"] and theirs["labels"] == ref["labels"]
+    assert json.dumps(ours[0]["completion_mask"]).count("1") > 0
