@@ -8,7 +8,10 @@ stays fast and a subcommand's heavy dependencies (vLLM, say) are only needed whe
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+from .errors import UserError
 
 # name -> (module, one-line help). Later subcommands register here.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -48,8 +51,66 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffgr2: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
+    if name in TRAINER_COMMANDS:
+        rest = _cpu_defaults(rest)
     return int(module.main(rest) or 0)
 
 
+# Subcommands built on TRL configs, which default to bf16 and refuse to start on a machine without a GPU.
+TRAINER_COMMANDS = {"cft", "opd", "grpo"}
+
+
+def _cpu_defaults(argv: list[str]) -> list[str]:
+    """On a machine without CUDA, add ``--use_cpu true --bf16 false`` unless the command line or its ``--config``
+    sets either: TRL's bf16 default would otherwise stop the run before any other check, with advice a CLI user
+    cannot follow."""
+    import torch
+
+    if torch.cuda.is_available():
+        return argv
+    keys = {a.lstrip("-").split("=")[0] for a in argv if a.startswith("--")}
+    if "config" in keys:
+        import yaml
+
+        i = next(i for i, a in enumerate(argv) if a.split("=")[0] == "--config")
+        path = argv[i].split("=", 1)[1] if "=" in argv[i] else argv[i + 1]
+        try:
+            with open(path) as f:
+                keys |= set(yaml.safe_load(f) or {})
+        except (OSError, yaml.YAMLError):
+            pass  # the subcommand's own parser reports an unreadable config
+    if keys & {"use_cpu", "bf16", "fp16"}:
+        return argv
+    return [*argv, "--use_cpu", "true", "--bf16", "false"]
+
+
+# Errors that come from what the user passed (paths, values, files), reported in one line by the console script.
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError)
+
+
+def console_main(argv: list[str] | None = None) -> int:
+    """The ``diffgr2`` console script: :func:`main`, with user errors printed as one line instead of a traceback.
+
+    ``--debug`` (anywhere on the command line) or ``DIFFGR2_DEBUG=1`` shows the full traceback instead.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("DIFFGR2_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    if debug:
+        return main(argv)
+    try:
+        return main(argv)
+    except USER_ERRORS as e:
+        cmd = argv[0] if argv else ""
+        msg = str(e).strip() or type(e).__name__
+        print(f"diffgr2 {cmd}: error: {msg}\n(run with --debug for the traceback)", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # argparse and explicit exits already print their message
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 2
+        return int(e.code or 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

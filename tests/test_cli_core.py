@@ -81,3 +81,22 @@ def test_cft_runs_under_accelerate_with_two_cpu_processes(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "ddp" / "config.json").exists()
     assert "tokens per forward" in res.stdout
+
+
+def test_console_errors_are_one_line_with_a_debug_escape(tmp_path, capsys, monkeypatch):
+    from diffgr2_trl.cli import console_main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for model, expected in ((empty, "no model here (no config.json"), (tmp_path / "nope", "no such directory")):
+        assert console_main(["evaluate", "--model", str(model), "--prepared", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 2
+    # bad values are refused before any model loads (the model path here does not even exist)
+    assert console_main(["evaluate", "--model", str(tmp_path / "nope"), "--prepared", str(tmp_path), "--tau", "2"]) == 2
+    assert "--tau must be in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no such directory"):  # --debug: the exception itself, traceback and all
+        console_main(["evaluate", "--model", str(tmp_path / "nope"), "--prepared", str(tmp_path), "--debug"])
+    monkeypatch.setenv("DIFFGR2_DEBUG", "1")
+    with pytest.raises(ValueError):
+        console_main(["evaluate", "--model", str(tmp_path / "nope"), "--prepared", str(tmp_path)])

@@ -26,10 +26,13 @@ def load_model_and_tokenizer(path: str, *, dtype: str = "float32", attn_implemen
 
 
 def load_any_dataset(spec: str, split: str = "train"):
-    """A ``datasets.Dataset`` from a ``save_to_disk`` directory, a JSON/JSONL/Parquet/CSV file, or a hub name."""
+    """A ``datasets.Dataset`` from a ``diffgr2 prepare`` output directory (its ``datasets/<split>``), a
+    ``save_to_disk`` directory, a JSON/JSONL/Parquet/CSV file, or a hub name."""
     import datasets
 
     path = Path(spec)
+    if path.is_dir() and (path / "datasets" / split).is_dir():  # a `diffgr2 prepare` output directory
+        return load_any_dataset(str(path / "datasets" / split), split)
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
         ds = datasets.load_from_disk(str(path))
         return ds[split] if isinstance(ds, datasets.DatasetDict) else ds

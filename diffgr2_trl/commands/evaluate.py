@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 from trl import TrlParser
 
+from ..errors import UserError, check_model_dir
+
 
 @dataclass
 class EvaluateArguments:
@@ -49,6 +51,18 @@ class EvaluateArguments:
     json: str | None = field(default=None, metadata={"help": "Write the results JSON here."})
     outputs: str | None = field(default=None, metadata={"help": "Write decoded completions (JSON list) here."})
 
+    def __post_init__(self) -> None:
+        # Checked here, before any model loads: a bad value should cost a second, not a model load.
+        if not 0 < self.tau <= 1:
+            raise UserError(f"--tau must be in (0, 1], got {self.tau}.")
+        if self.split not in ("train", "valid", "test"):
+            raise UserError(f"--split must be train, valid or test, got {self.split!r}.")
+        if self.batch_size <= 0 or self.max_new_tokens <= 0:
+            raise UserError(f"--batch_size and --max_new_tokens must be positive, got {self.batch_size}, "
+                            f"{self.max_new_tokens}.")
+        if self.limit is not None and self.limit <= 0:
+            raise UserError(f"--limit must be positive (or unset for the whole split), got {self.limit}.")
+
 
 def main(argv: list[str] | None = None) -> int:
     (args,) = TrlParser((EvaluateArguments,)).parse_args_and_config(args=argv)
@@ -60,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     from diffgr2_trl.rerank.pipeline_data import load_split
 
     if args.decoder not in DECODERS:
-        raise SystemExit(f"diffgr2 evaluate: unknown decoder {args.decoder!r}; choose from {sorted(DECODERS)}.")
+        raise UserError(f"unknown decoder {args.decoder!r}; choose from {sorted(DECODERS)}.")
+    check_model_dir(args.model)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     ds = load_split(args.prepared, args.split)

@@ -94,20 +94,32 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    from diffgr2_trl.errors import UserError
+    from diffgr2_trl.pipeline.fingerprint import data_digest, describe_changes
+
+    inputs = {"options": {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "threads")},
+              "data": data_digest(args.data_dir)}
     if is_complete(args.out) and not args.overwrite:
-        print(f"{args.out} is complete; nothing to do (--overwrite rebuilds it).")
-        _print_summary(load_summary(args.out), None)
+        summary = load_summary(args.out)
+        if summary.get("inputs") != inputs:
+            changes = "; ".join(describe_changes(summary.get("inputs"), inputs))
+            raise UserError(f"{args.out} was prepared from other inputs ({changes}); pass --overwrite to rebuild it, "
+                            "or choose another --out.")
+        print(f"{args.out} is complete and up to date; nothing to do (--overwrite rebuilds it).")
+        _print_summary(summary, None)
         return 0
     t0 = time.perf_counter()
     prerankers = tuple(p.strip() for p in args.prerankers.split(",") if p.strip())
-    try:
+    try:  # a run cut short after the examples (the slow part) reuses them, if they came from the same inputs
         prepared = load_prepared(args.out) if not args.overwrite else None
+        if prepared is not None and prepared.prerank.get("inputs") != inputs:
+            prepared = None
     except FileNotFoundError:
         prepared = None
     if prepared is None:  # the examples are the slow part (pre-rankers): reuse them when only the datasets are missing
         prepared = prepare_data(
             args.data_dir, args.out, seed=args.seed, name=args.name, prerankers=prerankers, history_len=args.max_history,
-            codebook_size=args.codebook_size, train_rows=args.train_rows, progress=True,
+            codebook_size=args.codebook_size, train_rows=args.train_rows, progress=True, provenance=inputs,
         )
     summary = build_pipeline_data(
         prepared,
@@ -118,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         mid_rows=args.mid_rows,
         mid_mix=args.mid_mix,
+        provenance=inputs,
     )
     _print_summary(summary, time.perf_counter() - t0)
     return 0

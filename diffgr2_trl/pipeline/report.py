@@ -72,11 +72,13 @@ def _plot_speed(run: Path, rows: list[dict]) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for r in pts:
-        label = "AR" if r["method"] == "ar" else f"tau={r['tau']}"
-        ax.scatter(r["tokens_per_s"], r["R@1"], s=30)
-        ax.annotate(label, (r["tokens_per_s"], r["R@1"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    # A legend, not annotations: points of one run often share an R@1, and labels on top of each other are unreadable.
+    markers = "osD^v<>ph*"
+    for i, r in enumerate(pts):
+        label = "AR" if r["method"] == "ar" else f"block diffusion, tau={r['tau']}"
+        ax.scatter(r["tokens_per_s"], r["R@1"], s=40, marker=markers[i % len(markers)], label=label)
+    ax.legend(fontsize=7, loc="best")
     ax.set_xlabel("tokens/s")
     ax.set_ylabel("R@1")
     ax.set_title("accuracy vs decode speed")

@@ -13,6 +13,7 @@ import copy
 import glob
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,9 @@ from typing import Any
 
 import yaml
 
+from ..errors import UserError
 from ..utils import atomic_write_text
+from .fingerprint import STAGE_DEPENDENCIES, data_digest, describe_changes, fingerprint
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
 
@@ -31,33 +34,48 @@ class PipelineArguments:
     """Arguments of ``diffgr2 pipeline``.
 
     Parameters:
-        preset: ``smoke`` (tiny slice, minutes), ``cpu`` (the default main job) or ``gpu`` (a real checkpoint).
+        preset: ``smoke`` (tiny slice, minutes), ``cpu`` (the default main job), ``gpu-small`` (a from-scratch model
+            on one GPU, every model evaluated on the full test split) or ``gpu`` (a real checkpoint).
         out: run directory; re-running with the same directory resumes.
         data_dir: dataset directory (default: located automatically, e.g. ``../shared/data/amazon-beauty``).
         teacher_url: score OPD with a running vLLM server (``diffgr2 serve-teacher``) instead of in-process HF.
         stages: run only these stages (default: all, in order).
         overrides: YAML file whose per-stage mappings update the preset's (same layout as the preset files).
+        overwrite: a stage whose recorded inputs (options, data files, upstream stages) differ from this run's is an
+            error unless this is set; then it and every stage below it are rebuilt.
     """
 
-    preset: str = field(default="cpu", metadata={"help": "smoke, cpu or gpu."})
+    preset: str = field(default="cpu", metadata={"help": "smoke, cpu, gpu-small or gpu."})
     out: str = field(default="runs/cpu", metadata={"help": "Run directory (resumable)."})
     data_dir: str | None = field(default=None, metadata={"help": "Dataset directory (default: located)."})
     teacher_url: str | None = field(default=None, metadata={"help": "vLLM server URL for the OPD teacher."})
     stages: list[str] = field(default_factory=list, metadata={"help": "Only these stages (default: all)."})
     overrides: str | None = field(default=None, metadata={"help": "YAML with per-stage overrides."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Rebuild stages whose inputs changed (and everything below them)."}
+    )
 
 
 def load_preset(name: str, overrides: str | None = None) -> dict[str, dict[str, Any]]:
+    """A pipeline preset with ``overrides`` merged in, every section and key checked against its subcommand."""
+    from .validate import validate_preset
+
     path = PRESETS / f"pipeline_{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem.removeprefix("pipeline_") for p in PRESETS.glob("pipeline_*.yaml"))
-        raise ValueError(f"Unknown pipeline preset {name!r}; choose from {known}.")
+        raise UserError(f"Unknown pipeline preset {name!r}; choose from {known}.")
     preset = yaml.safe_load(path.read_text()) or {}
+    validate_preset(preset, str(path))
     if overrides:
-        extra = yaml.safe_load(Path(overrides).read_text()) or {}
-        unknown = sorted(set(extra) - set(preset))
-        if unknown:
-            raise ValueError(f"{overrides}: unknown stage keys {unknown}; known: {sorted(preset)}.")
+        if not Path(overrides).is_file():
+            raise UserError(f"--overrides {overrides}: no such file.")
+        try:
+            extra = yaml.safe_load(Path(overrides).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"--overrides {overrides}: not valid YAML ({e}).") from None
+        if not isinstance(extra, dict):
+            raise UserError(f"--overrides {overrides}: expected a mapping of stage sections.")
+        validate_preset(extra, overrides)
         for stage, values in extra.items():
             preset[stage] = {**(preset.get(stage) or {}), **(values or {})}
     return preset
@@ -71,8 +89,11 @@ def _cli(argv: list[str]) -> None:
         raise RuntimeError(f"`diffgr2 {' '.join(argv)}` exited with {rc}.")
 
 
-def _config(stage_dir: Path, values: dict[str, Any]) -> list[str]:
-    path = stage_dir / "args.yaml"
+def _config(stage_dir: Path, values: dict[str, Any], name: str = "args.yaml", **paths: Any) -> list[str]:
+    """Write ``RUN/<stage>/args.yaml`` (the preset's options plus the stage's model/data/output paths) so that
+    ``diffgr2 <command> --config RUN/<stage>/args.yaml`` re-runs the stage alone; returns the ``--config`` argv."""
+    path = stage_dir / name
+    values = {**values, **{k: str(v) for k, v in paths.items() if v is not None}}
     atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
     return ["--config", str(path)]
 
@@ -107,7 +128,7 @@ def stage_prepare(ctx: Context, d: Path) -> dict:
     values = ctx.stage("prepare")
     if ctx.args.data_dir:
         values["data_dir"] = ctx.args.data_dir
-    _cli(["prepare", *_config(d, values), "--out", str(ctx.prepared)])
+    _cli(["prepare", *_config(d, values, out=ctx.prepared)])
     from ..rerank.pipeline_data import load_summary
 
     return load_summary(ctx.prepared)
@@ -115,15 +136,10 @@ def stage_prepare(ctx: Context, d: Path) -> dict:
 
 def _train_ar(ctx: Context, d: Path, stage: str, start: str | None) -> dict:
     values = ctx.stage(f"ar_{stage}")
-    argv = ["train-ar", *_config(d, values), "--prepared", str(ctx.prepared), "--out", str(d / "work"), "--stage", stage]
-    if start:
-        argv += ["--model_name_or_path", start]
-    _cli(argv)
+    _cli(["train-ar", *_config(d, values, prepared=ctx.prepared, out=d / "work", stage=stage, model_name_or_path=start)])
     produced = d / "work" / stage
     target = Path(ctx.model(d.name))
     if target.exists():
-        import shutil
-
         shutil.rmtree(target)
     os.replace(produced, target)
     summary = d / "work" / f"train_{stage}.json"
@@ -161,15 +177,13 @@ def stage_ar_rl(ctx: Context, d: Path) -> dict:
 
 def stage_convert(ctx: Context, d: Path) -> dict:
     values = ctx.stage("convert")
-    _cli(["convert", *_config(d, values), "--model", ctx.model("ar_rl"), "--output", str(d / "model")])
+    _cli(["convert", *_config(d, values, model=ctx.model("ar_rl"), output=d / "model")])
     return {"block_size": values.get("block_size", 32)}
 
 
-def _train_stage(ctx: Context, d: Path, command: str, extra: list[str]) -> dict:
+def _train_stage(ctx: Context, d: Path, command: str, **paths: Any) -> dict:
     """Run a trainer subcommand with ``output_dir = RUN/<stage>/model``, resuming from its last checkpoint."""
-    values = ctx.stage(d.name)
-    values["output_dir"] = str(d / "model")
-    argv = [command, *_config(d, values), *extra]
+    argv = [command, *_config(d, ctx.stage(d.name), output_dir=d / "model", **paths)]
     if _has_checkpoint(d / "model"):
         from transformers.trainer_utils import get_last_checkpoint
 
@@ -180,30 +194,27 @@ def _train_stage(ctx: Context, d: Path, command: str, extra: list[str]) -> dict:
 
 
 def stage_cft(ctx: Context, d: Path) -> dict:
-    train = ctx.prepared / "datasets" / "train"
-    return _train_stage(ctx, d, "cft", ["--model_name_or_path", ctx.model("convert"), "--dataset_name", str(train)])
+    return _train_stage(ctx, d, "cft", model_name_or_path=ctx.model("convert"), dataset_name=ctx.prepared)
 
 
 def stage_opd(ctx: Context, d: Path) -> dict:
     teacher = ctx.args.teacher_url or ctx.model("ar_rl")
-    train = ctx.prepared / "datasets" / "train"
-    return _train_stage(ctx, d, "opd", ["--model", ctx.model("cft"), "--teacher", teacher, "--dataset", str(train)])
+    return _train_stage(ctx, d, "opd", model=ctx.model("cft"), teacher=teacher, dataset=ctx.prepared)
 
 
 def stage_rl(ctx: Context, d: Path) -> dict:
-    train = ctx.prepared / "datasets" / "train"
-    return _train_stage(ctx, d, "grpo", ["--model", ctx.model("opd"), "--dataset", str(train)])
+    return _train_stage(ctx, d, "grpo", model=ctx.model("opd"), dataset=ctx.prepared)
 
 
 def _evaluate(ctx: Context, d: Path, model: str, decoder: str, tau: float | None = None, tag: str = "eval",
               section: str = "evaluate") -> dict:
     values = ctx.stage(section)
     values.pop("taus", None)
-    argv = ["evaluate", *_config(d, values), "--model", model, "--prepared", str(ctx.prepared), "--decoder", decoder,
-            "--json", str(d / f"{tag}.json"), "--outputs", str(d / f"{tag}_outputs.json")]
     if tau is not None:
-        argv += ["--tau", str(tau)]
-    _cli(argv)
+        values["tau"] = tau
+    name = "args.yaml" if tag == "eval" else f"args_{tag}.yaml"  # the decode stage runs several evaluations
+    _cli(["evaluate", *_config(d, values, name, model=model, prepared=ctx.prepared, decoder=decoder,
+                                json=d / f"{tag}.json", outputs=d / f"{tag}_outputs.json")])
     return json.loads((d / f"{tag}.json").read_text())
 
 
@@ -271,18 +282,72 @@ def stage_record(run: Path, name: str) -> dict | None:
     return json.loads(marker.read_text()) if marker.exists() else None
 
 
+def stage_inputs(ctx: Context) -> dict[str, dict[str, Any]]:
+    """Every stage's inputs (see :mod:`.fingerprint`), upstream fingerprints included, in pipeline order."""
+    out: dict[str, dict[str, Any]] = {}
+    fps: dict[str, str] = {}
+    for name, (sections, upstream) in STAGE_DEPENDENCIES.items():
+        inputs: dict[str, Any] = {"options": {sec: ctx.stage(sec) for sec in sections}}
+        if name == "prepare":
+            inputs["data"] = data_digest(ctx.args.data_dir)
+        if name == "opd":
+            inputs["teacher_url"] = ctx.args.teacher_url
+        inputs["upstream"] = {u: fps[u] for u in upstream}
+        fps[name] = fingerprint(inputs)
+        out[name] = inputs
+    return out
+
+
+def _recorded_inputs(run: Path, name: str) -> tuple[bool, dict | None]:
+    """(whether the stage left anything, the inputs it recorded) from ``stage.json`` or an interrupted start."""
+    for marker in ("stage.json", "inputs.json"):
+        p = run / name / marker
+        if p.exists():
+            return True, json.loads(p.read_text()).get("inputs")
+    return False, None
+
+
+def check_stage_inputs(ctx: Context, planned: list[str], inputs: dict[str, dict]) -> list[str]:
+    """Stages among ``planned`` whose recorded inputs differ from ``inputs``; raises unless ``--overwrite``."""
+    stale, reasons = [], []
+    for name in planned:
+        if name not in inputs:
+            continue
+        exists, recorded = _recorded_inputs(ctx.run, name)
+        if exists and (recorded is None or fingerprint(recorded) != fingerprint(inputs[name])):
+            stale.append(name)
+            reasons.append(f"  {name}: " + "; ".join(describe_changes(recorded, inputs[name])))
+    if stale and not ctx.args.overwrite:
+        raise UserError(
+            f"{ctx.run} holds stages built from other inputs:\n" + "\n".join(reasons)
+            + f"\nRe-run with --overwrite to rebuild {', '.join(stale)} (and what depends on them), or use a new --out."
+        )
+    return stale
+
+
 def run_pipeline(args: PipelineArguments) -> dict:
-    """Run (or resume) every stage; returns ``{stage: record}``."""
+    """Run (or resume) every stage; returns ``{stage: record}``.
+
+    Before anything runs, every planned stage's inputs are compared with what its directory recorded
+    (:func:`check_stage_inputs`): nothing built from other options, data or upstream models is reused silently.
+    """
     preset = load_preset(args.preset, args.overrides)
     ctx = Context(args, preset)
-    ctx.run.mkdir(parents=True, exist_ok=True)
     names = [n for n, _ in PIPELINE_STAGES]
     unknown = sorted(set(args.stages) - set(names))
     if unknown:
-        raise ValueError(f"Unknown stages {unknown}; stages are {names}.")
+        raise UserError(f"Unknown stages {unknown}; stages are {names}.")
+    planned = [n for n in names if not args.stages or n in args.stages]
+    inputs = stage_inputs(ctx)
+    stale = check_stage_inputs(ctx, planned, inputs)
+    ctx.run.mkdir(parents=True, exist_ok=True)
+    for name in stale:
+        print(f"--overwrite: removing {ctx.run / name} (its inputs changed)")
+        shutil.rmtree(ctx.run / name)
     atomic_write_text(ctx.run / "pipeline.json", json.dumps({"preset": args.preset, "config": preset,
                                                              "args": vars(args)}, indent=2, default=str))
     records = {}
+    t_run = time.time()
     for i, (name, fn) in enumerate(PIPELINE_STAGES):
         if args.stages and name not in args.stages:
             continue
@@ -291,11 +356,15 @@ def run_pipeline(args: PipelineArguments) -> dict:
             print(f"[{i + 1:2d}/{len(PIPELINE_STAGES)}] {name}: done earlier ({done['wall_s']:.0f} s), skipped")
             records[name] = done
             continue
-        print(f"[{i + 1:2d}/{len(PIPELINE_STAGES)}] {name} ...", flush=True)
+        print(f"[{i + 1:2d}/{len(PIPELINE_STAGES)}] {name} ... (run time so far {(time.time() - t_run) / 60:.1f} min)",
+              flush=True)
         t0 = time.time()
         d = ctx.dir(name)
+        provenance = {"fingerprint": fingerprint(inputs[name]), "inputs": inputs[name]} if name in inputs else {}
+        if provenance:  # an interrupted stage leaves this behind, so its checkpoints are never resumed blindly
+            atomic_write_text(d / "inputs.json", json.dumps(provenance, indent=2, default=str))
         metrics = fn(ctx, d)
-        record = {"stage": name, "status": "done", "wall_s": time.time() - t0, "metrics": metrics}
+        record = {"stage": name, "status": "done", "wall_s": time.time() - t0, **provenance, "metrics": metrics}
         atomic_write_text(d / "stage.json", json.dumps(record, indent=2, default=str))
         records[name] = record
         print(f"[{i + 1:2d}/{len(PIPELINE_STAGES)}] {name}: {summary_line(name, metrics)} ({record['wall_s']:.0f} s)",

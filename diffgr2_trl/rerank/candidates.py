@@ -154,6 +154,7 @@ def prepare_data(
     n_residual_levels: int = 3,
     train_rows: str = "all_prefixes",
     progress: bool = True,
+    provenance: dict | None = None,
 ) -> PreparedData:
     """Load, split, fit pre-rankers, build candidates / examples and semantic IDs; save to ``out_dir``.
 
@@ -171,6 +172,7 @@ def prepare_data(
         train_rows: ``"all_prefixes"`` (every prefix of every user's training items, scored leave-one-out) or
             ``"last"`` (one row per user, its last training item).
         progress: tqdm bars for SASRec training.
+        provenance: what produced this directory (options, data digests), recorded in ``prerank.json`` as ``inputs``.
 
     Returns:
         The :class:`PreparedData` that was written.
@@ -185,7 +187,7 @@ def prepare_data(
     data = load_sequence_data(data_dir, name)
     split = leave_one_out(data.sequences)
     stats = dataset_stats(data.sequences, data.item_attributes)
-    print("dataset:", json.dumps(stats))
+    print(f"prepare: loaded {stats['users']} users, {stats['items']} items ({time.perf_counter() - t0:.0f} s)", flush=True)
     lap("load_split", t0)
 
     inputs = {s: _split_inputs(split, s, train_rows) for s in SPLITS}
@@ -201,7 +203,8 @@ def prepare_data(
         if isinstance(model, SASRecPreRanker):
             full_ranking[pr]["config"] = model.config_dict()
             full_ranking[pr]["train_log"] = model.train_log
-        print(f"pre-ranker {pr}: " + json.dumps({s: full_ranking[pr][s] for s in ("valid", "test")}))
+        print(f"prepare: pre-ranker {pr} fitted, valid NDCG@{n_candidates} "
+              f"{full_ranking[pr]['valid'][f'NDCG@{n_candidates}']:.4f}", flush=True)
         lap(f"prerank_{pr}", t0)
     ndcg_key = f"NDCG@{n_candidates}"
     chosen = max(prerankers, key=lambda p: full_ranking[p]["valid"][ndcg_key])
@@ -251,11 +254,11 @@ def prepare_data(
         "timings_s": timings,
         "seed": seed,
         "train_rows": train_rows,
+        **({"inputs": provenance} if provenance is not None else {}),
         "train_candidates": "leave-one-out (the user's own transitions from the target on are removed)",
         "torch_threads": torch.get_num_threads(),
     }
-    print("candidates:", json.dumps(per_split))
-    print("semantic ids:", json.dumps(sids.stats), "| timings:", json.dumps(timings))
+    print(f"prepare: candidates and semantic IDs done ({timings['total']:.0f} s)", flush=True)
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

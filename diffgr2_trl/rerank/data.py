@@ -148,6 +148,7 @@ class LoadReport:
     empty_lines: int = 0
     short_users: int = 0
     items_without_attributes: int = 0
+    unterminated_last_line: bool = False  # a file cut mid-write usually ends without its newline
 
 
 @dataclass
@@ -186,6 +187,7 @@ def load_sequences(
     seqs: dict[int, list[int]] = {}
     first_line: dict[int, int] = {}
     with open(path, encoding="utf-8") as f:
+        line = ""
         for lineno, line in enumerate(f, start=1):
             toks = line.split()
             if not toks:
@@ -201,6 +203,10 @@ def load_sequences(
                 report.short_users += 1
                 continue
             seqs[user] = items
+    if line and not line.endswith("\n"):
+        report.unterminated_last_line = True
+        logger.warning("%s:%d: the last line has no newline at its end: the file may have been cut short "
+                       "(%d users read); check it against its source.", path, lineno, len(seqs))
     if report.empty_lines or report.short_users:
         logger.warning(
             "%s: skipped %d empty lines and %d users with < %d items",
@@ -221,7 +227,7 @@ def load_item_attributes(path: str | os.PathLike) -> dict[int, list[int]]:
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        raise DataFormatError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if not isinstance(raw, dict):
         raise DataFormatError(f"{path}:1: expected a JSON object mapping item id -> list of attribute ids")
 

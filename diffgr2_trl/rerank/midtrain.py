@@ -23,7 +23,7 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .prompts import CANDIDATES_HEADER, HISTORY_HEADER, OUTPUT_SPEC, SYSTEM_PROMPT, format_completion, to_items
+from .prompts import CANDIDATES_HEADER, HISTORY_HEADER, format_completion, to_items
 from .semantic_ids import SemanticIds
 
 __all__ = ["MID_TASKS", "build_midtraining_rows", "parse_task_mix"]
@@ -56,10 +56,8 @@ def parse_task_mix(spec: str | Mapping[str, float] | None) -> dict[str, float]:
 
 
 def _list_prompt(instruction: str, items: Sequence[Any]) -> str:
-    return "\n".join(
-        [SYSTEM_PROMPT, instruction, CANDIDATES_HEADER, *(it.render() for it in items),
-         OUTPUT_SPEC.replace("{n}", str(len(items)))]
-    )
+    # No system line or output spec: they are constant, and every token costs compute that copying needs more.
+    return "\n".join([instruction, CANDIDATES_HEADER, *(it.render() for it in items)])
 
 
 def build_midtraining_rows(
@@ -67,7 +65,7 @@ def build_midtraining_rows(
     sids: SemanticIds,
     n_rows: int,
     n_candidates: int = 10,
-    max_history: int = 20,
+    max_history: int = 10,
     mix: str | Mapping[str, float] | None = None,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
@@ -112,12 +110,11 @@ def build_midtraining_rows(
             seq = rng.choice(seqs)
             cut = rng.randrange(1, len(seq))
             history = to_items(seq[:cut][-max_history:], sids.encode, sids.attribute_tokens)
-            prompt = "\n".join([SYSTEM_PROMPT, "Predict the next item.", HISTORY_HEADER,
-                                *(it.render() for it in history)])
+            prompt = "\n".join(["Predict the next item.", HISTORY_HEADER, *(it.render() for it in history)])
             completion = sids.encode(seq[cut])
         else:
             item = rng.choice(catalog)
-            prompt = "\n".join([SYSTEM_PROMPT, "Item attributes:", sids.encode(item)])
+            prompt = "\n".join(["Item attributes:", sids.encode(item)])
             completion = "".join(sids.attribute_tokens(item)) or "none"
         rows.append({"prompt": prompt, "completion": completion, "task": task})
     return rows

@@ -123,6 +123,7 @@ def build_pipeline_data(
     progress: bool = True,
     mid_rows: int = 0,
     mid_mix: str | None = None,
+    provenance: dict | None = None,
 ) -> dict[str, Any]:
     """Write datasets, JSONL copies, the tokenizer and ``summary.json`` into ``prepared.out_dir`` (atomically).
 
@@ -136,6 +137,8 @@ def build_pipeline_data(
         mid_rows: also write a ``mid`` dataset of this many SID mid-training rows
             (:func:`~diffgr2_trl.rerank.midtrain.build_midtraining_rows`, from training sequences only); 0: none.
         mid_mix: task weights of the mid-training rows (``"front=0.5,repeat=0.15,..."``; default mix if ``None``).
+        provenance: what produced the directory, recorded in ``summary.json`` as ``inputs`` (``diffgr2 prepare``
+            refuses to reuse a directory whose recorded inputs differ from its own).
 
     Returns:
         The summary dict (also written to ``summary.json``).
@@ -164,7 +167,7 @@ def build_pipeline_data(
 
         mid = build_midtraining_rows(
             load_train_sequences(out_dir), sids, mid_rows, n_candidates=prepared.prerank.get("n_candidates", 10),
-            max_history=max_history or 20, mix=mid_mix, seed=seed,
+            max_history=min(max_history or 10, 10), mix=mid_mix, seed=seed,
         )
 
     corpus = [r["prompt"] + r["completion"] for s in SPLITS for r in rows[s]][:tokenizer_texts]
@@ -197,6 +200,8 @@ def build_pipeline_data(
             "max_history": max_history,
             "max_train_examples": max_train_examples,
             "match_positions": match_positions,
+            "mid_rows": mid_rows,
+            **({"inputs": provenance} if provenance is not None else {}),
             "train_floor_after_matching": summarize_ranks(
                 r["candidates"].index(r["target"]) for r in rows["train"]
             ),

@@ -77,7 +77,7 @@ def test_attributes_errors_and_missing_items(tmp_path):
     assert data.n_items == 5
     bad = tmp_path / "bad.json"
     bad.write_text('{"1": [1],\n "2": [2,\n')
-    with pytest.raises(DataFormatError, match=r"bad\.json:\d+: invalid JSON"):
+    with pytest.raises(DataFormatError, match=r"bad\.json:\d+:\d+: invalid JSON .* column \d+"):
         load_item_attributes(bad)
     bad.write_text('{"1": [1],\n"x": [2]}')
     with pytest.raises(DataFormatError, match=r"bad\.json:2: non-integer id 'x'"):
@@ -148,3 +148,15 @@ def test_beauty_statistics():
     split = leave_one_out(data.sequences)
     assert sum(len(s) for s in split.train.values()) == 198502 - 2 * 22363
     assert time.perf_counter() - t0 < 60
+
+
+def test_a_file_cut_mid_line_is_warned_about(tmp_path, caplog):
+    path = tmp_path / "Toy.txt"
+    path.write_text("1 1 2 3\n2 4 5 6\n3 7 8 9")  # cut before the last newline
+    report = LoadReport()
+    with caplog.at_level("WARNING"):
+        seqs = load_sequences(path, report=report)
+    assert report.unterminated_last_line and len(seqs) == 3
+    assert "Toy.txt:3: the last line has no newline" in caplog.text
+    path.write_text("1 1 2 3\n")
+    assert not load_sequences(path, report=(r := LoadReport())) or not r.unterminated_last_line

@@ -87,12 +87,12 @@ def test_midtraining_rows_are_correct_seeded_and_diverse():
             parsed = parse_ranking(r["completion"], shown)
             assert parsed.valid, r
             if r["task"] == "front":
-                named = SID_RE.findall(r["prompt"].splitlines()[1])[0]
+                named = SID_RE.findall(r["prompt"].splitlines()[0])[0]
                 assert parsed.ranking == [named] + [s for s in shown if s != named]
             else:
                 assert parsed.ranking == shown
         elif r["task"] == "drop":
-            named = SID_RE.findall(r["prompt"].splitlines()[1])[0]
+            named = SID_RE.findall(r["prompt"].splitlines()[0])[0]
             assert SID_RE.findall(r["completion"].split("recommendations")[1]) == [s for s in shown if s != named]
         elif r["task"] == "next":
             assert SID_RE.fullmatch(r["completion"])
