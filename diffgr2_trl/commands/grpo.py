@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from ..trainers import DiffusionGRPOConfig, DiffusionGRPOTrainer
-from ._common import load_for_training, train_and_save
+from ._common import load_any_dataset, load_for_training, train_and_save
 
 
 @dataclass
@@ -63,22 +63,10 @@ def resolve_function(path: str) -> Callable:
 
 
 def load_dataset_path(path: str, split: str = "train"):
-    """A ``datasets.Dataset`` from a ``save_to_disk`` directory or a JSONL/JSON/Parquet/CSV file."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
-
-    if os.path.isdir(path):
-        ds = load_from_disk(path)
-    elif os.path.isfile(path):
-        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(path)[1])
-        if kind is None:
-            raise ValueError(f"Unsupported data file {path!r}: use .jsonl/.json/.parquet/.csv or a save_to_disk dir.")
-        ds = load_dataset(kind, data_files=path)
-    else:
+    """A prompt dataset (see :func:`._common.load_any_dataset`) that has the ``prompt`` column GRPO needs."""
+    if not os.path.exists(path):
         raise FileNotFoundError(f"Dataset {path!r} not found.")
-    if isinstance(ds, DatasetDict):
-        if split not in ds:
-            raise ValueError(f"Dataset {path!r} has splits {list(ds)}, not {split!r}.")
-        ds = ds[split]
+    ds = load_any_dataset(path, split)
     if "prompt" not in ds.column_names:
         raise ValueError(f"Dataset {path!r} has columns {ds.column_names}; GRPO needs a 'prompt' column.")
     return ds
