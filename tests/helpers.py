@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import torch
 
@@ -53,3 +55,19 @@ def quantized_sort_student(directory, block_size: int = 4):
 def is_4bit(model) -> bool:
     """Whether any linear layer of ``model`` holds bitsandbytes 4-bit weights."""
     return any(type(m).__name__ == "Linear4bit" for m in model.modules())
+
+
+# --- launching scripts in subprocesses --------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+# The README's CPU line for two processes (accelerate's --cpu would start one), plus a free port (other jobs may hold
+# 29500) and the defaults accelerate would otherwise announce.
+LAUNCH = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+          "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+
+
+def launch_env() -> dict[str, str]:
+    """The environment for launched scripts: this checkout first on the path, one thread per process (on a shared
+    2-core machine two OpenMP threads per process were measured up to 20x slower than one)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env

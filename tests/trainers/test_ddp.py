@@ -15,29 +15,16 @@ training alone, without gradient sync, would compute) ends 2-5e-2 away from the 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers import LAUNCH, REPO, launch_env
 from tests.trainers import ddp_train
 
-REPO = Path(__file__).resolve().parents[2]
 PER_DEVICE = 2
 STEPS = 3
-# The README's CPU launch line, plus a free port (other jobs may hold 29500) and the defaults accelerate would
-# otherwise announce.
-LAUNCH = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-          "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-
-
-def launch_env() -> dict[str, str]:
-    """The environment for launched scripts: this checkout first on the path, one thread per process."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
-    return env
 
 
 @pytest.fixture(scope="module")
