@@ -1,7 +1,9 @@
 """Silence the known-harmless notices that third-party imports print on every run, in one place.
 
-Importing ``diffgr2_trl`` calls :func:`filter_known_warnings` once, before TRL, PEFT or vLLM are imported, so every
-entry point (the ``diffgr2`` CLI, the trainers, the examples) is quiet. Each filter matches one message by its start:
+Importing ``diffgr2_trl`` calls :func:`filter_known_warnings` before TRL, PEFT or vLLM are imported, so every entry
+point (the ``diffgr2`` CLI, the trainers, the examples) is quiet; ``diffgr2_trl.trainers``, which imports TRL, calls it
+again, because code that imports the package inside ``warnings.catch_warnings()`` (pytest does, while collecting)
+loses the filters when that block exits. Each filter matches one message by its start:
 other warnings from the same libraries still show, and log records above WARNING always do. Set
 ``DIFFGR2_SHOW_ALL_WARNINGS=1`` to keep them all.
 """
@@ -44,22 +46,19 @@ class _DropMessages(logging.Filter):
         return record.levelno > logging.WARNING or not str(record.msg).startswith(self.prefixes)
 
 
-_installed = False
-
-
 def filter_known_warnings(force: bool = False) -> None:
-    """Install the filters for :data:`KNOWN_WARNINGS` and :data:`KNOWN_LOG_NOTICES` (once per process).
+    """Install the filters for :data:`KNOWN_WARNINGS` and :data:`KNOWN_LOG_NOTICES`; calling it again is harmless.
 
     Logging filters attach to the named loggers before the libraries create them, so they work whatever the import
     order; a Python warning raised before this call (TRL imported first) has already been shown.
 
     Args:
-        force: install even when ``DIFFGR2_SHOW_ALL_WARNINGS`` is set, or again.
+        force: install even when ``DIFFGR2_SHOW_ALL_WARNINGS`` is set.
     """
-    global _installed
-    if (_installed and not force) or (os.environ.get("DIFFGR2_SHOW_ALL_WARNINGS") and not force):
+    if os.environ.get("DIFFGR2_SHOW_ALL_WARNINGS") and not force:
         return
     for category, message in KNOWN_WARNINGS:
+        # An identical filter already in the list is moved to the front, not duplicated.
         warnings.filterwarnings("ignore", message=message, category=category)
     by_logger: dict[str, list[str]] = {}
     for name, prefix in KNOWN_LOG_NOTICES:
@@ -68,7 +67,6 @@ def filter_known_warnings(force: bool = False) -> None:
         logger = logging.getLogger(name)
         logger.filters = [f for f in logger.filters if not isinstance(f, _DropMessages)]
         logger.addFilter(_DropMessages(prefixes))
-    _installed = True
 
 
 __all__ = ["KNOWN_LOG_NOTICES", "KNOWN_WARNINGS", "filter_known_warnings"]

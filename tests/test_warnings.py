@@ -50,8 +50,12 @@ def test_known_log_notices_are_dropped_and_others_kept(name, prefix):
 @pytest.mark.slow
 def test_importing_the_trainers_and_converting_is_quiet():
     """A fresh interpreter imports the trainers and converts a model: none of the known notices reach stderr, while
-    the same run with DIFFGR2_SHOW_ALL_WARNINGS=1 shows them (so the check is not vacuous)."""
-    code = ("import diffgr2_trl.trainers\n"
+    the same run with DIFFGR2_SHOW_ALL_WARNINGS=1 shows them (so the check is not vacuous). The package is first
+    imported inside ``catch_warnings``, as pytest's collection does, which discards the filters it installs."""
+    code = ("import warnings\n"
+            "with warnings.catch_warnings():\n"
+            "    import diffgr2_trl.modeling\n"
+            "import diffgr2_trl.trainers\n"
             "from diffgr2_trl.block_diffusion import convert_to_block_diffusion\n"
             "from diffgr2_trl.modeling import build_model\n"
             "from diffgr2_trl.synthetic import sort_tokenizer\n"
