@@ -19,6 +19,9 @@ Everything random is taken out so the two runs can be compared parameter by para
   into visible updates;
 * every sort prompt (and CFT completion) has the same token count, so each process's mean over its rows, averaged by
   DDP, equals the mean over the global batch.
+
+CFT's complementary masks (two forwards; the complement of "all masked" is empty) and OPD's replay split over several
+forwards (``max_streams_per_forward``) make each process run more than one DDP forward before a backward.
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def _trainer(name: str, output_dir: str, per_device: int, max_steps: int, use_cp
         from diffgr2_trl.trainers import BlockDiffusionConfig, BlockDiffusionTrainer
 
         args = BlockDiffusionConfig(per_device_train_batch_size=per_device, min_mask_ratio=1.0, max_mask_ratio=1.0,
-                                    **common)
+                                    complementary_masks=True, **common)
         return BlockDiffusionTrainer(model, args=args, train_dataset=sort_dataset(64), processing_class=tok)
     prompts = sort_dataset(64).select_columns(["prompt", "target"])
     if name == "opd":
@@ -96,7 +99,7 @@ def _trainer(name: str, output_dir: str, per_device: int, max_steps: int, use_cp
 
         teacher = SortRuleTeacher()
         args = OnPolicyDistillationConfig(per_device_train_batch_size=per_device, num_generations=NUM_GENERATIONS,
-                                          max_new_tokens=8, temperature=0.0, **common)
+                                          max_new_tokens=8, temperature=0.0, max_streams_per_forward=2, **common)
         return OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=prompts,
                                            processing_class=tok, teacher_tokenizer=teacher.tokenizer)
     if name == "grpo":
