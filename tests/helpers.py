@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import torch
 
@@ -25,3 +27,47 @@ def random_batch(batch: int, length: int, prompt: int, low: int = 5, high: int =
     cm = torch.zeros_like(ids)
     cm[:, prompt:] = 1
     return ids, am, cm
+
+
+def quantized_sort_student(directory, block_size: int = 4):
+    """A converted tiny Qwen3 for the sort task, saved to ``directory`` and reloaded in 4-bit nf4 (QLoRA's base).
+
+    Skips the calling test when this bitsandbytes build cannot load 4-bit weights here.
+    """
+    import pytest
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from diffgr2_trl.synthetic import sort_tokenizer
+    from tests.conftest import SORT_SHAPE
+
+    tok = sort_tokenizer()
+    base = build_model("qwen3", tokenizer=tok, shape=SORT_SHAPE, seed=0)
+    convert_to_block_diffusion(base, tok, block_size=block_size)
+    base.save_pretrained(directory)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=quant)
+    except Exception as e:  # pragma: no cover - depends on the bitsandbytes build
+        pytest.skip(f"4-bit loading unavailable here: {e}")
+    return model, tok
+
+
+def is_4bit(model) -> bool:
+    """Whether any linear layer of ``model`` holds bitsandbytes 4-bit weights."""
+    return any(type(m).__name__ == "Linear4bit" for m in model.modules())
+
+
+# --- launching scripts in subprocesses --------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+# The README's CPU line for two processes (accelerate's --cpu would start one), plus a free port (other jobs may hold
+# 29500) and the defaults accelerate would otherwise announce.
+LAUNCH = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+          "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+
+
+def launch_env() -> dict[str, str]:
+    """The environment for launched scripts: this checkout first on the path, one thread per process (on a shared
+    2-core machine two OpenMP threads per process were measured up to 20x slower than one)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env

@@ -1,8 +1,6 @@
 """The core ``diffgr2`` subcommands, run through the real entry point."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from transformers import AutoConfig
@@ -68,19 +66,6 @@ def test_bench_commands_write_json(tmp_path):
     assert main(["bench-train", "--shape", "tiny", "--vocab_size", "64", "--batch_size", "2", "--prompt_len", "8",
                  "--completion_len", "8", "--block_size", "4", "--repeats", "1", "--json", str(path)]) == 0
     assert json.loads(path.read_text())["cft_over_sft"] > 0
-
-
-@pytest.mark.slow
-def test_cft_runs_under_accelerate_with_two_cpu_processes(tmp_path):
-    """DDP with two gloo processes on CPU: the example script trains and saves."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "examples/cft_sort.py", "--output_dir", str(tmp_path / "ddp"),
-           "--max_steps", "3", "--per_device_train_batch_size", "4", "--num_examples", "64", "--use_cpu", "--bf16", "false",
-           "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert (tmp_path / "ddp" / "config.json").exists()
-    assert "tokens per forward" in res.stdout
 
 
 def test_console_errors_are_one_line_with_a_debug_escape(tmp_path, capsys, monkeypatch):

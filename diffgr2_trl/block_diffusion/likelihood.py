@@ -12,11 +12,11 @@ import torch
 
 from .objective import check_positions, multi_stream_forward
 from .spec import BlockDiffusionSpec
+from .wrappers import unwrap_model
 
 
 def _lm_head(model):
-    inner = getattr(model, "module", model)  # DDP / accelerate wrappers
-    return inner.get_output_embeddings()
+    return unwrap_model(model).get_output_embeddings()
 
 
 def _source_index(n: int, comp_start: int, step_map: torch.Tensor, spec: BlockDiffusionSpec, copy_of_step):

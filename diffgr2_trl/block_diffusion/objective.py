@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from .masks import dense_mask, flex_block_mask, to_model_mask
 from .noise import sample_noise_mask
 from .spec import BlockDiffusionSpec
+from .wrappers import unwrap_model
 
 
 @dataclass
@@ -107,7 +108,8 @@ def prediction_sources(n: int, comp_start: int, spec: BlockDiffusionSpec, noisy_
 
 
 def check_positions(model, position_ids: torch.Tensor) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
+    """Fail clearly when ``position_ids`` run past the model's context (``model`` may be DDP-wrapped)."""
+    limit = getattr(unwrap_model(model).config, "max_position_embeddings", None)
     if limit is not None and int(position_ids.max()) >= limit:
         raise ValueError(
             f"Sequence of {int(position_ids.max()) + 1} positions exceeds the model's max_position_embeddings "
@@ -129,6 +131,7 @@ def multi_stream_forward(
 
     ``clean_ids`` is ``(batch, N)``; each noisy stream ``(batch, N - comp_start)`` covers the completion columns.
     Every stream shares the clean stream's position ids. Extra kwargs go to the model (``logits_to_keep``, ...).
+    ``model`` may be wrapped (DDP, ...): the forward goes through the wrapper, attributes come from the model inside.
     """
     n = clean_ids.shape[1]
     t = n - comp_start
@@ -140,12 +143,13 @@ def multi_stream_forward(
     col = torch.cat([torch.arange(n, device=device), torch.arange(comp_start, n, device=device).repeat(k)])
     valid_all = torch.cat([valid, valid[:, comp_start:].repeat(1, k)], dim=1)
     pos = torch.cat([position_ids, position_ids[:, comp_start:].repeat(1, k)], dim=1)
-    impl = getattr(model.config, "_attn_implementation", "sdpa")
+    inner = unwrap_model(model)
+    impl = getattr(inner.config, "_attn_implementation", "sdpa")
     layout = dict(comp_start=comp_start, block_size=spec.block_size, clean_block_causal=spec.clean_block_causal)
     if impl == "flex_attention":
         mask = flex_block_mask(stream, col, valid_all, **layout)
     else:
-        mask = to_model_mask(dense_mask(stream, col, stream, col, valid_all, **layout), impl, model.dtype)
+        mask = to_model_mask(dense_mask(stream, col, stream, col, valid_all, **layout), impl, inner.dtype)
     return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **model_kwargs)
 
 

@@ -17,6 +17,7 @@ from transformers import DynamicCache
 from .masks import dense_mask, to_model_mask
 from .objective import check_positions
 from .spec import BlockDiffusionSpec, get_spec
+from .wrappers import unwrap_model
 
 
 @dataclass
@@ -97,7 +98,7 @@ class BlockDiffusionSampler:
         self.spec = spec or get_spec(model)
         if self.spec.mask_token_id < 0:
             raise ValueError("The block-diffusion spec has no mask_token_id; convert the model first.")
-        config = model.config
+        config = unwrap_model(model).config
         self.pad_token_id = pad_token_id if pad_token_id is not None else config.pad_token_id
         eos = eos_token_id if eos_token_id is not None else config.eos_token_id
         self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
@@ -255,7 +256,7 @@ class BlockDiffusionSampler:
             self._masks = {key: to_model_mask(dense_mask(
                 q_stream, q_col, kv_stream, kv_col, valid[:, kv_col],
                 comp_start=comp_start, block_size=spec.block_size, clean_block_causal=spec.clean_block_causal,
-            ), self.attn_implementation, self.model.dtype)}
+            ), self.attn_implementation, unwrap_model(self.model).dtype)}
         mask = self._masks[key]
         has_seed = shift and new_clean > 0
         cols = [j + int(shift) for j in range(canvas_in - int(shift)) if need[j + int(shift)]]

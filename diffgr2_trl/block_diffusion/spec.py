@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from .wrappers import unwrap_model
+
 SPEC_KEY = "block_diffusion"
 
 
@@ -75,7 +77,9 @@ class BlockDiffusionSpec:
 
 
 def get_spec(model_or_config: Any) -> BlockDiffusionSpec:
-    """Read the spec from a (possibly PEFT-wrapped) model or its config; raise if it was never converted."""
+    """Read the spec from a (possibly PEFT-, DDP- or otherwise wrapped) model or its config; raise if it was never
+    converted."""
+    model_or_config = unwrap_model(model_or_config)
     config = getattr(model_or_config, "config", model_or_config)
     data = getattr(config, SPEC_KEY, None)
     if data is None:

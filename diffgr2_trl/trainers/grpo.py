@@ -126,20 +126,6 @@ def _checked_reward(func: Callable, name: str) -> Callable:
     return wrapper
 
 
-class _Unwrapped:
-    """A DDP-wrapped model whose forward goes through the wrapper (gradient sync) while attributes (``config``,
-    ``dtype``, ``get_output_embeddings``) come from the inner model, as the block-diffusion core expects."""
-
-    def __init__(self, wrapped, inner):
-        self._wrapped, self._inner = wrapped, inner
-
-    def __call__(self, *args, **kwargs):
-        return self._wrapped(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-
 class DiffusionGRPOTrainer(GRPOTrainer):
     """GRPO / DAPO / Dr.GRPO for block-diffusion LMs; same arguments as :class:`trl.GRPOTrainer`, plus
     ``validity_fn``.
@@ -266,15 +252,14 @@ class DiffusionGRPOTrainer(GRPOTrainer):
         # Later columns never influence earlier ones, so cut the canvas at the block boundary past the longest
         # completion: the rest of that block stays (it was visible to the block's later steps).
         width = min(ctx["canvas_ids"].shape[1], -(-logits_to_keep // bs) * bs)
-        inner = self.accelerator.unwrap_model(model)
-        scorer = _Unwrapped(model, inner) if inner is not model and not hasattr(model, "config") else model
         batch_size = batch_size or input_ids.shape[0]
         logps, entropies, forwards, streams = [], [], 0, 0
         for lo in range(0, input_ids.shape[0], batch_size):
             hi = min(lo + batch_size, input_ids.shape[0])
             with self.accelerator.autocast():
+                # `model` may be the DDP wrapper: the core calls it (gradient sync) and reads attributes inside it.
                 est = estimate_token_logprobs(
-                    scorer, self.args.likelihood_estimator,
+                    model, self.args.likelihood_estimator,
                     input_ids[lo:hi, :prompt_len], attention_mask[lo:hi, :prompt_len],
                     ctx["canvas_ids"][lo:hi, :width], ctx["step_map"][lo:hi, :width], self.spec,
                     temperature=self.temperature if self.temperature > 0 else 1.0,

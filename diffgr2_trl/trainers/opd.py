@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
-from trl.models.utils import _ForwardRedirection
 from trl.trainer.base_config import _BaseConfig
 from trl.trainer.base_trainer import _BaseTrainer
 
@@ -194,7 +193,6 @@ class OnPolicyDistillationTrainer(_BaseTrainer):
             model=model, args=args, data_collator=_identity, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=processing_class, callbacks=callbacks, optimizers=optimizers,
         )
-        self._forward_redirection = _ForwardRedirection()
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._times: dict[str, float] = {}
         # compute_loss returns a per-micro-batch mean: let Trainer divide it by the accumulation steps.
@@ -375,9 +373,9 @@ class OnPolicyDistillationTrainer(_BaseTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
         mode = "train" if self.model.training else "eval"
-        student = self.accelerator.unwrap_model(model)
-        # Run the replay inside the DDP wrapper's forward so gradient sync hooks fire (as TRL's distillation does).
-        logits = self._forward_redirection(model, student, self._student_logits, student, inputs)
+        # `model` may be the DDP wrapper: the replay calls it (so gradients are synchronised across processes) and
+        # reads attributes such as the LM head from the model inside.
+        logits = self._student_logits(model, inputs)
         if self.full_vocab:
             s_logp, t_logp = full_vocab_logprobs(logits, inputs["teacher_full_logprobs"], args.loss_temperature,
                                                  exclude_ids=self.student_only_ids)

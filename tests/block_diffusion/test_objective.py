@@ -151,3 +151,26 @@ def test_bad_inputs_raise_clear_errors(word_tokenizer):
         block_diffusion_loss(model, batch, get_spec(model))
     with pytest.raises(ValueError, match="block_size"):
         BlockDiffusionSpec(block_size=0)
+
+
+def test_wrapped_models_give_the_same_loss_and_replay(word_tokenizer):
+    """The core calls a wrapped model (DataParallel here; DDP, DeepSpeed and torch.compile alike) and reads
+    ``config``/``dtype``/the LM head from the model inside: same loss, same replay log-probs, same spec."""
+    from diffgr2_trl.block_diffusion import BlockDiffusionSampler, left_pad, unwrap_model
+    from diffgr2_trl.block_diffusion.likelihood import replay_logprobs
+
+    model, tok = converted(word_tokenizer, block_size=4)
+    wrapped = torch.nn.DataParallel(torch.compile(model))  # DataParallel without GPUs just calls the module
+    assert unwrap_model(wrapped) is model and unwrap_model(model) is model
+    assert not hasattr(wrapped, "config")  # what made the core fail under DDP
+    assert get_spec(wrapped) == get_spec(model)
+    spec = BlockDiffusionSpec.from_dict({**get_spec(model).to_dict(), "min_mask_ratio": 1.0})
+    ids, am, cm = random_batch(2, 12, 5)
+    batch = align_completions(ids, am, cm, block_size=4, pad_token_id=0)
+    plain, _ = block_diffusion_loss(torch.nn.DataParallel(model), batch, spec)  # eager: compile is slow on CPU
+    torch.testing.assert_close(plain, block_diffusion_loss(model, batch, spec)[0])
+    prompt, mask = left_pad([tok("sort 3 1 2 :", add_special_tokens=False).input_ids], tok.pad_token_id)
+    out = BlockDiffusionSampler(torch.nn.DataParallel(model)).generate(prompt, mask, max_new_tokens=8, tau=0.9)
+    for m in (model, torch.nn.DataParallel(model)):
+        lp = replay_logprobs(m, prompt, mask, out.canvas_ids, out.step_map, get_spec(m))
+        torch.testing.assert_close(lp[out.completion_mask], out.logprobs[out.completion_mask], atol=1e-5, rtol=0)

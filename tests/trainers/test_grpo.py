@@ -349,3 +349,23 @@ def test_grpo_cli_with_rerank_reward_path(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no function 'nope'"):
         main(["grpo", "--model", str(tmp_path / "model"), "--dataset", str(data), "--output_dir", str(out),
               "--reward_funcs", "rewards.rerank.nope", "--use_cpu", "--bf16", "false"])
+
+
+def test_qlora_trains_the_adapter_on_a_4bit_model(tmp_path):
+    """LoRA on a 4-bit nf4 policy (bitsandbytes, CPU): two steps update the adapter; log-probs stay finite."""
+    from peft import LoraConfig
+
+    from tests.helpers import is_4bit, quantized_sort_student
+
+    model, tok = quantized_sort_student(tmp_path / "base")
+    trainer = DiffusionGRPOTrainer(
+        model, reward_funcs=length_reward, processing_class=tok, train_dataset=_prompts(),
+        args=_config(tmp_path, max_steps=2, learning_rate=1e-2, temperature=1.0),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    assert is_4bit(trainer.model)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if n in before)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in logged)

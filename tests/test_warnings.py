@@ -1,0 +1,73 @@
+"""Known-harmless notices are filtered once (diffgr2_trl._warnings); anything else, and every error, still shows."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from diffgr2_trl._warnings import KNOWN_LOG_NOTICES, filter_known_warnings
+from tests.helpers import REPO, launch_env
+
+NOTICES = ["TRL currently supports vLLM versions", "Triton is installed, but doesn't include CPU backend",
+           "Failed to load CPU gemm_4bit_forward", "will be initialized from a multivariate normal"]
+
+
+def test_known_python_warnings_are_dropped_and_others_kept():
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        filter_known_warnings(force=True)  # catch_warnings restored the filters; install them again inside
+        warnings.warn("TRL currently supports vLLM versions from 0.22.0 to 0.31.0. You have version 0.32.0 installed.",
+                      UserWarning, stacklevel=1)
+        warnings.warn("TRL found a real problem", UserWarning, stacklevel=1)
+        warnings.warn("TRL currently supports vLLM versions from 0.22.0", DeprecationWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["TRL found a real problem", "TRL currently supports vLLM versions from 0.22.0"]
+
+
+@pytest.mark.parametrize("name,prefix", KNOWN_LOG_NOTICES)
+def test_known_log_notices_are_dropped_and_others_kept(name, prefix):
+    filter_known_warnings()
+    logger = logging.getLogger(name)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        logger.warning(prefix + " ... (the notice)")
+        logger.warning("something else went wrong")
+        logger.error(prefix + " ... (as an error)")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [r.getMessage() for r in records] == ["something else went wrong", prefix + " ... (as an error)"]
+
+
+@pytest.mark.slow
+def test_importing_the_trainers_and_converting_is_quiet():
+    """A fresh interpreter imports the trainers and converts a model: none of the known notices reach stderr, while
+    the same run with DIFFGR2_SHOW_ALL_WARNINGS=1 shows them (so the check is not vacuous). The package is first
+    imported inside ``catch_warnings``, as pytest's collection does, which discards the filters it installs."""
+    code = ("import warnings\n"
+            "with warnings.catch_warnings():\n"
+            "    import diffgr2_trl.modeling\n"
+            "import diffgr2_trl.trainers\n"
+            "from diffgr2_trl.block_diffusion import convert_to_block_diffusion\n"
+            "from diffgr2_trl.modeling import build_model\n"
+            "from diffgr2_trl.synthetic import sort_tokenizer\n"
+            "tok = sort_tokenizer()\n"
+            "convert_to_block_diffusion(build_model('qwen3', tokenizer=tok), tok, block_size=4)\n")
+    cmd = [sys.executable, "-W", "default", "-c", code]
+    quiet = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stderr=subprocess.PIPE, text=True)
+    loud = subprocess.Popen(cmd, cwd=REPO, env={**launch_env(), "DIFFGR2_SHOW_ALL_WARNINGS": "1"},
+                            stderr=subprocess.PIPE, text=True)
+    quiet_err, loud_err = quiet.communicate(timeout=300)[1], loud.communicate(timeout=300)[1]
+    assert quiet.returncode == 0 and loud.returncode == 0, quiet_err[-2000:] + loud_err[-2000:]
+    assert [n for n in NOTICES if n in quiet_err] == [], quiet_err[-3000:]
+    shown = [n for n in NOTICES if n in loud_err]
+    assert "will be initialized from a multivariate normal" in shown, loud_err[-3000:]
+    print("notices shown without the filters:", shown)
