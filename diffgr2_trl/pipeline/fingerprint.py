@@ -66,6 +66,11 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: obj}
 
 
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def describe_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
     """Human-readable differences between two stage input records (``key: old -> new``)."""
     if old is None:
@@ -76,7 +81,7 @@ def describe_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[st
         if key.startswith("upstream."):
             continue
         if a.get(key, "<unset>") != b.get(key, "<unset>"):
-            changes.append(f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}")
+            changes.append(f"{key}: {_short(a.get(key, '<unset>'))} -> {_short(b.get(key, '<unset>'))}")
     ups = sorted({k.split(".")[1] for k in set(a) | set(b) if k.startswith("upstream.") and a.get(k) != b.get(k)})
     if ups:
         changes.append(f"upstream stage(s) {', '.join(ups)} changed")

@@ -64,11 +64,22 @@ def test_prepare_writes_datasets_tokenizer_summary(prepared, capsys):
     assert prerank["splits"]["train"]["users"] > 3 * prerank["splits"]["test"]["users"]
     assert (prepared / "tokenizer" / "tokenizer.json").is_file()
     assert not [p for p in prepared.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
-    # Re-running on a complete directory skips the work.
+    # Re-running with the same inputs on a complete directory skips the work; other inputs are refused, by name.
     stamp = (prepared / "summary.json").stat().st_mtime_ns
-    assert main(["prepare", "--out", str(prepared), "--name", "Toy"]) == 0
+    argv = ["prepare", "--data_dir", str(prepared.parent / "data"), "--out", str(prepared), "--codebook_size", "4",
+            "--max_history", "5", "--vocab_size", "600", "--mid_rows", "40"]
+    assert main(argv) == 0
     assert "nothing to do" in capsys.readouterr().out
     assert (prepared / "summary.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match=r"other inputs \(options.max_history: 5 -> 6\).*--overwrite"):
+        main([*argv[:-5], "6", *argv[-4:]])
+    (prepared.parent / "data" / "Toy.txt").write_text((prepared.parent / "data" / "Toy.txt").read_text() + "999 1 2 3\n")
+    try:
+        with pytest.raises(ValueError, match=r"data.files"):
+            main(argv)
+    finally:
+        _write_toy(prepared.parent / "data")
+    assert main(argv) == 0
 
 
 def test_match_target_positions_follows_reference():
