@@ -207,18 +207,22 @@ def prepare_data(
               f"{full_ranking[pr]['valid'][f'NDCG@{n_candidates}']:.4f}", flush=True)
         lap(f"prerank_{pr}", t0)
     ndcg_key = f"NDCG@{n_candidates}"
-    chosen = max(prerankers, key=lambda p: full_ranking[p]["valid"][ndcg_key])
+    # Leave-one-out training rows need a pre-ranker that can drop a user's own future; the others are still
+    # fitted and reported, but cannot make the candidates then.
+    eligible = [p for p in prerankers if train_rows == "last" or getattr(models[p], "supports_held_out", False)]
+    if not eligible:
+        raise ValueError(f"train_rows='all_prefixes' needs a leave-one-out pre-ranker (transition) among {prerankers}; "
+                         "add it, or pass train_rows='last'.")
+    chosen = max(eligible, key=lambda p: full_ranking[p]["valid"][ndcg_key])
+    loo = getattr(models[chosen], "supports_held_out", False)
 
     t0 = time.perf_counter()
     examples: dict[str, list[dict]] = {}
     per_split: dict[str, dict] = {}
     for s in SPLITS:
         users, hists, targets, held_out = inputs[s]
-        if held_out is not None and not getattr(models[chosen], "supports_held_out", False):
-            raise ValueError(
-                f"The chosen pre-ranker {chosen!r} cannot score training prefixes leave-one-out; "
-                "use prerankers=('transition',) or pass it first."
-            )
+        if not loo:  # train_rows="last" with a pre-ranker that cannot leave one out: the old, optimistic candidates
+            held_out = None
         cands = recommend(models[chosen], hists, k=n_candidates, held_out=held_out)
         examples[s], ranks = build_examples(users, hists, targets, cands, history_len)
         kept = [r for r in ranks if r is not None]
@@ -245,7 +249,7 @@ def prepare_data(
 
     prerank = {
         "chosen": chosen,
-        "selection": f"best validation {ndcg_key}",
+        "selection": f"best validation {ndcg_key}" + ("" if train_rows == "last" else " among leave-one-out pre-rankers"),
         "n_candidates": n_candidates,
         "history_len": history_len,
         "full_ranking": full_ranking,
@@ -255,7 +259,8 @@ def prepare_data(
         "seed": seed,
         "train_rows": train_rows,
         **({"inputs": provenance} if provenance is not None else {}),
-        "train_candidates": "leave-one-out (the user's own transitions from the target on are removed)",
+        "train_candidates": "leave-one-out (the user's own transitions from the target on are removed)" if loo
+        else "from the pre-ranker fitted on the target's own transition (optimistic)",
         "torch_threads": torch.get_num_threads(),
     }
     print(f"prepare: candidates and semantic IDs done ({timings['total']:.0f} s)", flush=True)

@@ -126,6 +126,7 @@ def test_prepare_data_end_to_end(tmp_path):
         "stats.json",
         "test.jsonl",
         "train.jsonl",
+        "train_sequences.json",
         "valid.jsonl",
     ]
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # no temp dirs left behind
@@ -140,8 +141,8 @@ def test_prepare_data_end_to_end(tmp_path):
             assert len(r["candidates"]) == 10 and r["target"] in r["candidates"] and len(r["history"]) <= 3
             assert not set(r["history"]) & set(r["candidates"])
             train = split.train[r["user_id"]]
-            if name == "train":
-                assert r["target"] == train[-1] and r["history"] == train[:-1][-3:]
+            if name == "train":  # every prefix of the training items (all_prefixes), never a valid/test item
+                assert any(train[i] == r["target"] and train[:i][-3:] == r["history"] for i in range(1, len(train)))
             elif name == "valid":
                 assert r["target"] == seqs[r["user_id"]][-2] and r["history"] == train[-3:]
             else:

@@ -181,3 +181,19 @@ def test_batched_sft_tokenisation_matches_trl(tmp_path):
     ref = SFTTrainer(model=model, args=cfg, train_dataset=ours, processing_class=tok).train_dataset
     assert theirs["input_ids"] == ref["input_ids"] and theirs["labels"] == ref["labels"]
     assert json.dumps(ours[0]["completion_mask"]).count("1") > 0
+
+
+def test_candidates_come_from_a_leave_one_out_pre_ranker(tmp_path):
+    from diffgr2_trl.rerank.candidates import prepare_data
+
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "Toy.txt").write_text("\n".join(f"{u} " + " ".join(str(1 + (u * 7 + k) % 30) for k in range(6))
+                                         for u in range(1, 60)) + "\n")
+    (d / "Toy_item2attributes.json").write_text(json.dumps({str(i): [i % 3 + 1] for i in range(1, 31)}))
+    p = prepare_data(d, tmp_path / "a", prerankers=("popularity", "transition"), codebook_size=4, progress=False)
+    assert p.prerank["chosen"] == "transition" and "popularity" in p.prerank["full_ranking"]
+    with pytest.raises(ValueError, match="leave-one-out pre-ranker"):
+        prepare_data(d, tmp_path / "b", prerankers=("popularity",), codebook_size=4, progress=False)
+    last = prepare_data(d, tmp_path / "c", prerankers=("popularity",), codebook_size=4, train_rows="last", progress=False)
+    assert last.prerank["chosen"] == "popularity"
