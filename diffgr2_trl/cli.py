@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"diffgr2: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
         return 2
+    config = _config_path(rest)
+    if config is not None:
+        from .pipeline.validate import validate_config_file
+
+        validate_config_file(name, config)
     module = importlib.import_module(COMMANDS[name][0])
     if name in TRAINER_COMMANDS:
         rest = _cpu_defaults(rest)
@@ -58,6 +63,15 @@ def main(argv: list[str] | None = None) -> int:
 
 # Subcommands built on TRL configs, which default to bf16 and refuse to start on a machine without a GPU.
 TRAINER_COMMANDS = {"cft", "opd", "grpo"}
+
+
+def _config_path(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+    return None
 
 
 def _cpu_defaults(argv: list[str]) -> list[str]:
@@ -69,11 +83,10 @@ def _cpu_defaults(argv: list[str]) -> list[str]:
     if torch.cuda.is_available():
         return argv
     keys = {a.lstrip("-").split("=")[0] for a in argv if a.startswith("--")}
-    if "config" in keys:
+    path = _config_path(argv)
+    if path is not None:
         import yaml
 
-        i = next(i for i, a in enumerate(argv) if a.split("=")[0] == "--config")
-        path = argv[i].split("=", 1)[1] if "=" in argv[i] else argv[i + 1]
         try:
             with open(path) as f:
                 keys |= set(yaml.safe_load(f) or {})

@@ -31,7 +31,7 @@ def test_bad_arguments_and_config_keys(ar_model_dir, tmp_path):
         main(["convert", "--model", ar_model_dir, "--output", str(tmp_path / "x"), "--block-size", "0"])
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model: {ar_model_dir}\noutput: {tmp_path / 'y'}\nblock_sizee: 8\n")
-    with pytest.raises(ValueError, match="Unknown arguments from config file"):
+    with pytest.raises(ValueError, match="block_sizee is not an option of diffgr2 convert; did you mean 'block_size'"):
         main(["convert", "--config", str(cfg)])
     assert main(["nope"]) == 2
 
@@ -77,6 +77,9 @@ def test_console_errors_are_one_line_with_a_debug_escape(tmp_path, capsys, monke
         assert console_main(["evaluate", "--model", str(model), "--prepared", str(tmp_path)]) == 2
         err = capsys.readouterr().err
         assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 2
+    assert console_main(["cft", "--model_name_or_path", str(empty), "--dataset_name", str(tmp_path),
+                         "--output_dir", str(tmp_path / "o")]) == 2
+    assert "no model here" in capsys.readouterr().err
     # bad values are refused before any model loads (the model path here does not even exist)
     assert console_main(["evaluate", "--model", str(tmp_path / "nope"), "--prepared", str(tmp_path), "--tau", "2"]) == 2
     assert "--tau must be in (0, 1]" in capsys.readouterr().err

@@ -25,6 +25,9 @@ SECTION_ARGUMENTS: dict[str, tuple[str, ...]] = {
     "evaluate": ("diffgr2_trl.commands.evaluate:EvaluateArguments",),
     "decode": ("diffgr2_trl.commands.evaluate:EvaluateArguments",),
 }
+# subcommand -> the preset section whose argument classes it parses (for checking its --config files)
+COMMAND_SECTIONS = {"prepare": "prepare", "train-ar": "ar_sft", "convert": "convert", "cft": "cft", "opd": "opd",
+                    "grpo": "rl", "evaluate": "evaluate"}
 # keys read by the pipeline itself rather than passed to a subcommand
 PIPELINE_KEYS: dict[str, set[str]] = {"decode": {"taus"}, "evaluate": {"taus"}}
 
@@ -62,3 +65,31 @@ def validate_preset(preset: dict[str, Any], source: str) -> None:
                 problems.append(f"{section}.{key} is not an option" + (f"; did you mean {near[0]!r}?" if near else ""))
     if problems:
         raise UserError(f"{source}: " + "; ".join(problems) + ".")
+
+
+def validate_config_file(command: str, path: str) -> None:
+    """Check a subcommand's ``--config`` file key by key (closest valid key named), before the command runs."""
+    import yaml
+
+    section = COMMAND_SECTIONS.get(command)
+    if section is None:
+        return  # other subcommands: TrlParser's own check
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise UserError(f"--config {path}: {e.strerror}.") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"--config {path}: not valid YAML ({e}).") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: expected a mapping of options, got {type(values).__name__}.")
+    keys = _section_keys(section) - PIPELINE_KEYS.get(section, set())
+    if command == "train-ar":
+        keys.add("preset")
+    problems = []
+    for key in values:
+        if key not in keys:
+            near = difflib.get_close_matches(key, sorted(keys), n=1)
+            problems.append(f"{key} is not an option of diffgr2 {command}" + (f"; did you mean {near[0]!r}?" if near else ""))
+    if problems:
+        raise UserError(f"--config {path}: " + "; ".join(problems) + ".")
