@@ -1,10 +1,13 @@
-"""Resumable stages of the recipe: prepare -> AR SFT -> AR RL -> convert -> CFT -> OPD -> RL, each evaluated.
+"""Resumable stages of the recipe: prepare -> logistic baseline -> SID mid-training -> AR SFT -> AR RL -> convert ->
+CFT -> OPD -> RL, each evaluated on the same test rows.
 
 Every stage works in ``RUN/<stage>/`` and is *done* only once ``RUN/<stage>/stage.json`` exists; that marker is
 written atomically after the stage's outputs, so an interrupted stage is simply run again, and the training stages
 then resume from their last checkpoint (``checkpoint-*`` in the stage directory). Re-running the pipeline skips done
 stages and never deletes their outputs. Each stage calls the same ``diffgr2`` subcommand a user would, with its
-options written to ``RUN/<stage>/args.yaml`` (``--config``), so every stage can be reproduced by hand.
+options and paths written to ``RUN/<stage>/args.yaml`` (``--config``), so every stage can be reproduced by hand.
+A stage's record carries the fingerprint of its inputs (:mod:`.fingerprint`); a re-run never reuses a stage whose
+inputs changed (:func:`check_stage_inputs`).
 """
 
 from __future__ import annotations
