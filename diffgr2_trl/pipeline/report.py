@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..utils import atomic_write_text
+from .validate import DEFAULT_TARGETS
 
 # (row label, stage whose eval holds it); the pre-rank floor comes from any eval's "prerank" entry.
 TABLE_ROWS = [
@@ -129,8 +130,6 @@ def _fmt_ci(ci: dict | None) -> str:
     return f"{ci['diff'] * 100:+.1f} [{ci['lo'] * 100:+.1f}, {ci['hi'] * 100:+.1f}]"
 
 
-DEFAULT_TARGETS = {"teacher_valid": 0.99, "teacher_gain_points": 1.5, "final_vs_teacher": 0.98, "final_valid": 0.995,
-                   "naive_valid_max": 0.05, "speedup": 2.4}
 
 
 def _targets(evals: dict, floor: dict | None, decode_rows: list[dict], cis: dict, wanted: dict | None) -> list[dict]:
