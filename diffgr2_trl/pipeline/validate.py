@@ -45,6 +45,16 @@ def _section_keys(section: str) -> set[str]:
     return keys
 
 
+def _unknown_keys(values: dict, keys: set[str], describe) -> list[str]:
+    """One message per key of ``values`` not in ``keys``, with the closest valid key when there is one."""
+    problems = []
+    for key in values:
+        if key not in keys:
+            near = difflib.get_close_matches(key, sorted(keys), n=1)
+            problems.append(describe(key) + (f"; did you mean {near[0]!r}?" if near else ""))
+    return problems
+
+
 def validate_preset(preset: dict[str, Any], source: str) -> None:
     """Raise :class:`UserError` naming every unknown section or key of ``preset`` (with the closest valid key)."""
     known_sections = [*SECTION_ARGUMENTS, "targets"]
@@ -59,11 +69,7 @@ def validate_preset(preset: dict[str, Any], source: str) -> None:
         if not isinstance(values, dict):
             problems.append(f"{section}: expected a mapping of options, got {type(values).__name__}")
             continue
-        keys = _section_keys(section)
-        for key in values:
-            if key not in keys:
-                near = difflib.get_close_matches(key, sorted(keys), n=1)
-                problems.append(f"{section}.{key} is not an option" + (f"; did you mean {near[0]!r}?" if near else ""))
+        problems += _unknown_keys(values, _section_keys(section), lambda key, s=section: f"{s}.{key} is not an option")
     if problems:
         raise UserError(f"{source}: " + "; ".join(problems) + ".")
 
@@ -87,10 +93,6 @@ def validate_config_file(command: str, path: str) -> None:
     keys = _section_keys(section) - PIPELINE_KEYS.get(section, set())
     if command == "train-ar":
         keys.add("preset")
-    problems = []
-    for key in values:
-        if key not in keys:
-            near = difflib.get_close_matches(key, sorted(keys), n=1)
-            problems.append(f"{key} is not an option of diffgr2 {command}" + (f"; did you mean {near[0]!r}?" if near else ""))
+    problems = _unknown_keys(values, keys, lambda key: f"{key} is not an option of diffgr2 {command}")
     if problems:
         raise UserError(f"--config {path}: " + "; ".join(problems) + ".")
