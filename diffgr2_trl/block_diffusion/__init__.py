@@ -1,6 +1,7 @@
 """The model-agnostic block-diffusion core: pure torch, no Trainer."""
 
 from .convert import check_attention_honours_masks, convert_to_block_diffusion
+from .decoding import BlockDecodingConfig
 from .masks import allowed, dense_mask, flex_block_mask
 from .noise import mask_ratio, sample_noise_mask
 from .objective import AlignedBatch, align_completions, block_diffusion_loss
@@ -9,7 +10,7 @@ from .spec import BlockDiffusionSpec, get_spec, set_spec
 from .wrappers import unwrap_model
 
 __all__ = [
-    "AlignedBatch", "BlockDiffusionSampler", "BlockDiffusionSpec", "SamplerOutput", "align_completions", "allowed",
+    "AlignedBatch", "BlockDecodingConfig", "BlockDiffusionSampler", "BlockDiffusionSpec", "SamplerOutput", "align_completions", "allowed",
     "block_diffusion_loss", "check_attention_honours_masks", "convert_to_block_diffusion", "dense_mask",
     "flex_block_mask", "get_spec", "left_pad", "mask_ratio", "sample_noise_mask", "set_spec", "unwrap_model",
 ]

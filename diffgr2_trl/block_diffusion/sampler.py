@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from .decoding import BlockDecodingConfig
 from .masks import dense_mask, to_model_mask
 from .objective import check_positions
 from .spec import BlockDiffusionSpec, get_spec
@@ -73,38 +74,53 @@ class BlockDiffusionSampler:
     """Batched, left-padding aware parallel decoder for block-diffusion LMs.
 
     Args:
-        model: a converted model (its config carries the block-diffusion spec) or any causal LM with ``spec``.
+        model: a converted model (its config carries the block-diffusion spec) or any causal LM with ``spec``. May be
+            None when every :meth:`generate` call passes ``model=`` (trainers hand in the current policy each time).
         spec: overrides the model's spec (e.g. another block size at decode time for experiments).
-        pad_token_id / eos_token_id: default to the model config's. ``stop_token_ids`` of ``generate`` add more.
+        config: the decoding settings (:class:`~diffgr2_trl.block_diffusion.BlockDecodingConfig`; default: its
+            defaults). Keyword arguments of :meth:`generate` override them per call.
+        pad_token_id / eos_token_id: default to the model config's. ``config.stop_token_ids`` add more stop tokens.
         use_cache: keep the exact KV cache of committed tokens (default). ``False`` recomputes the whole
             sequence every step: slow, but the reference the cache is tested against.
 
     Example:
-        >>> sampler = BlockDiffusionSampler(model)
-        >>> out = sampler.generate(input_ids, attention_mask, max_new_tokens=128, tau=0.9)
+        >>> sampler = BlockDiffusionSampler(model, config=BlockDecodingConfig(max_completion_length=128, tau=0.9))
+        >>> out = sampler.generate(input_ids, attention_mask)
         >>> out.tokens_per_forward
     """
 
     def __init__(
         self,
-        model,
+        model=None,
         spec: BlockDiffusionSpec | None = None,
         *,
+        config: BlockDecodingConfig | None = None,
         pad_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
         use_cache: bool = True,
     ) -> None:
         self.model = model
-        self.spec = spec or get_spec(model)
-        if self.spec.mask_token_id < 0:
+        self.config = config if config is not None else BlockDecodingConfig()
+        self._spec = spec
+        self._pad_token_id = pad_token_id
+        self._eos_token_id = eos_token_id
+        self.use_cache = use_cache
+        if model is not None:
+            self._bind(model)
+
+    def _bind(self, model) -> None:
+        """Read the spec, special tokens and attention backend from ``model`` (the one the next forwards call)."""
+        self.model = model
+        spec = self._spec or get_spec(model)
+        if spec.mask_token_id < 0:
             raise ValueError("The block-diffusion spec has no mask_token_id; convert the model first.")
+        self.spec = spec
         config = unwrap_model(model).config
-        self.pad_token_id = pad_token_id if pad_token_id is not None else config.pad_token_id
-        eos = eos_token_id if eos_token_id is not None else config.eos_token_id
+        self.pad_token_id = self._pad_token_id if self._pad_token_id is not None else config.pad_token_id
+        eos = self._eos_token_id if self._eos_token_id is not None else config.eos_token_id
         self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
         if self.pad_token_id is None:
             self.pad_token_id = self.eos_token_ids[0] if self.eos_token_ids else 0
-        self.use_cache = use_cache
         self.attn_implementation = getattr(config, "_attn_implementation", "sdpa")
         if self.attn_implementation == "flex_attention":
             # Decode-time masks are tiny and change every step; the dense path is the right tool there.
@@ -117,38 +133,35 @@ class BlockDiffusionSampler:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         *,
-        max_new_tokens: int = 128,
-        tau: float | None = 0.9,
-        tokens_per_step: int | None = None,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        stop_token_ids: list[int] | None = None,
+        model=None,
         generator: torch.Generator | None = None,
+        **overrides,
     ) -> SamplerOutput:
         """Decode completions for a left-padded batch of prompts.
 
         Args:
-            tau: confidence threshold: each step commits every masked position whose confidence is >= tau, plus
-                the most confident one, so every step makes progress. Ignored when ``tokens_per_step`` is set.
-            tokens_per_step: fixed schedule: commit the ``k`` most confident positions per step.
-            temperature: 0 for greedy; otherwise sample from ``softmax(logits / temperature)`` (top-k filtered).
+            model: decode with this model instead of the one given at construction (e.g. the current policy).
+            generator: the random generator for sampling (``temperature > 0``).
+            **overrides: :class:`~diffgr2_trl.block_diffusion.BlockDecodingConfig` fields for this call only
+                (``max_completion_length``, ``tau``, ``tokens_per_step``, ``temperature``, ``top_k``, ``block_size``,
+                ``stop_token_ids``; ``max_new_tokens`` is a deprecated spelling of ``max_completion_length``).
         """
-        if tokens_per_step is None:
-            if tau is None or not (0.0 < tau <= 1.0):
-                raise ValueError(f"tau must be in (0, 1], got {tau!r}.")
-        elif tokens_per_step <= 0:
-            raise ValueError(f"tokens_per_step must be a positive integer, got {tokens_per_step!r}.")
-        if max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}.")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}.")
+        if model is not None and model is not self.model:
+            self._bind(model)
+        if self.model is None:
+            raise ValueError("BlockDiffusionSampler has no model: pass one at construction or generate(model=...).")
+        cfg = self.config.replace(**overrides) if overrides else self.config
+        spec = self.spec
+        if cfg.block_size is not None and cfg.block_size != spec.block_size:
+            spec = BlockDiffusionSpec.from_dict({**spec.to_dict(), "block_size": cfg.block_size})
+        max_new_tokens, tau, tokens_per_step = cfg.max_completion_length, cfg.tau, cfg.tokens_per_step
+        temperature, top_k, stop_token_ids = cfg.temperature, cfg.top_k, cfg.stop_token_ids
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.bool()
         if (attention_mask[:, -1] == 0).any():
             raise ValueError("Prompts must be left-padded (the last column must be real tokens for every row).")
         device = input_ids.device
-        spec = self.spec
         batch, prompt_len = input_ids.shape
         pads = (~attention_mask).sum(-1)
         check_positions(self.model, (prompt_len + max_new_tokens - 1 - pads).unsqueeze(-1))
@@ -188,7 +201,7 @@ class BlockDiffusionSampler:
                     canvas_logits, cols = seed_logits[:, None, :][:, :0], []
                 else:
                     new_seed, canvas_logits, cols, cached = self._forward(
-                        seq, valid, position_all, canvas, start, prompt_len, cached, cache, need
+                        seq, valid, position_all, canvas, start, prompt_len, cached, cache, need, spec
                     )
                     seed_logits = new_seed if new_seed is not None else seed_logits
                     forwards += 1
@@ -230,7 +243,7 @@ class BlockDiffusionSampler:
         )
 
     # ------------------------------------------------------------------ internals
-    def _forward(self, seq, valid, position_all, canvas, start, comp_start, cached, cache, need):
+    def _forward(self, seq, valid, position_all, canvas, start, comp_start, cached, cache, need, spec):
         """One denoising forward. Returns ``(seed_logits, canvas_logits, cols, new_cached)``.
 
         ``seed_logits`` (batch, V) predicts the block's first token with token shift; it is None when this forward
@@ -238,7 +251,6 @@ class BlockDiffusionSampler:
         V) predict the block columns ``cols``: only those in ``need`` (still masked in some row), since the LM head
         over a large vocabulary is a real share of a small forward.
         """
-        spec = self.spec
         device = seq.device
         shift = spec.token_shift
         ctx = cached if self.use_cache else 0
