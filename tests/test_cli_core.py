@@ -7,7 +7,7 @@ from transformers import AutoConfig
 
 from diffgr2_trl.cli import main
 from diffgr2_trl.modeling import build_model, build_word_tokenizer
-from tests.conftest import WORDS
+from tests.helpers import WORDS
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import random
 
 import numpy as np
 import pytest
-import torch
 
 from diffgr2_trl.rerank.candidates import build_examples, load_prepared, prepare_data
 from diffgr2_trl.rerank.data import leave_one_out
@@ -21,6 +20,8 @@ from diffgr2_trl.rerank.prerank import (
     evaluate_full_ranking,
     recommend,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_metrics_hand_computed():
@@ -56,13 +57,6 @@ def _synthetic(n_users=300, n_items=60, seed=0) -> dict[int, list[int]]:
     return seqs
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: on a shared 2-core box, 2 intra-op threads spin against other jobs (40 s vs 2 s for 15 epochs).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

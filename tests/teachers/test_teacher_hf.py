@@ -16,8 +16,7 @@ from diffgr2_trl.teachers import (
     check_vocab_compatible,
     load_teacher,
 )
-
-WORDS = [str(i) for i in range(32)] + ["sort", "copy", ":", "->", "think", "answer", "[", "]", ","]
+from tests.helpers import WORDS
 
 
 def _random_batch(vocab: int, lengths=(12, 30, 7, 50, 3), starts=(5, 10, 1, 49, 3), seed: int = 0):

@@ -4,7 +4,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from diffgr2_trl.block_diffusion import BlockDiffusionSampler, left_pad
 from diffgr2_trl.modeling import build_model
 from diffgr2_trl.synthetic import sort_dataset, sort_tokenizer
-from tests.conftest import SORT_SHAPE
+from tests.helpers import SMALL_SHAPE
 
 
 def decode_accuracy(model, tok, n=48, tau=0.9):
@@ -28,7 +28,7 @@ def test_cft_teaches_parallel_decoding(sort_cft_model_dir):
     from diffgr2_trl.block_diffusion import convert_to_block_diffusion
 
     tok2 = sort_tokenizer()
-    naive = build_model("qwen3", tokenizer=tok2, shape=SORT_SHAPE, seed=0)
+    naive = build_model("qwen3", tokenizer=tok2, shape=SMALL_SHAPE, seed=0)
     convert_to_block_diffusion(naive, tok2, block_size=4)
     acc0, tpf0 = decode_accuracy(naive, tok2)
     assert acc0 < 0.1 and tpf0 < 1.5
@@ -59,7 +59,7 @@ def test_cft_reduces_loss_with_grad_accumulation_and_resumes(tmp_path):
     from diffgr2_trl.trainers import BlockDiffusionConfig, BlockDiffusionTrainer
 
     tok = sort_tokenizer()
-    model = build_model("qwen3", tokenizer=tok, shape=SORT_SHAPE, seed=0)
+    model = build_model("qwen3", tokenizer=tok, shape=SMALL_SHAPE, seed=0)
     convert_to_block_diffusion(model, tok, block_size=4)
     common = dict(use_cpu=True, bf16=False, per_device_train_batch_size=8, gradient_accumulation_steps=2,
                   learning_rate=3e-3, logging_steps=1, report_to=[], save_steps=10, disable_tqdm=True, seed=0)
@@ -85,7 +85,7 @@ def test_rows_without_completion_are_rejected():
     from diffgr2_trl.trainers import BlockDiffusionConfig, BlockDiffusionTrainer
 
     tok = sort_tokenizer()
-    model = build_model("qwen3", tokenizer=tok, shape=SORT_SHAPE)
+    model = build_model("qwen3", tokenizer=tok, shape=SMALL_SHAPE)
     ds = Dataset.from_list([{"prompt": "sort 1 2 : ", "completion": "think 1 2 answer 1 2"},
                             {"prompt": "sort 2 1 : ", "completion": ""}])
     args = BlockDiffusionConfig("/tmp/unused", use_cpu=True, bf16=False, report_to=[], block_size=4)
@@ -104,7 +104,7 @@ def test_cft_with_lora_and_qlora(tmp_path):
     from diffgr2_trl.trainers import BlockDiffusionConfig, BlockDiffusionTrainer
 
     tok = sort_tokenizer()
-    base = build_model("qwen3", tokenizer=tok, shape=SORT_SHAPE, seed=0)
+    base = build_model("qwen3", tokenizer=tok, shape=SMALL_SHAPE, seed=0)
     convert_to_block_diffusion(base, tok, block_size=4)
     base.save_pretrained(tmp_path / "base")
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")

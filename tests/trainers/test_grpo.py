@@ -13,24 +13,18 @@ from diffgr2_trl.block_diffusion import BlockDiffusionSampler, convert_to_block_
 from diffgr2_trl.modeling import build_model
 from diffgr2_trl.synthetic import sort_dataset, sort_reward, sort_tokenizer
 from diffgr2_trl.trainers import DiffusionGRPOConfig, DiffusionGRPOTrainer
+from tests.helpers import SMALL_SHAPE, train_sort_cft
 
-from ..conftest import SORT_SHAPE, train_sort_cft
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROLLOUT = ("canvas_ids", "step_map", "estimator_seeds")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Four engineers share two cores: single-threaded BLAS is faster for these tiny models under contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _model(block_size: int = 4, seed: int = 0):
     tok = sort_tokenizer()
-    model = build_model("qwen3", tokenizer=tok, shape=SORT_SHAPE, seed=seed)
+    model = build_model("qwen3", tokenizer=tok, shape=SMALL_SHAPE, seed=seed)
     convert_to_block_diffusion(model, tok, block_size=block_size)
     return model, tok
 
@@ -316,7 +310,7 @@ def test_config_and_model_errors(tmp_path):
     with pytest.raises(ValueError, match="temperature and top_k only"):
         _config(tmp_path, top_p=0.9)
     tok = sort_tokenizer()
-    plain = build_model("qwen3", tokenizer=tok, shape=SORT_SHAPE, seed=0)
+    plain = build_model("qwen3", tokenizer=tok, shape=SMALL_SHAPE, seed=0)
     with pytest.raises(ValueError, match="not converted to block diffusion"):
         DiffusionGRPOTrainer(plain, reward_funcs=sort_reward, processing_class=tok, train_dataset=_prompts(),
                              args=_config(tmp_path))

@@ -25,19 +25,12 @@ from diffgr2_trl.teachers import (
 )
 from diffgr2_trl.trainers.opd import OnPolicyDistillationConfig, OnPolicyDistillationTrainer
 from diffgr2_trl.trainers.opd_loss import divergence, full_vocab_logprobs, topk_tail_logprobs
-from tests.conftest import SORT_SHAPE, TEACHER_SHAPE, WORDS
+from tests.helpers import SMALL_SHAPE, WORDS
 from tests.trainers.opd_helpers import SortRuleTeacher
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST = dict(use_cpu=True, bf16=False, report_to=[], disable_tqdm=True, logging_steps=1, save_strategy="no", seed=0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tiny models here are latency-bound; on a shared CPU one thread per process is faster than two.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def prompts(n: int, seed: int = 0) -> Dataset:
@@ -52,7 +45,7 @@ def weak_student_dir(tmp_path_factory) -> str:
     torch.manual_seed(0)
     path = str(tmp_path_factory.mktemp("weak-student"))
     tok = sort_tokenizer()
-    model = build_model("qwen3", tokenizer=tok, shape=SORT_SHAPE, seed=0)
+    model = build_model("qwen3", tokenizer=tok, shape=SMALL_SHAPE, seed=0)
     convert_to_block_diffusion(model, tok, block_size=4)
     args = BlockDiffusionConfig(path, max_steps=20, per_device_train_batch_size=64, learning_rate=5e-3,
                                 lr_scheduler_type="cosine", warmup_steps=5, **{**FAST, "logging_steps": 10})
@@ -192,7 +185,7 @@ def test_kl_is_zero_when_teacher_is_the_student(word_tokenizer, block_size):
 def test_opd_with_vllm_server_teacher(vllm_server, word_tokenizer):
     url, model_dir = vllm_server
     tok = copy.deepcopy(word_tokenizer)
-    model = build_model("qwen3", tokenizer=tok, shape=TEACHER_SHAPE, seed=1)
+    model = build_model("qwen3", tokenizer=tok, shape=SMALL_SHAPE, seed=1)
     convert_to_block_diffusion(model, tok, block_size=4)
     data = Dataset.from_list([{"prompt": "sort 3 1 2 :"}, {"prompt": "copy 4 5 :"}])
     args = OnPolicyDistillationConfig("/tmp/unused-opd", teacher_model=url, teacher_top_k=8, max_steps=2,
