@@ -101,7 +101,6 @@ def replay_logits(
         states, stream_of = list(range(_num_steps(step_map))), step_map
     per = max_streams_per_forward or len(states)
     cols = torch.arange(comp_start, n, device=canvas_ids.device)
-    first_of_block = ((cols - comp_start) % spec.block_size == 0)[None]
     hidden = None
     for lo in range(0, len(states), per):
         hi = min(lo + per, len(states))
@@ -115,10 +114,9 @@ def replay_logits(
         if hidden is None:  # the first chunk fills every position (never-committed ones included)
             hidden = gathered
             continue
-        in_chunk = (stream_of >= lo) & (stream_of < hi)
-        if spec.token_shift:
-            # block-start tokens come from the clean stream, identical in every chunk: taken from the first
-            in_chunk &= ~first_of_block
+        # Tokens read from the clean stream (a block's first, with token shift) see the same state in every chunk:
+        # they keep the first chunk's.
+        in_chunk = (stream_of >= lo) & (stream_of < hi) & (src >= n)
         hidden = torch.where(in_chunk.unsqueeze(-1), gathered, hidden)
     # The LM head runs once, on the T gathered states, rather than on every stream of every forward.
     logits = unwrap_model(model).get_output_embeddings()(hidden).float()
