@@ -44,8 +44,9 @@ def stream_columns(
     """Stream and column of every query and key of one forward: ``(q_stream, q_col, kv_stream, kv_col)``.
 
     The queries are the clean columns ``[clean_cols[0], clean_cols[1])`` (stream 0) followed by ``num_noisy`` noisy
-    streams ``1..num_noisy``, each covering the columns ``[noisy_cols[0], noisy_cols[1])``. The keys are the clean
-    columns ``[0, clean_cols[0])`` already in the KV cache (none for a full forward) followed by the queries.
+    streams ``1..num_noisy``, each covering the columns ``[noisy_cols[0], noisy_cols[1])`` (only completion columns:
+    a noisy copy of the prompt would be attended by nobody). The keys are the clean columns ``[0, clean_cols[0])``
+    already in the KV cache (none for a full forward) followed by the queries.
 
     A training / replay forward is ``stream_columns((0, N), (comp_start, N), K)``; a sampler step with ``cached``
     columns in the cache is ``stream_columns((cached, start), (start, start + width))``.
