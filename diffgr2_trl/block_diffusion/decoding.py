@@ -92,13 +92,26 @@ class BlockDecodingConfig:
     def replace(self, **overrides: Any) -> BlockDecodingConfig:
         """A copy with ``overrides`` applied (checked). ``max_new_tokens`` is accepted, deprecated, for
         ``max_completion_length``."""
-        if "max_new_tokens" in overrides:
-            value = overrides.pop("max_new_tokens")
-            if value is not None:
-                warnings.warn("max_new_tokens is deprecated; use max_completion_length (TRL's name).", FutureWarning,
-                              stacklevel=3)
-                overrides.setdefault("max_completion_length", value)
+        overrides = resolve_deprecated(overrides, stacklevel=2)
         unknown = sorted(set(overrides) - set(DECODING_FIELDS))
         if unknown:
             raise TypeError(f"Unknown decoding option(s) {unknown}; BlockDecodingConfig has {list(DECODING_FIELDS)}.")
         return BlockDecodingConfig.from_config(self, **overrides)
+
+
+def resolve_deprecated(overrides: dict[str, Any], *, stacklevel: int) -> dict[str, Any]:
+    """``overrides`` with deprecated option names mapped to the current ones (``max_new_tokens`` ->
+    ``max_completion_length``; the current name wins when both are given).
+
+    Each deprecated name used emits a ``FutureWarning`` attributed ``stacklevel`` frames up from the function that
+    calls this one (``stacklevel=2``: that function's caller), so the warning names the user's line, not ours.
+    """
+    if "max_new_tokens" not in overrides:
+        return overrides
+    overrides = dict(overrides)
+    value = overrides.pop("max_new_tokens")
+    if value is not None:
+        warnings.warn("max_new_tokens is deprecated; use max_completion_length (TRL's name).", FutureWarning,
+                      stacklevel=stacklevel + 1)
+        overrides.setdefault("max_completion_length", value)
+    return overrides

@@ -25,37 +25,19 @@ which is what lets the trainer compute old and new log-probs under the same rand
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .likelihood import replay_logits
+from .layout import exclude_mask_token, packed_layout, source_index
+from .likelihood import TokenLogprobs, replay_logprobs, score_tokens
 from .noise import sample_noise_mask
-from .objective import check_positions, multi_stream_logits, prediction_sources
+from .objective import check_positions, multi_stream_logits
 from .spec import BlockDiffusionSpec
 
 ESTIMATORS = ("trajectory_replay", "mean_field", "elbo")
 
 
-@dataclass
-class TokenLogprobs:
-    """What an estimator returns.
-
-    Attributes:
-        logps: ``(batch, T)`` per-token log-probability estimates (meaningless where ``step_map < 0``; mask them out).
-        entropies: ``(batch, T)`` entropy of the distribution each token was scored under, or None.
-        forward_passes: model forwards run for the batch (each sample takes part in every one).
-        streams: noisy streams packed into those forwards: each costs one completion-length of extra tokens, so
-            ``1 + streams / forward_passes`` is roughly the sequence-length multiple of a forward.
-    """
-
-    logps: torch.Tensor
-    entropies: torch.Tensor | None
-    forward_passes: int
-    streams: int
-
-
 def check_estimator(name: str) -> str:
+    """``name`` if it is one of :data:`ESTIMATORS`; raise ``ValueError`` listing them otherwise."""
     if name not in ESTIMATORS:
         raise ValueError(f"Unknown likelihood estimator {name!r}; expected one of {list(ESTIMATORS)}.")
     return name
@@ -69,38 +51,19 @@ def _row_generators(seeds: torch.Tensor | None, batch: int, device) -> list[torc
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds.tolist()]
 
 
-def _score(logits: torch.Tensor, targets: torch.Tensor, temperature: float, compute_entropy: bool):
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    logp_all = torch.log_softmax(logits.float(), -1)
-    logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if compute_entropy:
-        with torch.no_grad():
-            p = logp_all.exp()
-            entropy = -(p * logp_all.masked_fill(p == 0, 0.0)).sum(-1)
-    return logps, entropy
-
-
-def _layout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, canvas_ids: torch.Tensor):
-    clean = torch.cat([prompt_ids, canvas_ids], 1)
-    valid = torch.cat([prompt_mask.bool(), torch.ones_like(canvas_ids, dtype=torch.bool)], 1)
-    position_ids = (valid.long().cumsum(-1) - 1).clamp_min(0)
-    return clean, valid, position_ids
-
-
 def _masked_stream_logits(model, clean, valid, position_ids, comp_start, spec, noisy: list[torch.Tensor], per: int):
     """Logits ``(batch, K, T, V)`` predicting each completion column from each of the ``K`` noisy streams."""
     n = clean.shape[1]
     t = n - comp_start
+    cols = torch.arange(comp_start, n, device=clean.device)
     out = []
     for lo in range(0, len(noisy), per):
         chunk = noisy[lo : lo + per]
-        keep = torch.cat([prediction_sources(n, comp_start, spec, noisy_offset=n + k * t) for k in range(len(chunk))])
+        offsets = n + t * torch.arange(len(chunk), device=clean.device)[:, None]  # stream k starts at n + k * t
+        keep = source_index(cols, comp_start, spec, noisy_offset=offsets).flatten()
         logits = multi_stream_logits(model, clean, chunk, valid, position_ids, comp_start, spec, keep)
         out.append(logits.view(clean.shape[0], len(chunk), t, -1))
-    logits = torch.cat(out, 1)
-    return logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) == spec.mask_token_id, float("-inf"))
+    return exclude_mask_token(torch.cat(out, 1), spec.mask_token_id)
 
 
 def mean_field_logprobs(
@@ -117,11 +80,11 @@ def mean_field_logprobs(
         draw = torch.stack([torch.rand(comp_start, generator=g, device=prompt_ids.device) for g in gens])
         hide = (draw < prompt_mask_prob) & prompt_mask.bool()
         prompt_ids = prompt_ids.masked_fill(hide, spec.mask_token_id)
-    clean, valid, position_ids = _layout(prompt_ids, prompt_mask, canvas_ids)
+    clean, valid, position_ids = packed_layout(prompt_ids, prompt_mask, canvas_ids)
     check_positions(model, position_ids)
     noisy = [torch.full_like(canvas_ids, spec.mask_token_id)]
     logits = _masked_stream_logits(model, clean, valid, position_ids, comp_start, spec, noisy, per=1)[:, 0]
-    logps, entropy = _score(logits, canvas_ids, temperature, compute_entropy)
+    logps, entropy = score_tokens(logits, canvas_ids, temperature, compute_entropy)
     return TokenLogprobs(logps, entropy, forward_passes=1, streams=1)
 
 
@@ -155,14 +118,14 @@ def elbo_logprobs(
     """Per-token masked-diffusion ELBO over ``num_samples`` masks packed in one forward (see the module docstring)."""
     comp_start = prompt_ids.shape[1]
     masks = elbo_masks(canvas_ids, spec, num_samples, seeds)  # (B, K, T)
-    clean, valid, position_ids = _layout(prompt_ids, prompt_mask, canvas_ids)
+    clean, valid, position_ids = packed_layout(prompt_ids, prompt_mask, canvas_ids)
     check_positions(model, position_ids)
     noisy = [torch.where(masks[:, k], torch.full_like(canvas_ids, spec.mask_token_id), canvas_ids)
              for k in range(num_samples)]
     per = max_streams_per_forward or num_samples
     logits = _masked_stream_logits(model, clean, valid, position_ids, comp_start, spec, noisy, per)
     targets = canvas_ids.unsqueeze(1).expand(-1, num_samples, -1)
-    logps, entropy = _score(logits, targets, temperature, compute_entropy)
+    logps, entropy = score_tokens(logits, targets, temperature, compute_entropy)
     # With token shift a block's first token is predicted from the clean stream, the same in every draw: it is
     # scored identically whether or not it is "masked", and the pairs guarantee it is counted at least once.
     w = masks.float()
@@ -171,19 +134,6 @@ def elbo_logprobs(
     if entropy is not None:
         entropy = (entropy * w).sum(1) / count
     return TokenLogprobs(logps, entropy, forward_passes=-(-num_samples // per), streams=num_samples)
-
-
-def replay_token_logprobs(
-    model, prompt_ids, prompt_mask, canvas_ids, step_map, spec: BlockDiffusionSpec, *,
-    temperature: float = 1.0, compute_entropy: bool = False, max_streams_per_forward: int | None = None,
-) -> TokenLogprobs:
-    """Trajectory replay (:func:`~diffgr2_trl.block_diffusion.likelihood.replay_logits`) with entropies and costs."""
-    logits = replay_logits(model, prompt_ids, prompt_mask, canvas_ids, step_map, spec,
-                           max_streams_per_forward=max_streams_per_forward)
-    logps, entropy = _score(logits, canvas_ids, temperature, compute_entropy)
-    steps = max(int(step_map.max().item()) + 1 if step_map.numel() else 1, 1)
-    per = max_streams_per_forward or steps
-    return TokenLogprobs(logps, entropy, forward_passes=-(-steps // per), streams=steps)
 
 
 def estimate_token_logprobs(
@@ -213,9 +163,9 @@ def estimate_token_logprobs(
     """
     check_estimator(estimator)
     if estimator == "trajectory_replay":
-        return replay_token_logprobs(model, prompt_ids, prompt_mask, canvas_ids, step_map, spec,
-                                     temperature=temperature, compute_entropy=compute_entropy,
-                                     max_streams_per_forward=max_streams_per_forward)
+        return replay_logprobs(model, prompt_ids, prompt_mask, canvas_ids, step_map, spec,
+                               temperature=temperature, compute_entropy=compute_entropy,
+                               max_streams_per_forward=max_streams_per_forward)
     if estimator == "mean_field":
         return mean_field_logprobs(model, prompt_ids, prompt_mask, canvas_ids, spec, temperature=temperature,
                                    prompt_mask_prob=prompt_mask_prob, seeds=seeds, compute_entropy=compute_entropy)

@@ -8,27 +8,52 @@ steps are packed into one forward: noisy stream ``k`` holds, for every block, th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from .layout import apply_temperature, exclude_mask_token, packed_layout, source_index
 from .objective import check_positions, multi_stream_forward
 from .spec import BlockDiffusionSpec
 from .wrappers import unwrap_model
 
 
-def _lm_head(model):
-    return unwrap_model(model).get_output_embeddings()
+@dataclass
+class TokenLogprobs:
+    """Per-token log-probabilities of a completion, as :func:`replay_logprobs` and the estimators return them.
+
+    Attributes:
+        logps: ``(batch, T)`` per-token log-probability estimates (meaningless where ``step_map < 0``; mask them out).
+        entropies: ``(batch, T)`` entropy of the distribution each token was scored under, or None.
+        forward_passes: model forwards run for the batch (each sample takes part in every one).
+        streams: noisy streams packed into those forwards: each costs one completion-length of extra tokens, so
+            ``1 + streams / forward_passes`` is roughly the sequence-length multiple of a forward.
+    """
+
+    logps: torch.Tensor
+    entropies: torch.Tensor | None
+    forward_passes: int
+    streams: int
 
 
-def _source_index(n: int, comp_start: int, step_map: torch.Tensor, spec: BlockDiffusionSpec, copy_of_step):
-    """``(batch, T)`` index into ``[clean || noisy_1 ..]`` of the hidden state predicting each completion token."""
-    t = n - comp_start
-    cols = torch.arange(comp_start, n, device=step_map.device)
-    copy = copy_of_step(step_map)  # (batch, T) noisy stream (0-based) holding each token's state
-    if not spec.token_shift:
-        return n + copy * t + (cols - comp_start)
-    first = ((cols - comp_start) % spec.block_size == 0)[None]
-    noisy = n + copy * t + (cols - 1 - comp_start)
-    return torch.where(first, (cols - 1).expand_as(noisy), noisy)
+def score_tokens(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, compute_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(log p(target), entropy or None)`` under ``softmax(logits / temperature)`` (the mask token already
+    excluded by the caller). The entropy is a detached diagnostic."""
+    logp_all = torch.log_softmax(apply_temperature(logits, temperature).float(), -1)
+    logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if compute_entropy:
+        with torch.no_grad():
+            p = logp_all.exp()
+            entropy = -(p * logp_all.masked_fill(p == 0, 0.0)).sum(-1)
+    return logps, entropy
+
+
+def _num_steps(step_map: torch.Tensor) -> int:
+    """Denoising steps the deepest block took (at least 1, so an empty trajectory still has one state)."""
+    return max(int(step_map.max().item()) + 1 if step_map.numel() else 1, 1)
 
 
 def replay_logits(
@@ -60,49 +85,42 @@ def replay_logits(
     log-probabilities at the same weights.
     """
     comp_start = prompt_ids.shape[1]
-    clean = torch.cat([prompt_ids, canvas_ids], 1)
-    n = clean.shape[1]
-    valid = torch.cat([prompt_mask.bool(), torch.ones_like(canvas_ids, dtype=torch.bool)], 1)
-    position_ids = (valid.long().cumsum(-1) - 1).clamp_min(0)
+    clean, valid, position_ids = packed_layout(prompt_ids, prompt_mask, canvas_ids)
     check_positions(model, position_ids)
-    mask_id = spec.mask_token_id
-    head = _lm_head(model)
+    n, t = clean.shape[1], canvas_ids.shape[1]
+    # Each noisy stream holds, per token, the step whose canvas it shows (`states`); each token is read from the
+    # stream showing its commit state (`stream_of`). All steps: stream k shows step k everywhere. block_steps: the
+    # one stream shows each block at its drawn step, and every token is read from it.
     if block_steps is not None:
-        t = canvas_ids.shape[1]
-        state = block_steps.repeat_interleave(spec.block_size, dim=1)[:, :t]  # each position's block's step
+        state = block_steps.repeat_interleave(spec.block_size, dim=1)[:, :t]
         if state.shape != canvas_ids.shape:
             raise ValueError(f"block_steps has {block_steps.shape[1]} blocks; {t} completion tokens need "
                              f"{-(-t // spec.block_size)} at block size {spec.block_size}.")
-        noisy = torch.where((step_map < state) & (step_map >= 0), canvas_ids, torch.full_like(canvas_ids, mask_id))
-        out = multi_stream_forward(model, clean, [noisy], valid, position_ids, comp_start, spec,
-                                   logits_to_keep=1, output_hidden_states=True)
-        h = out.hidden_states[-1]
-        src = _source_index(n, comp_start, step_map, spec, torch.zeros_like)
-        hidden = h.gather(1, src.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-        logits = head(hidden).float()
-        return logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) == mask_id, float("-inf"))
-    num_steps = int(step_map.max().item()) + 1 if step_map.numel() else 0
-    num_steps = max(num_steps, 1)
-    per = max_streams_per_forward or num_steps
+        states, stream_of = [state], torch.zeros_like(step_map)
+    else:
+        states, stream_of = list(range(_num_steps(step_map))), step_map
+    per = max_streams_per_forward or len(states)
+    cols = torch.arange(comp_start, n, device=canvas_ids.device)
     hidden = None
-    for lo in range(0, num_steps, per):
-        hi = min(lo + per, num_steps)
-        noisy = [torch.where((step_map < k) & (step_map >= 0), canvas_ids, torch.full_like(canvas_ids, mask_id))
-                 for k in range(lo, hi)]
+    for lo in range(0, len(states), per):
+        hi = min(lo + per, len(states))
+        # the canvas a stream shows: tokens committed before its state's step, the rest still masked
+        noisy = [torch.where((step_map < s) & (step_map >= 0), canvas_ids, spec.mask_token_id) for s in states[lo:hi]]
         out = multi_stream_forward(model, clean, noisy, valid, position_ids, comp_start, spec,
                                    logits_to_keep=1, output_hidden_states=True)
         h = out.hidden_states[-1]
-        in_chunk = (step_map >= lo) & (step_map < hi)
-        if lo > 0 and spec.token_shift:
-            # block-start tokens come from the clean stream, identical in every chunk: take them once
-            in_chunk &= ((torch.arange(canvas_ids.shape[1], device=h.device) % spec.block_size) != 0)[None]
-        src = _source_index(n, comp_start, step_map, spec, lambda s, lo=lo, hi=hi: (s - lo).clamp(0, hi - lo - 1))
+        src = source_index(cols, comp_start, spec, noisy_offset=n + (stream_of - lo).clamp(0, hi - lo - 1) * t)
         gathered = h.gather(1, src.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-        hidden = gathered if hidden is None else torch.where(in_chunk.unsqueeze(-1), gathered, hidden)
-    logits = head(hidden).float()
-    return logits.masked_fill(
-        torch.arange(logits.shape[-1], device=logits.device) == mask_id, float("-inf")
-    )
+        if hidden is None:  # the first chunk fills every position (never-committed ones included)
+            hidden = gathered
+            continue
+        # Tokens read from the clean stream (a block's first, with token shift) see the same state in every chunk:
+        # they keep the first chunk's.
+        in_chunk = (stream_of >= lo) & (stream_of < hi) & (src >= n)
+        hidden = torch.where(in_chunk.unsqueeze(-1), gathered, hidden)
+    # The LM head runs once, on the T gathered states, rather than on every stream of every forward.
+    logits = unwrap_model(model).get_output_embeddings()(hidden).float()
+    return exclude_mask_token(logits, spec.mask_token_id)
 
 
 def sample_block_steps(
@@ -154,12 +172,18 @@ def replay_logprobs(
     spec: BlockDiffusionSpec,
     *,
     temperature: float = 1.0,
+    compute_entropy: bool = False,
     max_streams_per_forward: int | None = None,
-) -> torch.Tensor:
-    """``(batch, T)`` log-probability of each committed token under ``softmax(logits / temperature)`` at its
-    commit state (trajectory replay). Equals ``SamplerOutput.logprobs`` at the same weights."""
+) -> TokenLogprobs:
+    """Trajectory replay: log-probability of each committed token under ``softmax(logits / temperature)`` at its
+    commit state (:func:`replay_logits`), with entropies and the forward cost.
+
+    ``.logps`` equals ``SamplerOutput.logprobs`` at the same weights and temperature, inside ``completion_mask``.
+    It keeps the autograd graph (policy-gradient losses backpropagate through it).
+    """
     logits = replay_logits(model, prompt_ids, prompt_mask, canvas_ids, step_map, spec,
                            max_streams_per_forward=max_streams_per_forward)
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    return torch.log_softmax(logits, -1).gather(-1, canvas_ids.unsqueeze(-1)).squeeze(-1)
+    logps, entropy = score_tokens(logits, canvas_ids, temperature, compute_entropy)
+    steps = _num_steps(step_map)
+    per = max_streams_per_forward or steps
+    return TokenLogprobs(logps, entropy, forward_passes=-(-steps // per), streams=steps)

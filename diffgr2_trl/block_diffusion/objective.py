@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .layout import position_ids_of, source_index, stream_columns
 from .masks import dense_mask, flex_block_mask, to_model_mask
 from .noise import sample_noise_mask
 from .spec import BlockDiffusionSpec
@@ -86,25 +87,7 @@ def align_completions(
         completion[r, comp_start : comp_start + c.numel()] = True
         if segs is not None:
             segs[r, comp_start : comp_start + c.numel()] = s
-    position_ids = (valid.long().cumsum(-1) - 1).clamp_min(0)
-    return AlignedBatch(ids, valid, completion, position_ids, comp_start, segs)
-
-
-def prediction_sources(n: int, comp_start: int, spec: BlockDiffusionSpec, noisy_offset: int, clean_offset: int = 0):
-    """Index (in a multi-stream forward) of the hidden state that predicts each column ``comp_start..n-1``.
-
-    Noisy streams cover only the completion columns (a noisy copy of the prompt would be attended by nobody), so
-    column ``i`` of a noisy stream sits at ``noisy_offset + i - comp_start``; clean column ``i`` at
-    ``clean_offset + i``. With token shift the token at column ``i`` is predicted from column ``i - 1`` of the
-    same noisy stream, except at a block's first column, whose predecessor belongs to the previous (committed)
-    block: there the clean stream's ``i - 1`` is used, which has seen exactly the committed context, as an AR model
-    would. Without shift column ``i`` predicts itself from the noisy stream.
-    """
-    cols = torch.arange(comp_start, n)
-    if not spec.token_shift:
-        return noisy_offset + cols - comp_start
-    first = (cols - comp_start) % spec.block_size == 0
-    return torch.where(first, clean_offset + cols - 1, noisy_offset + cols - 1 - comp_start)
+    return AlignedBatch(ids, valid, completion, position_ids_of(valid), comp_start, segs)
 
 
 def check_positions(model, position_ids: torch.Tensor) -> None:
@@ -134,15 +117,9 @@ def multi_stream_forward(
     ``model`` may be wrapped (DDP, ...): the forward goes through the wrapper, attributes come from the model inside.
     """
     n = clean_ids.shape[1]
-    t = n - comp_start
-    k = len(noisy_ids)
-    device = clean_ids.device
     ids = torch.cat([clean_ids, *noisy_ids], dim=1)
-    stream = torch.cat([torch.zeros(n, dtype=torch.long, device=device),
-                        torch.arange(1, k + 1, device=device).repeat_interleave(t)])
-    col = torch.cat([torch.arange(n, device=device), torch.arange(comp_start, n, device=device).repeat(k)])
-    valid_all = torch.cat([valid, valid[:, comp_start:].repeat(1, k)], dim=1)
-    pos = torch.cat([position_ids, position_ids[:, comp_start:].repeat(1, k)], dim=1)
+    stream, col, _, _ = stream_columns((0, n), (comp_start, n), len(noisy_ids), device=clean_ids.device)
+    valid_all, pos = valid[:, col], position_ids[:, col]  # a noisy token shares its column's clean validity/position
     inner = unwrap_model(model)
     impl = getattr(inner.config, "_attn_implementation", "sdpa")
     layout = dict(comp_start=comp_start, block_size=spec.block_size, clean_block_causal=spec.clean_block_causal)
@@ -202,7 +179,7 @@ def block_diffusion_loss(
     if segment_weights is not None and batch.segment_ids is None:
         raise ValueError("segment_weights were given but the batch has no segment_ids.")
     n = clean.shape[1]
-    keep = prediction_sources(n, batch.comp_start, spec, noisy_offset=n)
+    keep = source_index(torch.arange(batch.comp_start, n, device=clean.device), batch.comp_start, spec, noisy_offset=n)
     weights_tok = (
         torch.tensor(segment_weights, dtype=torch.float32, device=clean.device)[seg]
         if segment_weights is not None

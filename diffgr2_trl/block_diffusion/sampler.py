@@ -9,12 +9,13 @@ and the cache only ever holds committed tokens, exactly as training's clean stre
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
-from .decoding import BlockDecodingConfig
+from .decoding import BlockDecodingConfig, resolve_deprecated
+from .layout import apply_temperature, exclude_mask_token, packed_layout, source_index, stream_columns
 from .masks import dense_mask, to_model_mask
 from .objective import check_positions
 from .spec import BlockDiffusionSpec, get_spec
@@ -68,6 +69,105 @@ def left_pad(sequences: list[list[int]], pad_token_id: int, device=None) -> tupl
         ids[r, width - len(s) :] = torch.as_tensor(s, dtype=torch.long)
         mask[r, width - len(s) :] = 1
     return ids, mask
+
+
+@dataclass
+class _DecodeState:
+    """Everything one :meth:`BlockDiffusionSampler.generate` call reads and writes while it decodes.
+
+    ``seq`` / ``valid`` / ``positions`` are ``(batch, P + T)``; the records are ``(batch, T)``, aligned with the
+    completion; ``canvas`` is the current block's ``(batch, width)`` and ``offset`` its first completion column.
+    """
+
+    seq: torch.Tensor
+    valid: torch.Tensor
+    positions: torch.Tensor
+    prompt_length: int
+    step_map: torch.Tensor
+    confidences: torch.Tensor
+    logprobs: torch.Tensor
+    finished: torch.Tensor
+    row_forwards: torch.Tensor
+    cache: DynamicCache | None
+    canvas: torch.Tensor | None = None
+    offset: int = 0
+    cached: int = 0  # columns [0, cached) are in the KV cache
+    forwards: int = 0
+    # The attention mask of the last (cached, start, width) layout: a block's later steps reuse its first's.
+    masks: dict = field(default_factory=dict)
+
+    def record(self, cols: list[int], commit: torch.Tensor, tokens: torch.Tensor, step: int,
+               confidence: torch.Tensor, logprob: torch.Tensor) -> None:
+        """Write ``tokens`` where ``commit`` (both over the block columns ``cols``) into the canvas and records."""
+        sub = self.canvas[:, cols]
+        sub[commit] = tokens[commit]
+        self.canvas[:, cols] = sub
+        span = slice(self.offset, self.offset + self.canvas.shape[1])
+        for record, values in ((self.step_map, torch.full_like(tokens, step)), (self.confidences, confidence),
+                               (self.logprobs, logprob)):
+            region = record[:, span]
+            chosen = region[:, cols]
+            chosen[commit] = values[commit].to(chosen.dtype)
+            region[:, cols] = chosen
+
+
+def _propose(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None):
+    """A token for every position: ``(tokens, confidence, logprob)``, each ``logits.shape[:-1]``.
+
+    Greedy (``temperature == 0``) takes the argmax, whose probability is its confidence. Sampling draws from
+    ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens; the confidence is the drawn
+    token's probability under that filtered distribution, the log-probability is under the unfiltered one (what
+    trajectory replay recomputes).
+    """
+    if temperature == 0:
+        # max and logsumexp give confidence and log-prob without materialising a softmax over the vocabulary.
+        top, tokens = logits.max(-1)
+        logprob = top - torch.logsumexp(logits, -1)
+        return tokens, logprob.exp(), logprob
+    scaled = apply_temperature(logits, temperature)
+    filtered = scaled
+    if top_k and top_k < scaled.shape[-1]:
+        kth = scaled.topk(top_k, -1).values[..., -1:]
+        filtered = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(filtered, -1)
+    tokens = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
+    confidence = probs.gather(-1, tokens[..., None]).squeeze(-1)
+    logprob = torch.log_softmax(scaled, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    return tokens, confidence, logprob
+
+
+def _select(confidence: torch.Tensor, masked: torch.Tensor, tau: float, tokens_per_step: int | None) -> torch.Tensor:
+    """Which masked positions to commit this step (bool, like ``masked``).
+
+    Fixed schedule: the ``tokens_per_step`` most confident. Threshold: every position with confidence ``>= tau``,
+    plus the most confident one, so each step commits at least one token and decoding always terminates.
+    """
+    score = confidence.masked_fill(~masked, -1.0)
+    if tokens_per_step is not None:
+        k = min(tokens_per_step, score.shape[1])
+        return torch.zeros_like(masked).scatter_(1, score.topk(k, -1).indices, True) & masked
+    commit = masked & (confidence >= tau)
+    commit.scatter_(1, score.argmax(-1, keepdim=True), True)
+    return commit & masked
+
+
+def _fill_after_stop(state: _DecodeState, stops: torch.Tensor, mask_token_id: int, step: int) -> None:
+    """Commit every still-masked position after a committed stop token of the block as a stop token.
+
+    Training fills the last block with EOS after EOS, so this is the model's own prediction, committed without
+    spending steps on it (confidence 1, log-probability 0).
+    """
+    if stops.numel() == 0:
+        return
+    canvas = state.canvas
+    is_stop = torch.isin(canvas, stops) & (canvas != mask_token_id)
+    after = (is_stop.long().cumsum(-1) - is_stop.long()) > 0
+    fill = after & (canvas == mask_token_id)
+    if fill.any():
+        span = slice(state.offset, state.offset + canvas.shape[1])
+        canvas[fill] = stops[0]
+        state.step_map[:, span][fill] = step
+        state.confidences[:, span][fill] = 1.0
 
 
 class BlockDiffusionSampler:
@@ -127,7 +227,6 @@ class BlockDiffusionSampler:
             self.attn_implementation = "sdpa"
 
     # ------------------------------------------------------------------ public API
-    @torch.no_grad()
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -137,15 +236,18 @@ class BlockDiffusionSampler:
         generator: torch.Generator | None = None,
         **overrides,
     ) -> SamplerOutput:
-        """Decode completions for a left-padded batch of prompts.
+        """Decode completions for a left-padded batch of prompts (no gradients).
 
         Args:
+            input_ids, attention_mask: ``(batch, P)`` left-padded prompts (``attention_mask`` None: no padding).
             model: decode with this model instead of the one given at construction (e.g. the current policy).
             generator: the random generator for sampling (``temperature > 0``).
             **overrides: :class:`~diffgr2_trl.block_diffusion.BlockDecodingConfig` fields for this call only
                 (``max_completion_length``, ``tau``, ``tokens_per_step``, ``temperature``, ``top_k``, ``block_size``,
                 ``stop_token_ids``; ``max_new_tokens`` is a deprecated spelling of ``max_completion_length``).
         """
+        # Resolved here, not in BlockDecodingConfig.replace, so the FutureWarning names the caller's line.
+        overrides = resolve_deprecated(overrides, stacklevel=2)
         if model is not None and model is not self.model:
             self._bind(model)
         if self.model is None:
@@ -154,194 +256,134 @@ class BlockDiffusionSampler:
         spec = self.spec
         if cfg.block_size is not None and cfg.block_size != spec.block_size:
             spec = BlockDiffusionSpec.from_dict({**spec.to_dict(), "block_size": cfg.block_size})
-        max_new_tokens, tau, tokens_per_step = cfg.max_completion_length, cfg.tau, cfg.tokens_per_step
-        temperature, top_k, stop_token_ids = cfg.temperature, cfg.top_k, cfg.stop_token_ids
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.bool()
         if (attention_mask[:, -1] == 0).any():
             raise ValueError("Prompts must be left-padded (the last column must be real tokens for every row).")
+        with torch.no_grad():
+            return self._decode(input_ids, attention_mask, cfg, spec, generator)
+
+    # ------------------------------------------------------------------ internals
+    def _decode(self, input_ids, attention_mask, cfg: BlockDecodingConfig, spec: BlockDiffusionSpec, generator):
+        """Blocks left to right; inside a block, denoising steps until no position is masked."""
         device = input_ids.device
         batch, prompt_len = input_ids.shape
-        pads = (~attention_mask).sum(-1)
-        check_positions(self.model, (prompt_len + max_new_tokens - 1 - pads).unsqueeze(-1))
-        stops = torch.tensor(sorted(set(self.eos_token_ids + list(stop_token_ids or []))), device=device, dtype=torch.long)
-
-        total = prompt_len + max_new_tokens
-        seq = torch.full((batch, total), self.pad_token_id, dtype=torch.long, device=device)
-        seq[:, :prompt_len] = input_ids
-        valid = torch.ones(batch, total, dtype=torch.bool, device=device)
-        valid[:, :prompt_len] = attention_mask
-        step_map = torch.full((batch, max_new_tokens), -1, dtype=torch.long, device=device)
-        confidences = torch.zeros(batch, max_new_tokens, device=device)
-        logprobs = torch.zeros(batch, max_new_tokens, device=device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        row_forwards = torch.zeros(batch, dtype=torch.long, device=device)
-        position_all = (torch.arange(total, device=device)[None] - pads[:, None]).clamp_min(0)
-
-        cache = DynamicCache() if self.use_cache else None
-        self._masks: dict = {}
-        cached = 0  # columns [0, cached) are in the KV cache
-        forwards = 0
+        length = cfg.max_completion_length
+        stops = torch.tensor(sorted(set(self.eos_token_ids + list(cfg.stop_token_ids or []))), device=device,
+                             dtype=torch.long)
+        seq, valid, positions = packed_layout(
+            input_ids, attention_mask, torch.full((batch, length), self.pad_token_id, dtype=torch.long, device=device)
+        )
+        check_positions(self.model, positions)
+        state = _DecodeState(
+            seq=seq, valid=valid, positions=positions, prompt_length=prompt_len,
+            step_map=torch.full((batch, length), -1, dtype=torch.long, device=device),
+            confidences=torch.zeros(batch, length, device=device),
+            logprobs=torch.zeros(batch, length, device=device),
+            finished=torch.zeros(batch, dtype=torch.bool, device=device),
+            row_forwards=torch.zeros(batch, dtype=torch.long, device=device),
+            cache=DynamicCache() if self.use_cache else None,
+        )
+        shift = spec.token_shift
+        total = prompt_len + length
         end = prompt_len
         for start in range(prompt_len, total, spec.block_size):
             end = min(start + spec.block_size, total)
-            width = end - start
-            canvas = torch.full((batch, width), spec.mask_token_id, dtype=torch.long, device=device)
-            canvas[finished] = self.pad_token_id
-            seed_logits = None
+            state.offset = start - prompt_len
+            state.canvas = torch.full((batch, end - start), spec.mask_token_id, dtype=torch.long, device=device)
+            state.canvas[state.finished] = self.pad_token_id
+            seed_logits = None  # with token shift: the block's first token's logits, from the committed context
             step = 0
-            while True:
-                masked = canvas == spec.mask_token_id
-                if not masked.any():
-                    break
+            while (masked := state.canvas == spec.mask_token_id).any():
                 need = masked.any(0)  # block columns some row still has to predict
-                if spec.token_shift and seed_logits is not None and not need[1:].any():
+                if shift and seed_logits is not None and not need[1:].any():
                     # Only the first position is left and its prediction comes from the committed context alone.
                     canvas_logits, cols = seed_logits[:, None, :][:, :0], []
                 else:
-                    new_seed, canvas_logits, cols, cached = self._forward(
-                        seq, valid, position_all, canvas, start, prompt_len, cached, cache, need, spec
-                    )
+                    new_seed, canvas_logits, cols = self._forward(state, start, need, spec)
                     seed_logits = new_seed if new_seed is not None else seed_logits
-                    forwards += 1
-                    row_forwards += (~finished).long()
-                if spec.token_shift and need[0]:
+                    state.forwards += 1
+                    state.row_forwards += (~state.finished).long()
+                if shift and need[0]:
                     logits, cols = torch.cat([seed_logits[:, None], canvas_logits], 1), [0, *cols]
                 else:
                     logits = canvas_logits
-                self._commit(
-                    logits, cols, canvas, masked, step, start - prompt_len, stops,
-                    tau, tokens_per_step, temperature, top_k, generator, step_map, confidences, logprobs,
+                tokens, confidence, logprob = _propose(
+                    exclude_mask_token(logits, spec.mask_token_id), cfg.temperature, cfg.top_k, generator
                 )
+                commit = _select(confidence, masked[:, cols], cfg.tau, cfg.tokens_per_step)
+                state.record(cols, commit, tokens, step, confidence, logprob)
+                _fill_after_stop(state, stops, spec.mask_token_id, step)
                 step += 1
-            seq[:, start:end] = canvas
-            finished |= torch.isin(canvas, stops).any(-1)
-            if finished.all():
+            state.seq[:, start:end] = state.canvas
+            state.finished |= torch.isin(state.canvas, stops).any(-1)
+            if state.finished.all():
                 break
+        return self._output(state, input_ids, end, stops)
 
-        raw = seq[:, prompt_len:end]
-        gen = raw
-        t = gen.shape[1]
-        is_stop = torch.isin(gen, stops)
+    def _output(self, state: _DecodeState, input_ids, end: int, stops: torch.Tensor) -> SamplerOutput:
+        """Cut the records to the columns decoded and pad everything after each row's first stop token."""
+        raw = state.seq[:, state.prompt_length : end]
+        t = raw.shape[1]
+        is_stop = torch.isin(raw, stops)
         after_stop = (is_stop.long().cumsum(-1) - is_stop.long()) > 0
-        completion_mask = ~after_stop
-        never = step_map[:, :t] < 0
-        completion_mask &= ~never
-        gen = gen.masked_fill(~completion_mask, self.pad_token_id)
+        completion_mask = ~after_stop & (state.step_map[:, :t] >= 0)
+        completion = raw.masked_fill(~completion_mask, self.pad_token_id)
         return SamplerOutput(
-            sequences=torch.cat([input_ids, gen], 1),
-            completion_ids=gen,
+            sequences=torch.cat([input_ids, completion], 1),
+            completion_ids=completion,
             canvas_ids=raw,
             completion_mask=completion_mask,
-            step_map=step_map[:, :t],
-            confidences=confidences[:, :t],
-            logprobs=logprobs[:, :t],
-            forward_passes=forwards,
-            row_forward_passes=row_forwards,
-            prompt_length=prompt_len,
+            step_map=state.step_map[:, :t],
+            confidences=state.confidences[:, :t],
+            logprobs=state.logprobs[:, :t],
+            forward_passes=state.forwards,
+            row_forward_passes=state.row_forwards,
+            prompt_length=state.prompt_length,
         )
 
-    # ------------------------------------------------------------------ internals
-    def _forward(self, seq, valid, position_all, canvas, start, comp_start, cached, cache, need, spec):
-        """One denoising forward. Returns ``(seed_logits, canvas_logits, cols, new_cached)``.
+    def _forward(self, state: _DecodeState, start: int, need: torch.Tensor, spec: BlockDiffusionSpec):
+        """One denoising forward. Returns ``(seed_logits, canvas_logits, cols)``.
 
         ``seed_logits`` (batch, V) predicts the block's first token with token shift; it is None when this forward
         had no new clean tokens (later steps of a block reuse the first step's). ``canvas_logits`` (batch, len(cols),
         V) predict the block columns ``cols``: only those in ``need`` (still masked in some row), since the LM head
         over a large vocabulary is a real share of a small forward.
         """
-        device = seq.device
-        shift = spec.token_shift
-        ctx = cached if self.use_cache else 0
-        new_clean = start - ctx
+        device = state.seq.device
+        shift = int(spec.token_shift)
+        ctx = state.cached if self.use_cache else 0  # columns the forward does not recompute
         # With shift, the canvas's last column only matters as a key for the other canvas columns: a one-token
         # block needs no canvas at all (block size 1 is plain AR decoding).
-        width = canvas.shape[1]
+        width = state.canvas.shape[1]
         canvas_in = width if (not shift or width > 1) else 0
-        q_col = torch.cat([torch.arange(ctx, start, device=device), torch.arange(start, start + canvas_in, device=device)])
-        q_stream = (q_col >= start).long()
-        kv_col = torch.cat([torch.arange(ctx, device=device), q_col])
-        kv_stream = torch.cat([torch.zeros(ctx, dtype=torch.long, device=device), q_stream])
+        q_stream, q_col, kv_stream, kv_col = stream_columns((ctx, start), (start, start + canvas_in), device=device)
         key = (ctx, start, canvas_in)
-        if key not in self._masks:  # later steps of a block reuse the same pattern
-            self._masks = {key: to_model_mask(dense_mask(
-                q_stream, q_col, kv_stream, kv_col, valid[:, kv_col],
-                comp_start=comp_start, block_size=spec.block_size, clean_block_causal=spec.clean_block_causal,
+        if key not in state.masks:
+            state.masks = {key: to_model_mask(dense_mask(
+                q_stream, q_col, kv_stream, kv_col, state.valid[:, kv_col],
+                comp_start=state.prompt_length, block_size=spec.block_size,
+                clean_block_causal=spec.clean_block_causal,
             ), self.attn_implementation, unwrap_model(self.model).dtype)}
-        mask = self._masks[key]
-        has_seed = shift and new_clean > 0
-        cols = [j + int(shift) for j in range(canvas_in - int(shift)) if need[j + int(shift)]]
-        keep = ([new_clean - 1] if has_seed else []) + [new_clean + c - int(shift) for c in cols]
+        has_seed = bool(shift) and start > ctx
+        cols = [c for c in range(shift, canvas_in) if need[c]]
+        # Queries are the clean columns [ctx, start) then the canvas: both offsets are shifted by the cached columns.
+        predicted = torch.tensor(([0] if has_seed else []) + cols, dtype=torch.long, device=device) + start
+        keep = source_index(predicted, state.prompt_length, spec,
+                            noisy_offset=state.prompt_length - ctx, clean_offset=-ctx)
         out = self.model(
-            input_ids=torch.cat([seq[:, ctx:start], canvas[:, :canvas_in]], 1),
-            attention_mask=mask,
-            position_ids=position_all[:, q_col],
-            past_key_values=cache,
+            input_ids=torch.cat([state.seq[:, ctx:start], state.canvas[:, :canvas_in]], 1),
+            attention_mask=state.masks[key],
+            position_ids=state.positions[:, q_col],
+            past_key_values=state.cache,
             use_cache=self.use_cache,
-            logits_to_keep=torch.tensor(keep, device=device, dtype=torch.long),
+            logits_to_keep=keep,
         )
         logits = out.logits.float()
         if self.use_cache:
             if canvas_in:
-                cache.crop(-canvas_in)
-            cached = start
+                state.cache.crop(-canvas_in)  # only committed (clean) tokens stay in the cache
+            state.cached = start
         if has_seed:
-            return logits[:, 0], logits[:, 1:], cols, cached
-        return None, logits, cols, cached
-
-    def _commit(
-        self, logits, cols, canvas, masked, step, offset, stops,
-        tau, tokens_per_step, temperature, top_k, generator, step_map, confidences, logprobs,
-    ):
-        """Pick tokens for the masked positions among block columns ``cols`` (``logits`` is ``(batch, len(cols),
-        V)``) and commit per the schedule, in place on ``canvas`` and the records."""
-        full_masked, masked = masked, masked[:, cols]
-        logits[..., self.spec.mask_token_id] = float("-inf")
-        scaled = logits / temperature if temperature > 0 else logits
-        if temperature == 0:
-            # Greedy: max and logsumexp give confidence and log-prob without materialising a softmax.
-            top, tokens = logits.max(-1)
-            tok_logp = top - torch.logsumexp(logits, -1)
-            conf = tok_logp.exp()
-        else:
-            logp = torch.log_softmax(scaled, -1)
-            filt = scaled
-            if top_k is not None and top_k < filt.shape[-1]:
-                kth = filt.topk(top_k, -1).values[..., -1:]
-                filt = filt.masked_fill(filt < kth, float("-inf"))
-            probs = torch.softmax(filt, -1)
-            flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-            tokens = flat.view(probs.shape[:-1])
-            conf = probs.gather(-1, tokens[..., None]).squeeze(-1)
-            tok_logp = logp.gather(-1, tokens[..., None]).squeeze(-1)
-        score = conf.masked_fill(~masked, -1.0)
-        if tokens_per_step is not None:
-            k = min(tokens_per_step, score.shape[1])
-            commit = torch.zeros_like(masked).scatter_(1, score.topk(k, -1).indices, True) & masked
-        else:
-            commit = masked & (conf >= tau)
-            best = score.argmax(-1, keepdim=True)
-            commit.scatter_(1, best, True)
-            commit &= masked
-        sub = canvas[:, cols]
-        sub[commit] = tokens[commit]
-        canvas[:, cols] = sub
-        span = slice(offset, offset + canvas.shape[1])
-        for record, values in ((step_map, torch.full_like(tokens, step)), (confidences, conf), (logprobs, tok_logp)):
-            region = record[:, span]
-            chosen = region[:, cols]
-            chosen[commit] = values[commit].to(chosen.dtype)
-            region[:, cols] = chosen
-        del full_masked
-        # Everything after a committed stop token in this block is a stop token too: training fills the last block
-        # with EOS after EOS, so this is the model's own prediction, committed without spending steps on it.
-        if stops.numel() == 0:
-            return
-        is_stop = torch.isin(canvas, stops) & (canvas != self.spec.mask_token_id)
-        after = (is_stop.long().cumsum(-1) - is_stop.long()) > 0
-        fill = after & (canvas == self.spec.mask_token_id)
-        if fill.any():
-            canvas[fill] = stops[0]
-            step_map[:, span][fill] = step
-            confidences[:, span][fill] = 1.0
+            return logits[:, 0], logits[:, 1:], cols
+        return None, logits, cols

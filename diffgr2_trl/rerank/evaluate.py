@@ -110,7 +110,7 @@ def make_block_decode(tau: float | None = 0.9, **sampler_kwargs: Any) -> DecodeF
 
         enc = _encode_left(tokenizer, prompts, model.device)
         out = BlockDiffusionSampler(model, **sampler_kwargs).generate(
-            enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens, tau=tau
+            enc["input_ids"], enc["attention_mask"], max_completion_length=max_new_tokens, tau=tau
         )
         mask = out.completion_mask.bool()
         texts = tokenizer.batch_decode(

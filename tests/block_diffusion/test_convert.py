@@ -24,7 +24,7 @@ def test_convert_adds_mask_token_and_round_trips(word_tokenizer, arch, tmp_path)
     assert tok2.mask_token_id == spec.mask_token_id
     # the naive conversion loads and decodes
     ids, am = left_pad([[5, 6, 7]], tok.pad_token_id)
-    out = BlockDiffusionSampler(loaded).generate(ids, am, max_new_tokens=8, tau=0.9)
+    out = BlockDiffusionSampler(loaded).generate(ids, am, max_completion_length=8, tau=0.9)
     assert out.completion_ids.shape[1] <= 8 and out.forward_passes >= 1
 
 

@@ -16,10 +16,10 @@ PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [13]]
 def test_replay_equals_the_samplers_logprobs(word_tokenizer, block_size, kw, streams):
     model, tok = converted(word_tokenizer, block_size=block_size)
     ids, am = left_pad(PROMPTS, tok.pad_token_id)
-    out = BlockDiffusionSampler(model).generate(ids, am, max_new_tokens=13, generator=torch.Generator().manual_seed(0), **kw)
+    out = BlockDiffusionSampler(model).generate(ids, am, max_completion_length=13, generator=torch.Generator().manual_seed(0), **kw)
     assert out.step_map.max() >= 2  # several steps per block, or the test would prove little
     lp = replay_logprobs(model, ids, am, out.canvas_ids, out.step_map, get_spec(model),
-                         temperature=kw.get("temperature") or 1.0, max_streams_per_forward=streams)
+                         temperature=kw.get("temperature") or 1.0, max_streams_per_forward=streams).logps
     ok = out.completion_mask
     assert torch.allclose(lp[ok], out.logprobs[ok], atol=1e-5)
 
@@ -27,8 +27,8 @@ def test_replay_equals_the_samplers_logprobs(word_tokenizer, block_size, kw, str
 def test_replay_has_gradients(word_tokenizer):
     model, tok = converted(word_tokenizer, block_size=4)
     ids, am = left_pad(PROMPTS, tok.pad_token_id)
-    out = BlockDiffusionSampler(model).generate(ids, am, max_new_tokens=8, tau=0.5)
-    lp = replay_logprobs(model, ids, am, out.canvas_ids, out.step_map, get_spec(model))
+    out = BlockDiffusionSampler(model).generate(ids, am, max_completion_length=8, tau=0.5)
+    lp = replay_logprobs(model, ids, am, out.canvas_ids, out.step_map, get_spec(model)).logps
     lp[out.completion_mask].sum().backward()
     assert model.get_input_embeddings().weight.grad.abs().sum() > 0
 
@@ -36,8 +36,8 @@ def test_replay_has_gradients(word_tokenizer):
 def test_block_size_one_replay_is_ar_loglikelihood(word_tokenizer):
     model, tok = converted(word_tokenizer, block_size=1)
     ids, am = left_pad(PROMPTS, tok.pad_token_id)
-    out = BlockDiffusionSampler(model, eos_token_id=[]).generate(ids, am, max_new_tokens=6, tau=0.9)
-    lp = replay_logprobs(model, ids, am, out.canvas_ids, out.step_map, get_spec(model))
+    out = BlockDiffusionSampler(model, eos_token_id=[]).generate(ids, am, max_completion_length=6, tau=0.9)
+    lp = replay_logprobs(model, ids, am, out.canvas_ids, out.step_map, get_spec(model)).logps
     for r, p in enumerate(PROMPTS):
         seq = torch.tensor([p + out.canvas_ids[r].tolist()])
         logits = model(input_ids=seq).logits[0, len(p) - 1 : -1].float()

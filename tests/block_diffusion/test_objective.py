@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from diffgr2_trl.block_diffusion import BlockDiffusionSpec, align_completions, block_diffusion_loss, get_spec
-from diffgr2_trl.block_diffusion.objective import multi_stream_logits, prediction_sources
+from diffgr2_trl.block_diffusion.layout import source_index
+from diffgr2_trl.block_diffusion.objective import multi_stream_logits
 from tests.helpers import converted, random_batch
 
 
@@ -51,7 +52,7 @@ def per_token_ce(model, batch, spec, masked):
     n = batch.input_ids.shape[1]
     noisy = torch.where(masked, torch.full_like(batch.input_ids, spec.mask_token_id), batch.input_ids)
     noisy = noisy[:, batch.comp_start:]
-    keep = prediction_sources(n, batch.comp_start, spec, n)
+    keep = source_index(torch.arange(batch.comp_start, n), batch.comp_start, spec, noisy_offset=n)
     logits = multi_stream_logits(model, batch.input_ids, [noisy], batch.valid, batch.position_ids, batch.comp_start, spec, keep)
     return F.cross_entropy(logits.transpose(1, 2), batch.input_ids[:, batch.comp_start:], reduction="none")
 
@@ -114,7 +115,7 @@ def test_a_later_block_never_changes_an_earlier_blocks_logits(word_tokenizer):
     masked = batch.completion.clone()
     masked[0, batch.comp_start + 8 :: 2] = False  # block 2's canvas shows some of its own (changed) tokens
     n = batch.input_ids.shape[1]
-    keep = prediction_sources(n, batch.comp_start, spec, n)
+    keep = source_index(torch.arange(batch.comp_start, n), batch.comp_start, spec, noisy_offset=n)
 
     def logits(clean):
         noisy = torch.where(masked, torch.full_like(clean, spec.mask_token_id), clean)[:, batch.comp_start:]
@@ -170,7 +171,7 @@ def test_wrapped_models_give_the_same_loss_and_replay(word_tokenizer):
     plain, _ = block_diffusion_loss(torch.nn.DataParallel(model), batch, spec)  # eager: compile is slow on CPU
     torch.testing.assert_close(plain, block_diffusion_loss(model, batch, spec)[0])
     prompt, mask = left_pad([tok("sort 3 1 2 :", add_special_tokens=False).input_ids], tok.pad_token_id)
-    out = BlockDiffusionSampler(torch.nn.DataParallel(model)).generate(prompt, mask, max_new_tokens=8, tau=0.9)
+    out = BlockDiffusionSampler(torch.nn.DataParallel(model)).generate(prompt, mask, max_completion_length=8, tau=0.9)
     for m in (model, torch.nn.DataParallel(model)):
-        lp = replay_logprobs(m, prompt, mask, out.canvas_ids, out.step_map, get_spec(m))
+        lp = replay_logprobs(m, prompt, mask, out.canvas_ids, out.step_map, get_spec(m)).logps
         torch.testing.assert_close(lp[out.completion_mask], out.logprobs[out.completion_mask], atol=1e-5, rtol=0)

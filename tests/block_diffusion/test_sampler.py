@@ -15,7 +15,7 @@ def spec_like(model, **kw):
 def test_block_size_one_reproduces_generate_greedy(word_tokenizer, arch):
     model, tok = converted(word_tokenizer, arch, block_size=1)
     ids, am = left_pad(PROMPTS, tok.pad_token_id)
-    out = BlockDiffusionSampler(model, eos_token_id=[]).generate(ids, am, max_new_tokens=12, tau=0.9)
+    out = BlockDiffusionSampler(model, eos_token_id=[]).generate(ids, am, max_completion_length=12, tau=0.9)
     ref = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=12, do_sample=False,
                          pad_token_id=tok.pad_token_id, eos_token_id=None)
     assert torch.equal(out.completion_ids, ref[:, ids.shape[1]:])
@@ -33,7 +33,7 @@ def test_cache_equals_no_cache(word_tokenizer, block_size, clean_block_causal, m
     for use_cache in (True, False):
         gen = torch.Generator().manual_seed(0)
         outs.append(BlockDiffusionSampler(model, use_cache=use_cache, eos_token_id=[]).generate(
-            ids, am, max_new_tokens=19, generator=gen, **kw))
+            ids, am, max_completion_length=19, generator=gen, **kw))
     a, b = outs
     assert torch.equal(a.completion_ids, b.completion_ids)
     assert torch.equal(a.step_map, b.step_map)
@@ -47,9 +47,9 @@ def test_batch_decodes_like_each_row_alone(word_tokenizer, mode):
     kw = dict(tau=0.2) if mode == "tau" else dict(tokens_per_step=2)
     ids, am = left_pad(PROMPTS, tok.pad_token_id)
     sampler = BlockDiffusionSampler(model, eos_token_id=[])
-    batch = sampler.generate(ids, am, max_new_tokens=14, **kw)
+    batch = sampler.generate(ids, am, max_completion_length=14, **kw)
     for r, p in enumerate(PROMPTS):
-        alone = sampler.generate(torch.tensor([p]), None, max_new_tokens=14, **kw)
+        alone = sampler.generate(torch.tensor([p]), None, max_completion_length=14, **kw)
         assert torch.equal(alone.completion_ids[0], batch.completion_ids[r])
         assert torch.equal(alone.step_map[0], batch.step_map[r])
 
@@ -58,10 +58,10 @@ def test_never_hangs_and_fixed_schedule_counts(word_tokenizer):
     model, tok = converted(word_tokenizer, block_size=8)
     ids, am = left_pad(PROMPTS[:1], tok.pad_token_id)
     sampler = BlockDiffusionSampler(model, eos_token_id=[])
-    strict = sampler.generate(ids, am, max_new_tokens=16, tau=1.0)  # nothing clears tau=1: one forced commit per step
+    strict = sampler.generate(ids, am, max_completion_length=16, tau=1.0)  # nothing clears tau=1: one forced commit per step
     assert strict.forward_passes == 16
     assert sorted(strict.step_map[0, :8].tolist()) == list(range(8))
-    fixed = sampler.generate(ids, am, max_new_tokens=16, tokens_per_step=4)
+    fixed = sampler.generate(ids, am, max_completion_length=16, tokens_per_step=4)
     assert fixed.forward_passes == 4 and fixed.tokens_per_forward == 4.0
     assert sorted(fixed.step_map[0, :8].tolist()) == [0] * 4 + [1] * 4
 
@@ -70,9 +70,9 @@ def test_stop_token_ends_the_row_and_fills_its_block(word_tokenizer):
     model, tok = converted(word_tokenizer, block_size=4)
     ids, am = left_pad(PROMPTS, tok.pad_token_id)
     sampler = BlockDiffusionSampler(model, eos_token_id=[])
-    free = sampler.generate(ids, am, max_new_tokens=12, tokens_per_step=1)
+    free = sampler.generate(ids, am, max_completion_length=12, tokens_per_step=1)
     stop = int(free.completion_ids[0, 5])  # a token row 0 emits at position 5 (block 1)
-    out = sampler.generate(ids, am, max_new_tokens=12, tokens_per_step=1, stop_token_ids=[stop])
+    out = sampler.generate(ids, am, max_completion_length=12, tokens_per_step=1, stop_token_ids=[stop])
     row = out.completion_ids[0]
     first = int((row == stop).nonzero()[0])
     assert first <= 5
@@ -90,6 +90,6 @@ def test_bad_arguments(word_tokenizer):
     with pytest.raises(ValueError, match="left-padded"):
         sampler.generate(ids.flip(1), am.flip(1))
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        sampler.generate(ids, am, max_new_tokens=5000)
+        sampler.generate(ids, am, max_completion_length=5000)
     with pytest.raises(ValueError, match="tokens_per_step"):
         sampler.generate(ids, am, tokens_per_step=0)
