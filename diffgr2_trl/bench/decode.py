@@ -101,7 +101,7 @@ def bench_decode(
                 sampler = BlockDiffusionSampler(model, spec, eos_token_id=[], pad_token_id=pad)
 
                 def run(sampler=sampler, k=k, tau=tau, ids=ids, am=am):
-                    return sampler.generate(ids, am, max_new_tokens=new_tokens, tokens_per_step=k, tau=tau)
+                    return sampler.generate(ids, am, max_completion_length=new_tokens, tokens_per_step=k, tau=tau)
                 run()
                 sec, out = _timed(run, repeats)
                 fwd, tpf = out.forward_passes, out.tokens_per_forward
