@@ -151,7 +151,7 @@ def parse_command(
     merged.update(values)
     if trainer:
         _cpu_defaults(merged, argv)
-    parser = TrlParser(dataclass_types)
+    parser = TrlParser(dataclass_types, prog=f"diffgr2 {command}")
     unknown = parser.set_defaults_with_config(**merged)
     if unknown:
         where = f"config file {config_path}" if config_path else "options"
