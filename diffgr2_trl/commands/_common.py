@@ -1,4 +1,5 @@
-"""Helpers shared by the ``diffgr2`` subcommands: loading datasets and training models."""
+"""Helpers shared by the ``diffgr2`` subcommands: loading datasets and training models (the model loader itself is
+:func:`diffgr2_trl.modeling.load_model_and_tokenizer`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..modeling import check_local_model, load_model_and_tokenizer  # noqa: F401  (the one model loader)
+from ..modeling import check_local_model
 
 
 def load_any_dataset(spec: str, split: str = "train"):
