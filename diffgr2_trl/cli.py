@@ -1,8 +1,16 @@
 """The ``diffgr2`` console script: one subcommand per module in :mod:`diffgr2_trl.commands`.
 
-Every subcommand module exposes ``main(argv: list[str]) -> int | None`` and parses its arguments with TRL's
-``TrlParser`` so that ``--config file.yaml`` works everywhere. Modules are imported lazily so ``diffgr2 --help``
-stays fast and a subcommand's heavy dependencies (vLLM, say) are only needed when it runs.
+Every subcommand module exposes the same three functions:
+
+- ``parse(argv=None, values=None)``: its argument dataclasses, parsed with TRL's ``TrlParser`` by
+  :func:`diffgr2_trl.commands._args.parse_command` (``--config file.yaml`` everywhere; the shared option names
+  ``--model_name_or_path`` / ``--dataset_name`` / ``--output_dir``, older spellings deprecated; ``--threads`` =
+  torch intra-op CPU threads);
+- ``run(*parsed)``: the work, callable from Python (the pipeline calls it for each stage);
+- ``main(argv) -> int``: ``run(*parse(argv))``, what ``diffgr2 <command>`` calls.
+
+Modules are imported lazily so ``diffgr2 --help`` stays fast and a subcommand's heavy dependencies (vLLM, say) are only
+needed when it runs.
 """
 
 from __future__ import annotations
@@ -56,13 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
         validate_config_file(name, config)
     module = importlib.import_module(COMMANDS[name][0])
-    if name in TRAINER_COMMANDS:
-        rest = _cpu_defaults(rest)
     return int(module.main(rest) or 0)
-
-
-# Subcommands built on TRL configs, which default to bf16 and refuse to start on a machine without a GPU.
-TRAINER_COMMANDS = {"cft", "opd", "grpo"}
 
 
 def _config_path(argv: list[str]) -> str | None:
@@ -72,29 +74,6 @@ def _config_path(argv: list[str]) -> str | None:
         if a.startswith("--config="):
             return a.split("=", 1)[1]
     return None
-
-
-def _cpu_defaults(argv: list[str]) -> list[str]:
-    """On a machine without CUDA, add ``--use_cpu true --bf16 false`` unless the command line or its ``--config``
-    sets either: TRL's bf16 default would otherwise stop the run before any other check, with advice a CLI user
-    cannot follow."""
-    import torch
-
-    if torch.cuda.is_available():
-        return argv
-    keys = {a.lstrip("-").split("=")[0] for a in argv if a.startswith("--")}
-    path = _config_path(argv)
-    if path is not None:
-        import yaml
-
-        try:
-            with open(path) as f:
-                keys |= set(yaml.safe_load(f) or {})
-        except (OSError, yaml.YAMLError):
-            pass  # the subcommand's own parser reports an unreadable config
-    if keys & {"use_cpu", "bf16", "fp16"}:
-        return argv
-    return [*argv, "--use_cpu", "true", "--bf16", "false"]
 
 
 # Errors that come from what the user passed (paths, values, files), reported in one line by the console script.

@@ -7,7 +7,7 @@ class UserError(ValueError):
     """Bad input a user can fix (a path, a value, a changed input): the message says what to do."""
 
 
-def check_model_dir(path: str, what: str = "--model") -> None:
+def check_model_dir(path: str, what: str = "--model_name_or_path") -> None:
     """Fail with a clear message unless ``path`` is a directory written by ``save_pretrained``.
 
     Without this, transformers reports a missing directory as an invalid hub repo id and an empty one as a

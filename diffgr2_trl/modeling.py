@@ -1,10 +1,12 @@
-"""Build small causal LMs and tokenizers locally, from a config: no hub access is ever needed.
+"""Build small causal LMs and tokenizers locally, from a config (no hub access is ever needed), and load saved ones.
 
-Tests and the CPU pipeline use these; the same library code runs unchanged on a real checkpoint path.
+Tests and the CPU pipeline use these; the same library code runs unchanged on a real checkpoint path
+(:func:`load_model_and_tokenizer`, the one loader every subcommand uses).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import torch
@@ -78,3 +80,56 @@ def build_word_tokenizer(words: Iterable[str], extra_special_tokens: Iterable[st
     if extra:
         tok.add_special_tokens({"additional_special_tokens": extra})
     return tok
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def check_local_model(path: str) -> None:
+    """A path that is (or looks like) a local directory must hold a saved model; a hub id ("org/name") passes."""
+    from .errors import check_model_dir
+
+    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path) or path.count("/") > 1
+    if looks_local:
+        check_model_dir(path)
+
+
+def load_model_and_tokenizer(
+    path: str,
+    *,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    device: str | None = None,
+    add_tokens: Iterable[str] | None = None,
+):
+    """``(model, tokenizer)`` of a saved causal LM: a local directory, or a hub id on a machine that has the hub.
+
+    Args:
+        dtype: a key of :data:`DTYPES`.
+        device: move the model there (default: where ``from_pretrained`` put it).
+        add_tokens: tokens the tokenizer must hold as atoms (the re-ranker's task tokens). Missing ones are added, a
+            pad token is set to EOS when the tokenizer has none, and the embeddings are resized with
+            ``mean_resizing`` (new rows start at the mean embedding).
+
+    The model is returned in eval mode (trainers switch it to train mode themselves).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}.")
+    check_local_model(path)
+    if not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(f"Model directory {path!r} does not exist (and the hub is offline).")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if add_tokens is not None:
+        missing = [t for t in add_tokens if t not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_tokens(missing)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+    if add_tokens is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    if device:
+        model.to(device)
+    return model.eval(), tokenizer

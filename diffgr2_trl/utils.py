@@ -1,10 +1,12 @@
-"""Small shared utilities."""
+"""Small shared utilities: the one atomic file write (text and JSON on top of it) and the one ``--threads`` helper."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -22,3 +24,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(obj: Any, path: str | os.PathLike, indent: int = 2) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (:func:`atomic_write_text`); values JSON cannot hold are
+    written with ``str``."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, default=str) + "\n")
+
+
+def set_threads(threads: int | None) -> None:
+    """What ``--threads`` means in every ``diffgr2`` subcommand: torch's intra-op CPU threads
+    (``torch.set_num_threads``), set once before any model work; ``0`` or ``None`` keeps torch's default.
+
+    ``OMP_NUM_THREADS`` is set to the same number when unset, so worker processes started later agree.
+    On a contended 2-core machine 1-2 threads is often fastest: measure.
+    """
+    if not threads or threads <= 0:
+        return
+    import torch
+
+    torch.set_num_threads(int(threads))
+    os.environ.setdefault("OMP_NUM_THREADS", str(int(threads)))

@@ -24,7 +24,12 @@ from dataclasses import dataclass, field
 import torch
 from trl import TrlParser
 
-from diffgr2_trl.block_diffusion import BlockDiffusionSampler, convert_to_block_diffusion, left_pad
+from diffgr2_trl.block_diffusion import (
+    BlockDecodingConfig,
+    BlockDiffusionSampler,
+    convert_to_block_diffusion,
+    left_pad,
+)
 from diffgr2_trl.modeling import build_model
 from diffgr2_trl.synthetic import sort_dataset, sort_tokenizer
 from diffgr2_trl.trainers import BlockDiffusionConfig, BlockDiffusionTrainer
@@ -50,8 +55,8 @@ def evaluate(model, tok, n: int, tau: float) -> tuple[float, float, list[str], l
     """Decode ``n`` held-out prompts; return (exact-sort accuracy, tokens per forward, prompts, completions)."""
     ev = sort_dataset(n, seed=123)
     ids, am = left_pad([tok(p, add_special_tokens=False).input_ids for p in ev["prompt"]], tok.pad_token_id)
-    out = BlockDiffusionSampler(model.eval()).generate(ids.to(model.device), am.to(model.device),
-                                                       max_completion_length=16, tau=tau)
+    sampler = BlockDiffusionSampler(model.eval(), config=BlockDecodingConfig(max_completion_length=16, tau=tau))
+    out = sampler.generate(ids.to(model.device), am.to(model.device))
     texts = tok.batch_decode(out.completion_ids, skip_special_tokens=True)
     correct = sum(t.split("answer")[-1].split() == want.split() for t, want in zip(texts, ev["target"]))
     return correct / n, out.tokens_per_forward, ev["prompt"], texts

@@ -20,17 +20,18 @@ def ar_model_dir(tmp_path):
 
 def test_convert_then_generate(ar_model_dir, tmp_path, capsys):
     out = str(tmp_path / "bd")
-    assert main(["convert", "--model", ar_model_dir, "--output", out, "--block-size", "8"]) == 0
+    assert main(["convert", "--model_name_or_path", ar_model_dir, "--output_dir", out, "--block-size", "8"]) == 0
     assert AutoConfig.from_pretrained(out).block_diffusion["block_size"] == 8
-    assert main(["generate", "--model", out, "--prompt", "sort 3 1 2 :", "--tau", "0.9", "--max_new_tokens", "8"]) == 0
+    assert main(["generate", "--model_name_or_path", out, "--prompt", "sort 3 1 2 :", "--tau", "0.9",
+                 "--max_completion_length", "8"]) == 0
     assert "tokens/forward" in capsys.readouterr().out
 
 
 def test_bad_arguments_and_config_keys(ar_model_dir, tmp_path):
     with pytest.raises(SystemExit, match="block_size must be a positive integer"):
-        main(["convert", "--model", ar_model_dir, "--output", str(tmp_path / "x"), "--block-size", "0"])
+        main(["convert", "--model_name_or_path", ar_model_dir, "--output_dir", str(tmp_path / "x"), "--block-size", "0"])
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model: {ar_model_dir}\noutput: {tmp_path / 'y'}\nblock_sizee: 8\n")
+    cfg.write_text(f"model_name_or_path: {ar_model_dir}\noutput_dir: {tmp_path / 'y'}\nblock_sizee: 8\n")
     with pytest.raises(ValueError, match="block_sizee is not an option of diffgr2 convert; did you mean 'block_size'"):
         main(["convert", "--config", str(cfg)])
     assert main(["nope"]) == 2
@@ -74,17 +75,85 @@ def test_console_errors_are_one_line_with_a_debug_escape(tmp_path, capsys, monke
     empty = tmp_path / "empty"
     empty.mkdir()
     for model, expected in ((empty, "no model here (no config.json"), (tmp_path / "nope", "no such directory")):
-        assert console_main(["evaluate", "--model", str(model), "--prepared", str(tmp_path)]) == 2
+        assert console_main(["evaluate", "--model_name_or_path", str(model), "--dataset_name", str(tmp_path)]) == 2
         err = capsys.readouterr().err
         assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 2
     assert console_main(["cft", "--model_name_or_path", str(empty), "--dataset_name", str(tmp_path),
                          "--output_dir", str(tmp_path / "o")]) == 2
     assert "no model here" in capsys.readouterr().err
     # bad values are refused before any model loads (the model path here does not even exist)
-    assert console_main(["evaluate", "--model", str(tmp_path / "nope"), "--prepared", str(tmp_path), "--tau", "2"]) == 2
+    assert console_main(["evaluate", "--model_name_or_path", str(tmp_path / "nope"), "--dataset_name", str(tmp_path),
+                         "--tau", "2"]) == 2
     assert "--tau must be in (0, 1]" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no such directory"):  # --debug: the exception itself, traceback and all
-        console_main(["evaluate", "--model", str(tmp_path / "nope"), "--prepared", str(tmp_path), "--debug"])
+        console_main(["evaluate", "--model_name_or_path", str(tmp_path / "nope"), "--dataset_name", str(tmp_path),
+                      "--debug"])
     monkeypatch.setenv("DIFFGR2_DEBUG", "1")
     with pytest.raises(ValueError):
-        console_main(["evaluate", "--model", str(tmp_path / "nope"), "--prepared", str(tmp_path)])
+        console_main(["evaluate", "--model_name_or_path", str(tmp_path / "nope"), "--dataset_name", str(tmp_path)])
+
+
+def test_deprecated_spellings_still_work_with_a_future_warning(ar_model_dir, tmp_path, capsys):
+    """--model/--output/--max_new_tokens (command line and --config keys) keep working for one release, warned."""
+    out = str(tmp_path / "bd")
+    with pytest.warns(FutureWarning) as seen:
+        assert main(["convert", "--model", ar_model_dir, "--output", out, "--block_size", "8"]) == 0
+    messages = [str(w.message) for w in seen]
+    assert any("--model is deprecated; use --model_name_or_path" in m for m in messages)
+    assert any("--output is deprecated; use --output_dir" in m for m in messages)
+    assert AutoConfig.from_pretrained(out).block_diffusion["block_size"] == 8
+    with pytest.warns(FutureWarning, match="--max_new_tokens is deprecated; use --max_completion_length"):
+        assert main(["generate", "--model_name_or_path", out, "--prompt", "sort 3 1 2 :", "--max_new_tokens=4"]) == 0
+    assert "[4 tokens" in capsys.readouterr().out  # the old spelling still sets the cap
+    cfg = tmp_path / "old.yaml"
+    cfg.write_text(f"model: {ar_model_dir}\noutput: {tmp_path / 'bd2'}\nblock_size: 4\n")
+    with pytest.warns(FutureWarning) as seen:
+        assert main(["convert", "--config", str(cfg)]) == 0
+    assert sum("is deprecated" in str(w.message) for w in seen) == 2
+    assert AutoConfig.from_pretrained(tmp_path / "bd2").block_diffusion["block_size"] == 4
+
+
+def test_every_subcommand_parses_with_trl_and_the_shared_names():
+    """parse() of each subcommand: TrlParser dataclasses, the shared option names, new names win over old ones."""
+    import importlib
+    import warnings
+
+    from diffgr2_trl.block_diffusion import BlockDecodingConfig
+    from diffgr2_trl.cli import COMMANDS
+    from diffgr2_trl.commands._args import DEPRECATED_OPTIONS
+
+    for name, (module, _) in COMMANDS.items():
+        mod = importlib.import_module(module)
+        assert callable(getattr(mod, "main", None)), name
+        if name != "bench-opd":
+            assert callable(getattr(mod, "parse", None)) and callable(getattr(mod, "run", None)), name
+    for command, renames in DEPRECATED_OPTIONS.items():
+        assert command in COMMANDS
+        assert set(renames.values()) <= {"model_name_or_path", "dataset_name", "output_dir", "max_completion_length"}
+    from diffgr2_trl.commands import evaluate
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new names emit nothing
+        args, decoding = evaluate.parse(["--model_name_or_path", "m", "--dataset_name", "d", "--tau", "0.5"])
+    assert isinstance(decoding, BlockDecodingConfig) and decoding.tau == 0.5
+    assert decoding.max_completion_length == 256  # evaluate's own default
+    with pytest.warns(FutureWarning):
+        args, decoding = evaluate.parse(["--model_name_or_path", "m", "--dataset_name", "d"],
+                                        values={"max_new_tokens": 7, "max_completion_length": 9})
+    assert decoding.max_completion_length == 9  # both given: the new name wins
+
+
+def test_threads_has_one_meaning(monkeypatch):
+    import torch
+
+    from diffgr2_trl.utils import set_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        set_threads(0)
+        assert torch.get_num_threads() == before
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -3,6 +3,7 @@
 import json
 import os
 import time
+import warnings
 
 import pytest
 
@@ -27,7 +28,7 @@ def test_presets_load_and_overrides_are_checked(tmp_path):
     bad.write_text("cftt: {max_steps: 1}\n")
     with pytest.raises(ValueError, match="unknown section .cftt."):
         load_preset("smoke", str(bad))
-    with pytest.raises(ValueError, match="Unknown pipeline preset"):
+    with pytest.raises(ValueError, match="Unknown pipeline preset 'huge'"):
         load_preset("huge")
 
 
@@ -35,7 +36,11 @@ def test_presets_load_and_overrides_are_checked(tmp_path):
 @pytest.mark.skipif(_data_dir() is None, reason="Amazon Beauty data not found (../shared/data/amazon-beauty)")
 def test_smoke_pipeline_runs_every_stage_resumes_and_reports(tmp_path):
     out = tmp_path / "run"
-    assert main(["pipeline", "--preset", "smoke", "--out", str(out)]) == 0
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", FutureWarning)
+        assert main(["pipeline", "--preset", "smoke", "--output_dir", str(out)]) == 0
+    # the pipeline passes every stage the current option names: no deprecated spelling anywhere
+    assert not [str(w.message) for w in seen if str(w.message).startswith("diffgr2 ")]
     for name, _ in PIPELINE_STAGES:
         record = json.loads((out / name / "stage.json").read_text())
         assert record["status"] == "done" and record["wall_s"] >= 0
@@ -68,7 +73,7 @@ def test_smoke_pipeline_runs_every_stage_resumes_and_reports(tmp_path):
     # re-running skips every finished stage and keeps their outputs
     before = {n: (out / n / "stage.json").stat().st_mtime for n, _ in PIPELINE_STAGES if n != "report"}
     t0 = time.time()
-    assert main(["pipeline", "--preset", "smoke", "--out", str(out)]) == 0
+    assert main(["pipeline", "--preset", "smoke", "--output_dir", str(out)]) == 0
     assert time.time() - t0 < 60
     assert before == {n: (out / n / "stage.json").stat().st_mtime for n in before}
 
@@ -84,7 +89,7 @@ def test_smoke_pipeline_runs_every_stage_resumes_and_reports(tmp_path):
     state = json.loads(state_path.read_text())
     state["log_history"].append({"step": state["global_step"], "resume_probe": 1.0})
     state_path.write_text(json.dumps(state))
-    assert main(["pipeline", "--preset", "smoke", "--out", str(out), "--stages", "cft"]) == 0
+    assert main(["pipeline", "--preset", "smoke", "--output_dir", str(out), "--stages", "cft"]) == 0
     history = json.loads((out / "cft" / "model" / "log_history.json").read_text())
     assert any(h.get("resume_probe") == 1.0 for h in history)
     assert max(h["step"] for h in history) == load_preset("smoke")["cft"]["max_steps"]
@@ -114,7 +119,7 @@ def test_changed_inputs_are_never_reused_silently(tmp_path, monkeypatch):
     from diffgr2_trl.pipeline import runner
 
     monkeypatch.setattr(runner, "data_digest", lambda data_dir: {"dataset": "Toy", "files": []})
-    args = runner.PipelineArguments(preset="smoke", out=str(tmp_path / "run"))
+    args = runner.PipelineArguments(preset="smoke", output_dir=str(tmp_path / "run"))
     ctx = runner.Context(args, load_preset("smoke"))
     inputs = runner.stage_inputs(ctx)
     # upstream changes propagate: every stage below cft has a new fingerprint when cft's options change

@@ -1,29 +1,13 @@
-"""Helpers shared by the ``diffgr2`` subcommands: loading models, tokenizers and datasets."""
+"""Helpers shared by the ``diffgr2`` subcommands: loading datasets and training models (the model loader itself is
+:func:`diffgr2_trl.modeling.load_model_and_tokenizer`)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-
-
-def load_model_and_tokenizer(path: str, *, dtype: str = "float32", attn_implementation: str = "sdpa", device: str | None = None):
-    """Load a causal LM and its tokenizer from a local directory (or a hub id on a machine that has one)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}.")
-    _check_local_model(path)
-    if not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise FileNotFoundError(f"Model directory {path!r} does not exist (and the hub is offline).")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
-    if device:
-        model.to(device)
-    return model.eval(), tokenizer
+from ..modeling import check_local_model
 
 
 def load_any_dataset(spec: str, split: str = "train"):
@@ -59,21 +43,12 @@ def write_log_history(trainer, output_dir: str) -> None:
     atomic_write_text(Path(output_dir) / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
 
 
-def _check_local_model(path: str) -> None:
-    """A path that is (or looks like) a local directory must hold a saved model; a hub id ("org/name") passes."""
-    from ..errors import check_model_dir
-
-    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path) or path.count("/") > 1
-    if looks_local:
-        check_model_dir(path)
-
-
 def load_for_training(path: str, model_args):
     """Model + tokenizer for a trainer subcommand, honouring TRL's ``ModelConfig`` (dtype, attention, 4/8-bit)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.trainer.utils import get_quantization_config
 
-    _check_local_model(path)
+    check_local_model(path)
 
     kwargs: dict = {"attn_implementation": model_args.attn_implementation or "sdpa"}
     if model_args.dtype not in ("auto", None):

@@ -1,9 +1,9 @@
 """``diffgr2 bench-decode``: block-diffusion decode vs AR decode of the same weights, side by side.
 
-    diffgr2 bench-decode [--model DIR | --shape small --arch qwen3] [--batch_sizes 1 16] [--new_tokens 128]
+    diffgr2 bench-decode [--model_name_or_path DIR | --shape small --arch qwen3] [--batch_sizes 1 16] [--new_tokens 128]
                          [--prompt_len 300] [--json PATH]
 
-Without ``--model`` a randomly initialised model of a real shape is built locally (``--shape qwen3-0.6b`` is
+Without ``--model_name_or_path`` (``--model``: deprecated spelling) a randomly initialised model of a real shape is built locally (``--shape qwen3-0.6b`` is
 Qwen3-0.6B's shape): speed needs no trained weights when the schedule is fixed (tokens per step). Tau rows on
 random weights commit ~1 token per step (nothing is confident); give a trained model for meaningful tau rows.
 """
@@ -11,15 +11,16 @@ random weights commit ~1 token per step (nothing is confident); give a trained m
 from __future__ import annotations
 
 import json
-import os
 import platform
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from trl import TrlParser
 
 from ..bench.decode import bench_decode, format_rows
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, set_threads
+from ._args import parse_command
 
 
 @dataclass
@@ -27,16 +28,17 @@ class BenchDecodeArguments:
     """Arguments of ``diffgr2 bench-decode``.
 
     Parameters:
-        model: converted model directory; omitted: a random model of ``shape`` is built.
+        model_name_or_path: converted model directory; omitted: a random model of ``shape`` is built.
         arch / shape / vocab_size: the random model (see ``diffgr2_trl.modeling.MODEL_SHAPES``).
         batch_sizes / block_sizes / tokens_per_step / taus: the grid.
         new_tokens / prompt_len: output and prompt lengths.
         repeats: timed repeats per row (median reported).
-        device / dtype / threads: where and how to run.
+        device / dtype: where and how to run.
+        threads: torch intra-op CPU threads (0 or unset: torch's default).
         json: write ``{"rows": [...], "env": {...}}`` there.
     """
 
-    model: str | None = field(default=None, metadata={"help": "Converted model dir (default: random model)."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Converted model dir (default: random model)."})
     arch: str = field(default="qwen3", metadata={"help": "Architecture of the random model."})
     shape: str = field(default="small", metadata={"help": "Shape of the random model."})
     vocab_size: int = field(default=8192, metadata={"help": "Vocabulary of the random model."})
@@ -50,21 +52,30 @@ class BenchDecodeArguments:
     repeats: int = field(default=3, metadata={"help": "Timed repeats per row."})
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cpu or cuda."})
     dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16."})
-    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: all cores)."})
+    threads: int | None = field(default=None, metadata={"help": "torch intra-op CPU threads (default: torch's)."})
     seed: int = field(default=0, metadata={"help": "Seed for the random model and prompts."})
     json: str | None = field(default=None, metadata={"help": "Write the rows as JSON here."})
 
 
-def main(argv: list[str]) -> int:
-    (args,) = TrlParser((BenchDecodeArguments,)).parse_args_and_config(argv)
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+def parse(argv: list[str] | None = None, values: Mapping[str, Any] | None = None) -> tuple[BenchDecodeArguments]:
+    return parse_command("bench-decode", (BenchDecodeArguments,), argv, values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(*parse(argv))
+    return 0
+
+
+def run(args: BenchDecodeArguments) -> dict:
+    """Run the grid; prints the table, writes ``args.json`` when set, returns ``{"rows", "env"}``."""
+    set_threads(args.threads)
     torch.manual_seed(args.seed)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     mask_id = None
-    if args.model:
-        from ._common import load_model_and_tokenizer
+    if args.model_name_or_path:
+        from ..modeling import load_model_and_tokenizer
 
-        model, _ = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
+        model, _ = load_model_and_tokenizer(args.model_name_or_path, dtype=args.dtype, device=args.device)
         vocab = model.config.vocab_size
     else:
         from ..modeling import build_model
@@ -80,12 +91,13 @@ def main(argv: list[str]) -> int:
                         mask_token_id=mask_id)
     params = sum(p.numel() for p in model.parameters())
     env = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(), "params": params,
-           "model": args.model or f"random {args.arch}/{args.shape} vocab {args.vocab_size}",
+           "model": args.model_name_or_path or f"random {args.arch}/{args.shape} vocab {args.vocab_size}",
            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "torch": torch.__version__,
            "cpu": platform.processor() or platform.machine()}
     print(f"model: {env['model']} ({params / 1e6:.1f}M params), {args.device}, {args.dtype}, "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens")
     print(format_rows(rows))
+    result = {"rows": [r.to_dict() for r in rows], "env": env}
     if args.json:
-        atomic_write_text(args.json, json.dumps({"rows": [r.to_dict() for r in rows], "env": env}, indent=2))
-    return 0
+        atomic_write_text(args.json, json.dumps(result, indent=2))
+    return result

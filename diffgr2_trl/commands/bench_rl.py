@@ -1,9 +1,9 @@
 """``diffgr2 bench-rl``: one RL step broken into rollout / likelihood / update, per likelihood estimator, next to TRL's
 AR ``GRPOTrainer`` on the same model and data, in one run.
 
-    diffgr2 bench-rl [--model DIR] [--steps 5] [--batch_size 32] [--num_generations 8] [--json PATH]
+    diffgr2 bench-rl [--model_name_or_path DIR] [--steps 5] [--batch_size 32] [--num_generations 8] [--json PATH]
 
-Without ``--model`` a tiny Qwen3 is converted (block size 4) and CFT-trained on the synthetic sort task first, so the
+Without ``--model_name_or_path`` (``--model``: deprecated spelling) a tiny Qwen3 is converted (block size 4) and CFT-trained on the synthetic sort task first, so the
 block sampler decodes like a trained model. Timings are per optimizer step, averaged after one warm-up step:
 ``rollout`` is sampling, ``likelihood`` every log-prob forward (with gradient inside the loss, and without for old/ref
 log-probs when those are needed), ``update`` the rest (backward, optimizer, rewards, bookkeeping). Forward passes are
@@ -13,14 +13,18 @@ noisy streams packed in them, each one completion long).
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import tempfile
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
+
+from ..utils import set_threads
+from ._args import parse_command
 
 ESTIMATOR_NAMES = ("trajectory_replay", "mean_field", "elbo")
 
@@ -96,8 +100,7 @@ def run_bench(model_dir: str | None, steps: int = 5, batch_size: int = 32, num_g
     from ..synthetic import sort_dataset, sort_reward
     from ..trainers import DiffusionGRPOConfig, DiffusionGRPOTrainer
 
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     tmp = tempfile.mkdtemp(prefix="diffgr2-bench-rl-")
     if model_dir is None:
         model_dir = _quick_sort_model(tmp)
@@ -161,19 +164,44 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="diffgr2 bench-rl", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="Converted model dir (default: quick CFT sort model).")
-    parser.add_argument("--steps", type=int, default=5, help="Timed optimizer steps per trainer (after 1 warm-up).")
-    parser.add_argument("--batch_size", type=int, default=32, help="Completions per step.")
-    parser.add_argument("--num_generations", type=int, default=8)
-    parser.add_argument("--elbo_samples", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
-    parser.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
-    a = parser.parse_args(argv)
-    result = run_bench(a.model, a.steps, a.batch_size, a.num_generations, a.elbo_samples, a.threads)
+@dataclass
+class BenchRLArguments:
+    """Arguments of ``diffgr2 bench-rl``.
+
+    Parameters:
+        model_name_or_path: converted model directory; omitted: a quick CFT-trained sort model is built.
+        steps: timed optimizer steps per trainer (after one warm-up step).
+        batch_size / num_generations: completions per step and per prompt.
+        elbo_samples: Monte-Carlo samples of the ``elbo`` estimator.
+        threads: torch intra-op CPU threads (0 or unset: torch's default).
+        json: also write the figures to this JSON file.
+    """
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Converted model dir (default: quick CFT sort model)."})
+    steps: int = field(default=5, metadata={"help": "Timed optimizer steps per trainer (after 1 warm-up)."})
+    batch_size: int = field(default=32, metadata={"help": "Completions per step."})
+    num_generations: int = field(default=8, metadata={"help": "Completions per prompt."})
+    elbo_samples: int = field(default=4, metadata={"help": "Monte-Carlo samples of the elbo estimator."})
+    threads: int | None = field(default=None, metadata={"help": "torch intra-op CPU threads (default: torch's)."})
+    json: str | None = field(default=None, metadata={"help": "Also write the figures to this JSON file."})
+
+
+def parse(argv: list[str] | None = None, values: Mapping[str, Any] | None = None) -> tuple[BenchRLArguments]:
+    return parse_command("bench-rl", (BenchRLArguments,), argv, values)
+
+
+def run(args: BenchRLArguments) -> dict:
+    """Run the benchmark; prints the table, writes ``args.json`` when set, returns the figures."""
+    result = run_bench(args.model_name_or_path, args.steps, args.batch_size, args.num_generations, args.elbo_samples,
+                       args.threads)
     print(format_table(result))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
+    if args.json:
+        from ..utils import write_json_atomic
+
+        write_json_atomic(result, args.json, indent=1)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(*parse(argv))
     return 0

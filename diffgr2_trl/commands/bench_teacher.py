@@ -14,12 +14,15 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
-from trl import TrlParser
 
 from diffgr2_trl.modeling import build_model, build_word_tokenizer
+
+from ._args import parse_command
 
 
 @dataclass
@@ -65,8 +68,17 @@ def _time(fn, repeats: int) -> float:
     return best
 
 
+def parse(argv: list[str] | None = None, values: Mapping[str, Any] | None = None) -> tuple[BenchTeacherArguments]:
+    return parse_command("bench-teacher", (BenchTeacherArguments,), argv, values)
+
+
 def main(argv: list[str] | None = None) -> int:
-    (args,) = TrlParser((BenchTeacherArguments,)).parse_args_and_config(args=argv)
+    run(*parse(argv))
+    return 0
+
+
+def run(args: BenchTeacherArguments) -> list[dict]:
+    """Time each backend; prints the table, writes ``args.json`` when set, returns the rows."""
     from diffgr2_trl.teachers import HFTeacher, VLLMServerTeacher
     from diffgr2_trl.teachers.server import find_free_port, start_vllm_server, stop_vllm_server, wait_for_health
 
@@ -163,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(args=asdict(args), params=n_params, results=rows), f, indent=2)
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

@@ -6,16 +6,17 @@
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from trl import TrlParser
 
 from ..bench.train import bench_train_step
 from ..block_diffusion import BlockDiffusionSpec
 from ..modeling import build_model
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, set_threads
+from ._args import parse_command
 
 
 @dataclass
@@ -27,6 +28,7 @@ class BenchTrainArguments:
         batch_size / prompt_len / completion_len: the batch (random tokens: speed needs no data).
         block_size: block size of the CFT objective.
         repeats: timed steps per method (median).
+        threads: torch intra-op CPU threads (0 or unset: torch's default).
         json: write the result there.
     """
 
@@ -38,14 +40,23 @@ class BenchTrainArguments:
     completion_len: int = field(default=150, metadata={"help": "Completion tokens per row."})
     block_size: int = field(default=32, metadata={"help": "CFT block size."})
     repeats: int = field(default=5, metadata={"help": "Timed steps per method."})
-    threads: int | None = field(default=None, metadata={"help": "torch CPU threads."})
+    threads: int | None = field(default=None, metadata={"help": "torch intra-op CPU threads (default: torch's)."})
     seed: int = field(default=0, metadata={"help": "Seed."})
     json: str | None = field(default=None, metadata={"help": "Write the result as JSON here."})
 
 
-def main(argv: list[str]) -> int:
-    (args,) = TrlParser((BenchTrainArguments,)).parse_args_and_config(argv)
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+def parse(argv: list[str] | None = None, values: Mapping[str, Any] | None = None) -> tuple[BenchTrainArguments]:
+    return parse_command("bench-train", (BenchTrainArguments,), argv, values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(*parse(argv))
+    return 0
+
+
+def run(args: BenchTrainArguments) -> dict:
+    """Time the steps; prints a line, writes ``args.json`` when set, returns the result."""
+    set_threads(args.threads)
     model = build_model(args.arch, vocab_size=args.vocab_size, shape=args.shape, pad_token_id=0, seed=args.seed)
     g = torch.Generator().manual_seed(args.seed)
     length = args.prompt_len + args.completion_len
@@ -63,4 +74,4 @@ def main(argv: list[str]) -> int:
           f"({result['cft_complementary_over_sft']:.2f}x SFT)")
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2))
-    return 0
+    return result

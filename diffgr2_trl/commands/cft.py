@@ -10,15 +10,23 @@ model (then ``--block_size`` converts it first).
 
 from __future__ import annotations
 
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+from collections.abc import Mapping
+from typing import Any
+
+from trl import ModelConfig, ScriptArguments, get_peft_config
 
 from ..trainers import BlockDiffusionConfig, BlockDiffusionTrainer
+from ._args import parse_command
 from ._common import load_any_dataset, load_for_training, train_and_save
 
 
-def main(argv: list[str]) -> int:
-    parser = TrlParser((ScriptArguments, BlockDiffusionConfig, ModelConfig))
-    script_args, training_args, model_args = parser.parse_args_and_config(argv)
+def parse(argv: list[str] | None = None, values: Mapping[str, Any] | None = None):
+    """``(ScriptArguments, BlockDiffusionConfig, ModelConfig)``; CPU training by default on a machine without CUDA."""
+    return parse_command("cft", (ScriptArguments, BlockDiffusionConfig, ModelConfig), argv, values, trainer=True)
+
+
+def run(script_args: ScriptArguments, training_args: BlockDiffusionConfig, model_args: ModelConfig) -> None:
+    """Train and save to ``training_args.output_dir``."""
     if not model_args.model_name_or_path or not script_args.dataset_name:
         raise SystemExit("diffgr2 cft needs --model_name_or_path and --dataset_name.")
     model, tokenizer = load_for_training(model_args.model_name_or_path, model_args)
@@ -28,4 +36,8 @@ def main(argv: list[str]) -> int:
         peft_config=get_peft_config(model_args),
     )
     train_and_save(trainer, tokenizer, training_args.output_dir, training_args.resume_from_checkpoint)
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(*parse(argv))
     return 0

@@ -1,6 +1,6 @@
 """``diffgr2 grpo``: diffusion GRPO / DAPO from the command line (all TRL GRPO flags; ``--config file.yaml`` too).
 
-    diffgr2 grpo --model DIR --dataset PATH --reward_funcs rewards.rerank.gr2_reward --output_dir OUT
+    diffgr2 grpo --model_name_or_path DIR --dataset_name PATH --reward_funcs rewards.rerank.gr2_reward --output_dir OUT
                  [--validity_func rewards.rerank.validity] [--likelihood_estimator trajectory_replay|mean_field|elbo]
                  [--num_generations 8] [--tau 0.9] [--use_peft --lora_r 16] [--load_in_4bit] [--use_cpu]
 
@@ -8,7 +8,8 @@
 ``save_to_disk`` directory or a JSONL/JSON/Parquet/CSV file with a ``prompt`` column; every other column reaches the
 reward functions as a keyword argument, as in TRL. Reward functions are dotted import paths, resolved like
 ``trl grpo --reward_funcs`` does (the current directory is importable, so ``rewards.<module>.<fn>`` works from the
-repository root) or one of TRL's built-in names.
+repository root) or one of TRL's built-in names. ``--model`` and ``--dataset`` are deprecated spellings of
+``--model_name_or_path`` and ``--dataset_name``.
 """
 
 from __future__ import annotations
@@ -16,29 +17,30 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from trl import ModelConfig, TrlParser, get_peft_config
+from trl import ModelConfig, get_peft_config
 
 from ..trainers import DiffusionGRPOConfig, DiffusionGRPOTrainer
+from ._args import parse_command
 from ._common import load_any_dataset, load_for_training, train_and_save
 
 
 @dataclass
 class GRPOScriptArguments:
-    """Script arguments of ``diffgr2 grpo``.
+    """Script arguments of ``diffgr2 grpo`` (the model is ``ModelConfig``'s ``--model_name_or_path``, a converted
+    block-diffusion directory or hub id).
 
     Parameters:
-        model: converted block-diffusion model directory (or hub id).
-        dataset: dataset directory (``save_to_disk``) or data file with a ``prompt`` column.
+        dataset_name: dataset directory (``save_to_disk``) or data file with a ``prompt`` column.
         dataset_split: split to train on when the dataset has several.
         reward_funcs: reward functions as dotted import paths (or TRL built-in names).
         validity_func: optional dotted path of a validity function (TRL reward signature, falsy = invalid).
     """
 
-    model: str | None = field(default=None, metadata={"help": "Converted block-diffusion model directory."})
-    dataset: str | None = field(default=None, metadata={"help": "Dataset directory or data file (prompt column)."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Dataset directory or data file (prompt column)."})
     dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
     reward_funcs: list[str] | None = field(default=None, metadata={"help": "Reward functions (dotted import paths)."})
     validity_func: str | None = field(default=None, metadata={"help": "Validity function (dotted import path)."})
@@ -72,18 +74,26 @@ def load_dataset_path(path: str, split: str = "train"):
     return ds
 
 
-def main(argv: list[str]) -> int:
-    parser = TrlParser((GRPOScriptArguments, DiffusionGRPOConfig, ModelConfig))
-    script_args, training_args, model_args = parser.parse_args_and_config(argv)
-    if not script_args.model or not script_args.dataset or not script_args.reward_funcs:
-        raise SystemExit("diffgr2 grpo needs --model, --dataset and --reward_funcs.")
+def parse(argv: list[str] | None = None, values: Mapping[str, Any] | None = None):
+    """``(GRPOScriptArguments, DiffusionGRPOConfig, ModelConfig)``; CPU training by default without CUDA."""
+    return parse_command("grpo", (GRPOScriptArguments, DiffusionGRPOConfig, ModelConfig), argv, values, trainer=True)
+
+
+def run(script_args: GRPOScriptArguments, training_args: DiffusionGRPOConfig, model_args: ModelConfig) -> None:
+    """Train and save to ``training_args.output_dir``."""
+    if not model_args.model_name_or_path or not script_args.dataset_name or not script_args.reward_funcs:
+        raise SystemExit("diffgr2 grpo needs --model_name_or_path, --dataset_name and --reward_funcs.")
     reward_funcs = [resolve_function(p) for p in script_args.reward_funcs]
     validity = resolve_function(script_args.validity_func) if script_args.validity_func else None
-    model, tokenizer = load_for_training(script_args.model, model_args)
+    model, tokenizer = load_for_training(model_args.model_name_or_path, model_args)
     trainer = DiffusionGRPOTrainer(
         model, reward_funcs=reward_funcs, args=training_args, processing_class=tokenizer,
-        train_dataset=load_dataset_path(script_args.dataset, script_args.dataset_split),
+        train_dataset=load_dataset_path(script_args.dataset_name, script_args.dataset_split),
         peft_config=get_peft_config(model_args), validity_fn=validity,
     )
     train_and_save(trainer, tokenizer, training_args.output_dir, training_args.resume_from_checkpoint)
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(*parse(argv))
     return 0

@@ -2,9 +2,9 @@
 
 Example (Amazon Beauty, found automatically under ``../shared/data/amazon-beauty``; ~1-2 min on 2 CPU cores)::
 
-    diffgr2 prepare --out runs/prepared-beauty
+    diffgr2 prepare --output_dir runs/prepared-beauty
 
-Re-running with a complete ``--out`` directory does nothing (pass ``--overwrite`` to rebuild). See
+(``--out`` is a deprecated spelling of ``--output_dir``.) Re-running with a complete ``--output_dir`` directory does nothing (pass ``--overwrite`` to rebuild). See
 :mod:`diffgr2_trl.rerank.pipeline_data` for what is written.
 """
 
@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from trl import TrlParser
+from ._args import parse_command
 
 
 @dataclass
@@ -22,7 +24,7 @@ class PrepareArguments:
     """Arguments of ``diffgr2 prepare``.
 
     Parameters:
-        out: output directory.
+        output_dir: output directory.
         data_dir: directory with ``{name}.txt`` and ``{name}_item2attributes.json`` (default: located automatically,
             see :func:`diffgr2_trl.rerank.data.locate_data_dir`).
         name: dataset file stem (default: inferred from the directory's one ``NAME.txt`` +
@@ -40,11 +42,11 @@ class PrepareArguments:
             (``none`` keeps the raw split; see :func:`diffgr2_trl.rerank.pipeline_data.match_target_positions`).
         codebook_size: semantic-ID codes per level (small catalogues need fewer).
         vocab_size: BPE size of the local tokenizer.
-        overwrite: rebuild even if ``out`` is complete.
-        threads: torch threads (1 is often faster on a contended CPU); 0 keeps torch's default.
+        overwrite: rebuild even if ``output_dir`` is complete.
+        threads: torch intra-op CPU threads (1 is often faster on a contended CPU); 0 keeps torch's default.
     """
 
-    out: str = field(metadata={"help": "Output directory."})
+    output_dir: str = field(metadata={"help": "Output directory."})
     data_dir: str | None = field(default=None, metadata={"help": "Dataset directory (default: located automatically)."})
     name: str | None = field(
         default=None, metadata={"help": "Dataset file stem ({name}.txt; default: inferred from data_dir)."}
@@ -68,7 +70,7 @@ class PrepareArguments:
     vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size of the local tokenizer."})
     seed: int = field(default=0, metadata={"help": "Seed (pre-rankers, semantic IDs, subsampling)."})
     overwrite: bool = field(default=False, metadata={"help": "Rebuild even if the output is complete."})
-    threads: int = field(default=1, metadata={"help": "torch threads (0: torch default)."})
+    threads: int = field(default=1, metadata={"help": "torch intra-op CPU threads (0: torch's default)."})
 
 
 def _print_summary(summary: dict, seconds: float | None) -> None:
@@ -85,40 +87,42 @@ def _print_summary(summary: dict, seconds: float | None) -> None:
     print(f"tokenizer size: {summary['tokenizer_size']}" + (f" | {seconds:.1f} s" if seconds is not None else ""))
 
 
-def main(argv: list[str] | None = None) -> int:
-    (args,) = TrlParser((PrepareArguments,)).parse_args_and_config(args=argv)
-    import torch
+def parse(argv: list[str] | None = None, values: Mapping[str, Any] | None = None) -> tuple[PrepareArguments]:
+    return parse_command("prepare", (PrepareArguments,), argv, values)
 
+
+def run(args: PrepareArguments) -> dict[str, Any]:
+    """Build (or reuse, when complete and from the same inputs) ``args.output_dir``; returns its summary."""
     from diffgr2_trl.rerank.candidates import load_prepared, prepare_data
     from diffgr2_trl.rerank.pipeline_data import build_pipeline_data, is_complete, load_summary
+    from diffgr2_trl.utils import set_threads
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     from diffgr2_trl.errors import UserError
-    from diffgr2_trl.pipeline.fingerprint import data_digest, describe_changes
+    from diffgr2_trl.fingerprint import data_digest, describe_changes
 
-    inputs = {"options": {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "threads")},
+    inputs = {"options": {k: v for k, v in vars(args).items() if k not in ("output_dir", "overwrite", "threads")},
               "data": data_digest(args.data_dir)}
-    if is_complete(args.out) and not args.overwrite:
-        summary = load_summary(args.out)
+    if is_complete(args.output_dir) and not args.overwrite:
+        summary = load_summary(args.output_dir)
         if summary.get("inputs") != inputs:
             changes = "; ".join(describe_changes(summary.get("inputs"), inputs))
-            raise UserError(f"{args.out} was prepared from other inputs ({changes}); pass --overwrite to rebuild it, "
-                            "or choose another --out.")
-        print(f"{args.out} is complete and up to date; nothing to do (--overwrite rebuilds it).")
+            raise UserError(f"{args.output_dir} was prepared from other inputs ({changes}); pass --overwrite to rebuild it, "
+                            "or choose another --output_dir.")
+        print(f"{args.output_dir} is complete and up to date; nothing to do (--overwrite rebuilds it).")
         _print_summary(summary, None)
-        return 0
+        return summary
     t0 = time.perf_counter()
     prerankers = tuple(p.strip() for p in args.prerankers.split(",") if p.strip())
     try:  # a run cut short after the examples (the slow part) reuses them, if they came from the same inputs
-        prepared = load_prepared(args.out) if not args.overwrite else None
+        prepared = load_prepared(args.output_dir) if not args.overwrite else None
         if prepared is not None and prepared.prerank.get("inputs") != inputs:
             prepared = None
     except FileNotFoundError:
         prepared = None
     if prepared is None:  # the examples are the slow part (pre-rankers): reuse them when only the datasets are missing
         prepared = prepare_data(
-            args.data_dir, args.out, seed=args.seed, name=args.name, prerankers=prerankers, history_len=args.max_history,
+            args.data_dir, args.output_dir, seed=args.seed, name=args.name, prerankers=prerankers, history_len=args.max_history,
             codebook_size=args.codebook_size, train_rows=args.train_rows, progress=True, provenance=inputs,
         )
     summary = build_pipeline_data(
@@ -133,4 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         provenance=inputs,
     )
     _print_summary(summary, time.perf_counter() - t0)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(*parse(argv))
     return 0

@@ -1,10 +1,11 @@
 """``diffgr2 serve-teacher``: serve an AR teacher with vLLM's OpenAI server, configured for scoring.
 
-    diffgr2 serve-teacher --model PATH [--port 8000] [--host 127.0.0.1] [--max-logprobs 20] [--dtype float32]
+    diffgr2 serve-teacher --model_name_or_path PATH [--port 8000] [--host 127.0.0.1] [--max-logprobs 20] [--dtype float32]
                           [--device auto|cpu|cuda] [--gpu-memory-utilization F] [--max-model-len N]
 
 Prints the URL once ``/health`` answers, then runs until interrupted. Scoring clients:
-``diffgr2_trl.teachers.load_teacher("http://HOST:PORT")``.
+``diffgr2_trl.teachers.load_teacher("http://HOST:PORT")``. ``--model`` is a deprecated spelling of
+``--model_name_or_path``.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-
-from trl import TrlParser
+from typing import Any
 
 from diffgr2_trl.teachers.server import (
     VLLMServerError,
@@ -24,13 +25,15 @@ from diffgr2_trl.teachers.server import (
     wait_for_health,
 )
 
+from ._args import parse_command
+
 
 @dataclass
 class ServeTeacherArguments:
     """Arguments of ``diffgr2 serve-teacher``.
 
     Parameters:
-        model: checkpoint directory or hub id of the AR teacher.
+        model_name_or_path: checkpoint directory or hub id of the AR teacher.
         port / host: where the server listens.
         max_logprobs: largest top-k a scoring request may ask for.
         dtype: model dtype (float32 keeps teacher targets within ~1e-6 of an HF float32 forward).
@@ -43,7 +46,7 @@ class ServeTeacherArguments:
         log_file: server log path (default: a temporary file).
     """
 
-    model: str = field(metadata={"help": "Checkpoint directory or hub id of the AR teacher."})
+    model_name_or_path: str = field(metadata={"help": "Checkpoint directory or hub id of the AR teacher."})
     port: int = field(default=8000, metadata={"help": "Port to listen on."})
     host: str = field(default="127.0.0.1", metadata={"help": "Host to bind (0.0.0.0 to serve other machines)."})
     max_logprobs: int = field(default=20, metadata={"help": "Largest top-k a scoring request may ask for."})
@@ -65,10 +68,18 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def parse(argv: list[str] | None = None, values: Mapping[str, Any] | None = None) -> tuple[ServeTeacherArguments]:
+    return parse_command("serve-teacher", (ServeTeacherArguments,), argv, values)
+
+
 def main(argv: list[str] | None = None) -> int:
-    (args,) = TrlParser((ServeTeacherArguments,)).parse_args_and_config(args=argv)
+    return run(*parse(sys.argv[1:] if argv is None else argv))
+
+
+def run(args: ServeTeacherArguments) -> int:
+    """Start the server, wait for ``/health``, serve until interrupted; returns the exit code."""
     process, url = start_vllm_server(
-        args.model,
+        args.model_name_or_path,
         port=args.port,
         host=args.host,
         max_logprobs=args.max_logprobs,
@@ -80,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         skip_tokenizer_init=args.skip_tokenizer_init,
         log_path=args.log_file,
     )
-    print(f"Starting vLLM teacher server for {args.model} at {url} (log: {process.log_path})", flush=True)
+    print(f"Starting vLLM teacher server for {args.model_name_or_path} at {url} (log: {process.log_path})", flush=True)
     # SIGTERM (e.g. from a job scheduler) must stop the server's whole process group too: route it through the
     # KeyboardInterrupt path below, whose `finally` stops the server.
     signal.signal(signal.SIGTERM, _raise_interrupt)

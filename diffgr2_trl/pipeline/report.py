@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..utils import atomic_write_text
+from .stages import STAGE_NAMES, stage_record
 from .validate import DEFAULT_TARGETS
 
 # (row label, stage whose eval holds it); the pre-rank floor comes from any eval's "prerank" entry.
@@ -20,11 +21,6 @@ TABLE_ROWS = [
 ]
 METRICS = ["R@1", "R@3", "R@5", "N@3", "N@5"]
 CURVES = {"ar_sft": "AR SFT", "ar_rl": "AR RL (DAPO)", "cft": "CFT", "opd": "OPD", "rl": "diffusion GRPO"}
-
-
-def _record(run: Path, name: str) -> dict | None:
-    p = run / name / "stage.json"
-    return json.loads(p.read_text()) if p.exists() else None
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -130,8 +126,6 @@ def _fmt_ci(ci: dict | None) -> str:
     return f"{ci['diff'] * 100:+.1f} [{ci['lo'] * 100:+.1f}, {ci['hi'] * 100:+.1f}]"
 
 
-
-
 def _targets(evals: dict, floor: dict | None, decode_rows: list[dict], cis: dict, wanted: dict | None) -> list[dict]:
     """The preset's acceptance targets (its ``targets`` section), each with the measured value and whether it holds.
 
@@ -174,12 +168,12 @@ def _targets(evals: dict, floor: dict | None, decode_rows: list[dict], cis: dict
     return out
 
 
-def write_report(ctx) -> dict:
-    """Write the report files into the run directory and return the ``report.json`` content."""
-    run: Path = ctx.run
-    from .runner import PIPELINE_STAGES
-
-    records = {name: _record(run, name) for name, _ in PIPELINE_STAGES}
+def write_report(run: str | Path, preset: str, config: dict[str, Any]) -> dict:
+    """Write ``report.md``, ``report.json`` and the plots into the run directory ``run``, from its stage records
+    (:func:`~diffgr2_trl.pipeline.stages.stage_record`); ``preset`` is the preset's name and ``config`` the resolved
+    preset (its ``targets`` section sets the acceptance targets). Returns ``{"report": path of report.md}``."""
+    run = Path(run)
+    records = {name: stage_record(run, name) for name in STAGE_NAMES}
     evals = {stage: (records[stage] or {}).get("metrics") for _, stage in TABLE_ROWS}
     floor = next((e["prerank"] for e in evals.values() if e and e.get("prerank")), None)
     n = next((e["n"] for e in evals.values() if e and e.get("n")), None)
@@ -187,7 +181,6 @@ def write_report(ctx) -> dict:
     data = (records.get("prepare") or {}).get("metrics") or {}
 
     cis = _confidence_intervals(run, [stage for _, stage in TABLE_ROWS])
-    preset = ctx.args.preset
     lines = [f"# Diffusion-GR2 pipeline report: `{run}` (preset `{preset}`)", ""]
     if preset == "smoke":
         lines += ["**Smoke run: a plumbing check only.** Tiny models trained for seconds on a tiny slice; the numbers "
@@ -226,7 +219,7 @@ def write_report(ctx) -> dict:
             lines.append(f"| {label} | {_fmt(r.get('tokens_per_s'), 1)} | {_fmt(r.get('forward_passes'))} | "
                          f"{_fmt(r.get('tokens_per_forward'), 2)} | {_fmt(r.get('speedup_vs_ar'), 2)}x | "
                          f"{_fmt(r.get('R@1'))} | {_fmt(r.get('valid_rate'), 3)} | {_fmt(r.get('mean_completion_tokens'), 1)} |")
-    targets = _targets(evals, floor, decode_rows, cis, ctx.preset.get("targets"))
+    targets = _targets(evals, floor, decode_rows, cis, config.get("targets"))
     if targets:
         lines += ["", f"## Targets (preset `{preset}`)", "", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'}"
@@ -246,7 +239,7 @@ def write_report(ctx) -> dict:
     report = {
         "stages": {k: (v or {}).get("metrics") for k, v in records.items() if v and k != "report"},
         "decode": decode_rows,
-        "config": ctx.preset,
+        "config": config,
         "data": data,
         "wall_s": wall,
         "floor": floor,

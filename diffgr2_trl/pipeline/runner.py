@@ -4,10 +4,12 @@ CFT -> OPD -> RL, each evaluated on the same test rows.
 Every stage works in ``RUN/<stage>/`` and is *done* only once ``RUN/<stage>/stage.json`` exists; that marker is
 written atomically after the stage's outputs, so an interrupted stage is simply run again, and the training stages
 then resume from their last checkpoint (``checkpoint-*`` in the stage directory). Re-running the pipeline skips done
-stages and never deletes their outputs. Each stage calls the same ``diffgr2`` subcommand a user would, with its
-options and paths written to ``RUN/<stage>/args.yaml`` (``--config``), so every stage can be reproduced by hand.
-A stage's record carries the fingerprint of its inputs (:mod:`.fingerprint`); a re-run never reuses a stage whose
-inputs changed (:func:`check_stage_inputs`).
+stages and never deletes their outputs. Each stage calls the function a ``diffgr2`` subcommand wraps
+(``diffgr2_trl.commands.<name>.run``, its options parsed by the same ``parse`` the command line uses), with its
+options and paths also written to ``RUN/<stage>/args.yaml``, so ``diffgr2 <command> --config RUN/<stage>/args.yaml``
+reproduces every stage by hand. A stage's record carries the fingerprint of its inputs
+(:mod:`diffgr2_trl.fingerprint`, the stage table in :mod:`.stages`); a re-run never reuses a stage whose inputs
+changed (:func:`check_stage_inputs`). The report (:mod:`.report`) reads the stage records only.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
+from ..fingerprint import data_digest, describe_changes, fingerprint
+from ..presets import load_preset_file
 from ..utils import atomic_write_text
-from .fingerprint import STAGE_DEPENDENCIES, data_digest, describe_changes, fingerprint
-
-PRESETS = Path(__file__).resolve().parents[1] / "presets"
+from .report import write_report
+from .stages import STAGE_DEPENDENCIES, STAGE_NAMES, stage_record
 
 
 @dataclass
@@ -39,7 +42,7 @@ class PipelineArguments:
     Parameters:
         preset: ``smoke`` (tiny slice, minutes), ``cpu`` (the default main job), ``gpu-small`` (a from-scratch model
             on one GPU, every model evaluated on the full test split) or ``gpu`` (a real checkpoint).
-        out: run directory; re-running with the same directory resumes.
+        output_dir: run directory; re-running with the same directory resumes (``--out``: deprecated spelling).
         data_dir: dataset directory (default: located automatically, e.g. ``../shared/data/amazon-beauty``).
         teacher_url: score OPD with a running vLLM server (``diffgr2 serve-teacher``) instead of in-process HF.
         stages: run only these stages (default: all, in order).
@@ -49,7 +52,7 @@ class PipelineArguments:
     """
 
     preset: str = field(default="cpu", metadata={"help": "smoke, cpu, gpu-small or gpu."})
-    out: str = field(default="runs/cpu", metadata={"help": "Run directory (resumable)."})
+    output_dir: str = field(default="runs/cpu", metadata={"help": "Run directory (resumable)."})
     data_dir: str | None = field(default=None, metadata={"help": "Dataset directory (default: located)."})
     teacher_url: str | None = field(default=None, metadata={"help": "vLLM server URL for the OPD teacher."})
     stages: list[str] = field(default_factory=list, metadata={"help": "Only these stages (default: all)."})
@@ -63,12 +66,8 @@ def load_preset(name: str, overrides: str | None = None) -> dict[str, dict[str, 
     """A pipeline preset with ``overrides`` merged in, every section and key checked against its subcommand."""
     from .validate import validate_preset
 
-    path = PRESETS / f"pipeline_{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem.removeprefix("pipeline_") for p in PRESETS.glob("pipeline_*.yaml"))
-        raise UserError(f"Unknown pipeline preset {name!r}; choose from {known}.")
-    preset = yaml.safe_load(path.read_text()) or {}
-    validate_preset(preset, str(path))
+    preset = load_preset_file("pipeline", name)
+    validate_preset(preset, f"pipeline preset {name!r}")
     if overrides:
         if not Path(overrides).is_file():
             raise UserError(f"--overrides {overrides}: no such file.")
@@ -84,21 +83,12 @@ def load_preset(name: str, overrides: str | None = None) -> dict[str, dict[str, 
     return preset
 
 
-def _cli(argv: list[str]) -> None:
-    from ..cli import main
-
-    rc = main(argv)
-    if rc:
-        raise RuntimeError(f"`diffgr2 {' '.join(argv)}` exited with {rc}.")
-
-
-def _config(stage_dir: Path, values: dict[str, Any], name: str = "args.yaml", **paths: Any) -> list[str]:
-    """Write ``RUN/<stage>/args.yaml`` (the preset's options plus the stage's model/data/output paths) so that
-    ``diffgr2 <command> --config RUN/<stage>/args.yaml`` re-runs the stage alone; returns the ``--config`` argv."""
-    path = stage_dir / name
+def _config(stage_dir: Path, values: dict[str, Any], name: str = "args.yaml", **paths: Any) -> dict[str, Any]:
+    """The stage's options: the preset's plus its model/data/output paths. They are also written to
+    ``RUN/<stage>/args.yaml``, so that ``diffgr2 <command> --config RUN/<stage>/args.yaml`` re-runs the stage alone."""
     values = {**values, **{k: str(v) for k, v in paths.items() if v is not None}}
-    atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
-    return ["--config", str(path)]
+    atomic_write_text(stage_dir / name, yaml.safe_dump(values, sort_keys=False))
+    return values
 
 
 def _has_checkpoint(stage_dir: Path) -> bool:
@@ -111,7 +101,7 @@ class Context:
     def __init__(self, args: PipelineArguments, preset: dict[str, dict[str, Any]]):
         self.args = args
         self.preset = preset
-        self.run = Path(args.out)
+        self.run = Path(args.output_dir)
         self.prepared = self.run / "prepare" / "data"
 
     def stage(self, name: str) -> dict[str, Any]:
@@ -131,7 +121,9 @@ def stage_prepare(ctx: Context, d: Path) -> dict:
     values = ctx.stage("prepare")
     if ctx.args.data_dir:
         values["data_dir"] = ctx.args.data_dir
-    _cli(["prepare", *_config(d, values, out=ctx.prepared)])
+    from ..commands import prepare as prepare_command
+
+    prepare_command.run(*prepare_command.parse(values=_config(d, values, output_dir=ctx.prepared)))
     from ..rerank.pipeline_data import load_summary
 
     return load_summary(ctx.prepared)
@@ -139,7 +131,10 @@ def stage_prepare(ctx: Context, d: Path) -> dict:
 
 def _train_ar(ctx: Context, d: Path, stage: str, start: str | None) -> dict:
     values = ctx.stage(f"ar_{stage}")
-    _cli(["train-ar", *_config(d, values, prepared=ctx.prepared, out=d / "work", stage=stage, model_name_or_path=start)])
+    from ..commands import train_ar as train_ar_command
+
+    values = _config(d, values, dataset_name=ctx.prepared, output_dir=d / "work", stage=stage, model_name_or_path=start)
+    train_ar_command.run(*train_ar_command.parse(values=values))
     produced = d / "work" / stage
     target = Path(ctx.model(d.name))
     if target.exists():
@@ -180,33 +175,43 @@ def stage_ar_rl(ctx: Context, d: Path) -> dict:
 
 def stage_convert(ctx: Context, d: Path) -> dict:
     values = ctx.stage("convert")
-    _cli(["convert", *_config(d, values, model=ctx.model("ar_rl"), output=d / "model")])
+    from ..commands import convert as convert_command
+
+    convert_command.run(*convert_command.parse(values=_config(d, values, model_name_or_path=ctx.model("ar_rl"),
+                                                              output_dir=d / "model")))
     return {"block_size": values.get("block_size", 32)}
 
 
-def _train_stage(ctx: Context, d: Path, command: str, **paths: Any) -> dict:
-    """Run a trainer subcommand with ``output_dir = RUN/<stage>/model``, resuming from its last checkpoint."""
-    argv = [command, *_config(d, ctx.stage(d.name), output_dir=d / "model", **paths)]
+def _train_stage(ctx: Context, d: Path, command, **paths: Any) -> dict:
+    """Run a trainer subcommand's ``run`` with ``output_dir = RUN/<stage>/model``, resuming from its last checkpoint."""
+    values = _config(d, ctx.stage(d.name), output_dir=d / "model", **paths)
     if _has_checkpoint(d / "model"):
         from transformers.trainer_utils import get_last_checkpoint
 
-        argv += ["--resume_from_checkpoint", get_last_checkpoint(str(d / "model"))]
-    _cli(argv)
+        values["resume_from_checkpoint"] = get_last_checkpoint(str(d / "model"))
+    command.run(*command.parse(values=values))
     history = d / "model" / "log_history.json"
     return {"log_history": json.loads(history.read_text())} if history.exists() else {}
 
 
 def stage_cft(ctx: Context, d: Path) -> dict:
-    return _train_stage(ctx, d, "cft", model_name_or_path=ctx.model("convert"), dataset_name=ctx.prepared)
+    from ..commands import cft as cft_command
+
+    return _train_stage(ctx, d, cft_command, model_name_or_path=ctx.model("convert"), dataset_name=ctx.prepared)
 
 
 def stage_opd(ctx: Context, d: Path) -> dict:
     teacher = ctx.args.teacher_url or ctx.model("ar_rl")
-    return _train_stage(ctx, d, "opd", model=ctx.model("cft"), teacher=teacher, dataset=ctx.prepared)
+    from ..commands import opd as opd_command
+
+    return _train_stage(ctx, d, opd_command, model_name_or_path=ctx.model("cft"), teacher=teacher,
+                        dataset_name=ctx.prepared)
 
 
 def stage_rl(ctx: Context, d: Path) -> dict:
-    return _train_stage(ctx, d, "grpo", model=ctx.model("opd"), dataset=ctx.prepared)
+    from ..commands import grpo as grpo_command
+
+    return _train_stage(ctx, d, grpo_command, model_name_or_path=ctx.model("opd"), dataset_name=ctx.prepared)
 
 
 def _evaluate(ctx: Context, d: Path, model: str, decoder: str, tau: float | None = None, tag: str = "eval",
@@ -216,8 +221,11 @@ def _evaluate(ctx: Context, d: Path, model: str, decoder: str, tau: float | None
     if tau is not None:
         values["tau"] = tau
     name = "args.yaml" if tag == "eval" else f"args_{tag}.yaml"  # the decode stage runs several evaluations
-    _cli(["evaluate", *_config(d, values, name, model=model, prepared=ctx.prepared, decoder=decoder,
-                                json=d / f"{tag}.json", outputs=d / f"{tag}_outputs.json")])
+    from ..commands import evaluate as evaluate_command
+
+    values = _config(d, values, name, model_name_or_path=model, dataset_name=ctx.prepared, decoder=decoder,
+                     json=d / f"{tag}.json", outputs=d / f"{tag}_outputs.json")
+    evaluate_command.run(*evaluate_command.parse(values=values))
     return json.loads((d / f"{tag}.json").read_text())
 
 
@@ -255,9 +263,7 @@ def _speed_row(result: dict) -> dict:
 
 
 def stage_report(ctx: Context, d: Path) -> dict:
-    from .report import write_report
-
-    return write_report(ctx)
+    return write_report(ctx.run, ctx.args.preset, ctx.preset)
 
 
 PIPELINE_STAGES: list[tuple[str, Callable[[Context, Path], dict]]] = [
@@ -278,11 +284,7 @@ PIPELINE_STAGES: list[tuple[str, Callable[[Context, Path], dict]]] = [
     ("decode", stage_decode),
     ("report", stage_report),
 ]
-
-
-def stage_record(run: Path, name: str) -> dict | None:
-    marker = run / name / "stage.json"
-    return json.loads(marker.read_text()) if marker.exists() else None
+assert [n for n, _ in PIPELINE_STAGES] == list(STAGE_NAMES), "runner and stages.STAGE_NAMES disagree"
 
 
 def stage_inputs(ctx: Context) -> dict[str, dict[str, Any]]:

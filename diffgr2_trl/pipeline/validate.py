@@ -8,6 +8,7 @@ import difflib
 import importlib
 from typing import Any
 
+from ..commands._args import DEPRECATED_OPTIONS
 from ..errors import UserError
 
 # preset section -> the argument dataclasses of the subcommand it configures ("module:Class")
@@ -22,12 +23,16 @@ SECTION_ARGUMENTS: dict[str, tuple[str, ...]] = {
             "trl:ModelConfig"),
     "rl": ("diffgr2_trl.commands.grpo:GRPOScriptArguments", "diffgr2_trl.trainers:DiffusionGRPOConfig",
            "trl:ModelConfig"),
-    "evaluate": ("diffgr2_trl.commands.evaluate:EvaluateArguments",),
-    "decode": ("diffgr2_trl.commands.evaluate:EvaluateArguments",),
+    "evaluate": ("diffgr2_trl.commands.evaluate:EvaluateArguments", "diffgr2_trl.block_diffusion:BlockDecodingConfig"),
+    "decode": ("diffgr2_trl.commands.evaluate:EvaluateArguments", "diffgr2_trl.block_diffusion:BlockDecodingConfig"),
 }
 # subcommand -> the preset section whose argument classes it parses (for checking its --config files)
 COMMAND_SECTIONS = {"prepare": "prepare", "train-ar": "ar_sft", "convert": "convert", "cft": "cft", "opd": "opd",
                     "grpo": "rl", "evaluate": "evaluate"}
+# preset section -> the subcommand it feeds (for that subcommand's deprecated option names)
+SECTION_COMMANDS = {"prepare": "prepare", "ar_mid": "train-ar", "ar_sft": "train-ar", "ar_rl": "train-ar",
+                    "convert": "convert", "cft": "cft", "opd": "opd", "rl": "grpo", "evaluate": "evaluate",
+                    "decode": "evaluate"}
 # the report's acceptance targets (a preset's ``targets`` section overrides them)
 DEFAULT_TARGETS = {"teacher_valid": 0.99, "teacher_gain_points": 1.5, "final_vs_teacher": 0.98, "final_valid": 0.995,
                    "naive_valid_max": 0.05, "speedup": 2.4}
@@ -36,9 +41,11 @@ PIPELINE_KEYS: dict[str, set[str]] = {"decode": {"taus"}, "evaluate": {"taus"}}
 
 
 def _section_keys(section: str) -> set[str]:
+    """Valid keys of a preset section: its subcommand's options, their deprecated spellings (renamed with a
+    ``FutureWarning`` when parsed) and the keys the pipeline reads itself."""
     if section == "targets":
         return set(DEFAULT_TARGETS)
-    keys = set(PIPELINE_KEYS.get(section, set()))
+    keys = set(PIPELINE_KEYS.get(section, set())) | set(DEPRECATED_OPTIONS.get(SECTION_COMMANDS[section], {}))
     for spec in SECTION_ARGUMENTS[section]:
         module, name = spec.split(":")
         keys |= {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))}

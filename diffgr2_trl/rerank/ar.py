@@ -4,17 +4,16 @@ Two stages, both stock TRL trainers:
 
 1. SFT: :class:`trl.SFTTrainer` on ``prompt`` -> ``completion`` (offline reasoning trace + target ranking), loss on
    completion tokens only.
-2. RL: :class:`trl.GRPOTrainer` with ``loss_type="dapo"`` and :data:`rewards.rerank.gr2_reward` (rank promotion +
+2. RL: :class:`trl.GRPOTrainer` with ``loss_type="dapo"`` and :data:`diffgr2_trl.rerank.scoring.gr2_reward` (rank promotion +
    conditional format bonus, -1 for invalid output) on the train prompts.
 
 The model is either built from a config with the local tokenizer (CPU runs and tests) or loaded from a checkpoint
 path (a real Qwen3 on a GPU), in which case the semantic-ID, attribute and answer-template tokens are added to the
-checkpoint's own tokenizer and the embeddings resized (:func:`load_model_and_tokenizer`).
+checkpoint's own tokenizer and the embeddings resized (:func:`ar_model_and_tokenizer`).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from .pipeline_data import load_split, load_tokenizer
 from .prompts import FORMAT_PIECES
 from .semantic_ids import SemanticIds
 
-__all__ = ["ARTrainArguments", "load_model_and_tokenizer", "make_grpo_config", "make_sft_config", "run_grpo", "run_sft"]
+__all__ = ["ARTrainArguments", "ar_model_and_tokenizer", "make_grpo_config", "make_sft_config", "run_grpo", "run_sft"]
 
 
 @dataclass
@@ -35,17 +34,18 @@ class ARTrainArguments:
     Stage-specific knobs carry an ``sft_`` / ``rl_`` prefix because both stages run in one command.
 
     Parameters:
-        prepared: ``diffgr2 prepare`` output directory.
-        out: output directory; the SFT model goes to ``out/sft``, the RL model to ``out/rl``.
+        dataset_name: ``diffgr2 prepare`` output directory (``--prepared``: deprecated spelling).
+        output_dir: output directory; the SFT model goes to ``output_dir/sft``, the RL model to ``output_dir/rl``
+            (``--out``: deprecated spelling).
         stage: ``mid`` (SID mid-training on the prepared ``mid`` split, :mod:`~diffgr2_trl.rerank.midtrain`),
-            ``sft`` (starts from ``out/mid`` when ``all`` ran it), ``rl`` (starts from ``out/sft`` unless
+            ``sft`` (starts from ``output_dir/mid`` when ``all`` ran it), ``rl`` (starts from ``output_dir/sft`` unless
             ``model_name_or_path`` is given) or ``all`` (mid when ``mid_max_steps > 0``, then sft, then rl).
         preset: ``cpu`` or ``gpu`` (YAML defaults under ``diffgr2_trl/presets/``); explicit options override them.
         model_name_or_path: a checkpoint to start from; ``None`` builds ``arch``/``shape`` from a config with the
             local tokenizer.
         arch / shape: the config-built model (:data:`diffgr2_trl.modeling.MODEL_SHAPES`).
         use_peft / lora_r / lora_alpha: LoRA through PEFT (embeddings of the added tokens are trained fully).
-        threads: torch threads on CPU (0: torch default).
+        threads: torch intra-op CPU threads (0: torch's default; :func:`diffgr2_trl.utils.set_threads`).
         max_length: SFT sequence cap (prompt + completion tokens).
         mid_*: mid-training steps, batch size, learning rate and sequence cap.
         sft_*: SFT epochs / max steps (> 0 overrides epochs), batch size, gradient accumulation, learning rate,
@@ -54,8 +54,8 @@ class ARTrainArguments:
             KL coefficient, number of train rows used.
     """
 
-    prepared: str = field(metadata={"help": "diffgr2 prepare output directory."})
-    out: str = field(metadata={"help": "Output directory (out/sft, out/rl)."})
+    dataset_name: str = field(metadata={"help": "diffgr2 prepare output directory."})
+    output_dir: str = field(metadata={"help": "Output directory (output_dir/sft, output_dir/rl)."})
     stage: str = field(default="all", metadata={"help": "mid, sft, rl or all."})
     preset: str | None = field(default=None, metadata={"help": "cpu or gpu (defaults from diffgr2_trl/presets)."})
     model_name_or_path: str | None = field(default=None, metadata={"help": "Checkpoint to start from."})
@@ -103,33 +103,22 @@ def added_tokens(sids: SemanticIds) -> list[str]:
     return [*FORMAT_PIECES, *sids.tokens(), *sids.attribute_vocab()]
 
 
-def load_model_and_tokenizer(args: ARTrainArguments, start: str | None = None):
+def ar_model_and_tokenizer(args: ARTrainArguments, start: str | None = None):
     """``(model, tokenizer)``: from ``start`` / ``args.model_name_or_path`` if given, else a config-built model.
 
     A checkpoint keeps its tokenizer, extended with the task tokens (:func:`added_tokens`) and a pad token if it has
-    none; embeddings are resized (``mean_resizing`` initialises new rows at the mean embedding).
+    none; embeddings are resized (``mean_resizing`` initialises new rows at the mean embedding). Loading is
+    :func:`diffgr2_trl.modeling.load_model_and_tokenizer`'s.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from diffgr2_trl.modeling import build_model, load_model_and_tokenizer
 
-    from diffgr2_trl.modeling import build_model
-
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
     path = start or args.model_name_or_path
     if path is None:
-        tokenizer = load_tokenizer(args.prepared)
+        tokenizer = load_tokenizer(args.dataset_name)
         model = build_model(args.arch, tokenizer=tokenizer, shape=args.shape, max_position_embeddings=1024, seed=args.seed)
         return model, tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    sids = SemanticIds.load(Path(args.prepared) / "semantic_ids.json")
-    missing = [t for t in added_tokens(sids) if t not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_tokens(missing)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    return model, tokenizer
+    sids = SemanticIds.load(Path(args.dataset_name) / "semantic_ids.json")
+    return load_model_and_tokenizer(path, dtype="bfloat16" if args.bf16 else "float32", add_tokens=added_tokens(sids))
 
 
 def _peft_config(args: ARTrainArguments, n_added: int):
@@ -262,9 +251,9 @@ def run_sft(args: ARTrainArguments, model, tokenizer, output_dir: str, stage: st
     from trl import SFTTrainer
 
     if stage == "mid":
-        ds = load_split(args.prepared, "mid")
+        ds = load_split(args.dataset_name, "mid")
     else:
-        ds = _subset(load_split(args.prepared, "train"), args.sft_max_examples, args.seed)
+        ds = _subset(load_split(args.dataset_name, "train"), args.sft_max_examples, args.seed)
     ds = tokenize_prompt_completion(ds.select_columns(["prompt", "completion"]), tokenizer)
     n_added = 0 if args.model_name_or_path is None else 1
     trainer = SFTTrainer(
@@ -280,12 +269,12 @@ def run_sft(args: ARTrainArguments, model, tokenizer, output_dir: str, stage: st
 
 
 def run_grpo(args: ARTrainArguments, model, tokenizer, output_dir: str) -> dict[str, Any]:
-    """GRPO/DAPO with :class:`trl.GRPOTrainer` and ``rewards.rerank.gr2_reward``; saves to ``output_dir``."""
+    """GRPO/DAPO with :class:`trl.GRPOTrainer` and ``gr2_reward`` (:mod:`diffgr2_trl.rerank.scoring`); saves to ``output_dir``."""
     from trl import GRPOTrainer
 
-    from rewards.rerank import gr2_reward, validity
+    from .scoring import gr2_reward, validity
 
-    ds = _subset(load_split(args.prepared, "train"), args.rl_max_examples, args.seed + 1)
+    ds = _subset(load_split(args.dataset_name, "train"), args.rl_max_examples, args.seed + 1)
     ds = ds.select_columns(["prompt", "candidates", "target"])
     trainer = GRPOTrainer(
         model=model,
@@ -304,10 +293,3 @@ def run_grpo(args: ARTrainArguments, model, tokenizer, output_dir: str) -> dict[
 def _with_reward_weights(config, weights: list[float]):
     config.reward_weights = weights
     return config
-
-
-def set_threads(n: int) -> None:
-    """Set torch's CPU threads (0 keeps the default). On a contended 2-core box 1-2 threads is best: measure."""
-    if n > 0:
-        torch.set_num_threads(n)
-        os.environ.setdefault("OMP_NUM_THREADS", str(n))

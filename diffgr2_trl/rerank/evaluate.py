@@ -19,18 +19,15 @@ in the per-category ``errors`` breakdown. A model that never emits a valid ranki
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from ..utils import write_json_atomic
 from .metrics import summarize_ranks
 from .parsing import ERRORS, parse_ranking
 
@@ -101,16 +98,25 @@ def ar_greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int) 
     return texts, {"generated_tokens": sum(counts), "forward_passes": sum(counts)}
 
 
-def make_block_decode(tau: float | None = 0.9, **sampler_kwargs: Any) -> DecodeFn:
-    """A decode function running :class:`BlockDiffusionSampler` (for converted block-diffusion models)."""
+def make_block_decode(tau: float | None = None, config=None, **sampler_kwargs: Any) -> DecodeFn:
+    """A decode function running :class:`BlockDiffusionSampler` (for converted block-diffusion models).
+
+    ``config`` is a :class:`~diffgr2_trl.block_diffusion.BlockDecodingConfig` (default: its defaults); ``tau``, when
+    given, overrides its threshold. The completion cap comes from each call (``evaluate_model``'s).
+    """
+    from diffgr2_trl.block_diffusion import BlockDecodingConfig
+
+    config = config if config is not None else BlockDecodingConfig()
+    if tau is not None:
+        config = config.replace(tau=tau)
 
     @torch.no_grad()
-    def block_decode(model, tokenizer, prompts: list[str], max_new_tokens: int):
+    def block_decode(model, tokenizer, prompts: list[str], max_completion_length: int):
         from diffgr2_trl.block_diffusion.sampler import BlockDiffusionSampler
 
         enc = _encode_left(tokenizer, prompts, model.device)
-        out = BlockDiffusionSampler(model, **sampler_kwargs).generate(
-            enc["input_ids"], enc["attention_mask"], max_completion_length=max_new_tokens, tau=tau
+        out = BlockDiffusionSampler(model, config=config, **sampler_kwargs).generate(
+            enc["input_ids"], enc["attention_mask"], max_completion_length=max_completion_length
         )
         mask = out.completion_mask.bool()
         texts = tokenizer.batch_decode(
@@ -118,14 +124,14 @@ def make_block_decode(tau: float | None = 0.9, **sampler_kwargs: Any) -> DecodeF
         )
         return texts, {"generated_tokens": int(mask.sum()), "forward_passes": int(out.row_forward_passes.sum())}
 
-    block_decode.__name__ = f"block_decode_tau{tau}"
+    block_decode.__name__ = f"block_decode_tau{config.tau}"
     return block_decode
 
 
 # name -> factory(**options) -> DecodeFn. ``evaluate --decoder NAME`` looks names up here.
 DECODERS: dict[str, Callable[..., DecodeFn]] = {
     "ar": lambda **_: ar_greedy_decode,
-    "block": lambda tau=0.9, **_: make_block_decode(tau=tau),
+    "block": lambda tau=None, config=None, **_: make_block_decode(tau=tau, config=config),
 }
 
 
@@ -219,18 +225,3 @@ def evaluate_model(
         out["outputs"] = texts
         out["ranks"] = result["ranks"]
     return out
-
-
-def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """Write JSON to ``path`` via a temporary file in the same directory and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

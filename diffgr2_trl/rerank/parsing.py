@@ -1,4 +1,4 @@
-"""Strict parsing of re-ranking completions, and the scores built on it (shared by ``rewards`` and the trace writers).
+"""Strict parsing of re-ranking completions (the scores built on it are in :mod:`diffgr2_trl.rerank.scoring`).
 
 :func:`parse_ranking` accepts a completion only when it is the JSON object
 ``{"explanation": <str>, "recommendations": [<str>, ...]}`` (exactly these keys, in this order) and the
@@ -25,7 +25,6 @@ messages: the last assistant message's content is parsed). Parsing never raises.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -161,33 +160,3 @@ def is_canonical(text: Any, eos: Sequence[str] = DEFAULT_EOS) -> bool:
         return format_completion(obj[0][1], obj[1][1]) == strip_eos(text, eos)
     except Exception:  # noqa: BLE001
         return False
-
-
-# --- scores on a parsed ranking (pure functions; the TRL wrappers live in the top-level `rewards` package) ---
-
-
-def rank_promotion(
-    ranking: Sequence[str] | None, candidates: Sequence[str], target: str, invalid: float = -1.0
-) -> float:
-    """GR2 rank reward: (pre-rank position of the target - its re-ranked position) / len(candidates), in [-1, 1].
-
-    An invalid ranking (``None``) gets ``invalid`` (the paper: -1). With 10 candidates this is the paper's ``/ 10``.
-    """
-    if ranking is None:
-        return float(invalid)
-    return (list(candidates).index(target) - list(ranking).index(target)) / len(candidates)
-
-
-def ndcg_at_k(ranking: Sequence[str] | None, target: str, k: int) -> float:
-    """NDCG@k with one relevant item: 1 / log2(position + 2) if the target is in the top k, else 0."""
-    if ranking is None or target not in ranking:
-        return 0.0
-    pos = list(ranking).index(target)
-    return 1.0 / math.log2(pos + 2) if pos < k else 0.0
-
-
-def recall_at_k(ranking: Sequence[str] | None, target: str, k: int) -> float:
-    """Recall@k (= hit rate with one relevant item): 1 if the target is in the top k, else 0."""
-    if ranking is None or target not in ranking:
-        return 0.0
-    return 1.0 if list(ranking).index(target) < k else 0.0

@@ -228,7 +228,7 @@ def load_split(prepared_dir: str | os.PathLike, split: str):
 
     path = Path(prepared_dir) / "datasets" / split
     if not path.is_dir():
-        raise FileNotFoundError(f"No {split!r} dataset at {path}; run `diffgr2 prepare --out {prepared_dir}` first.")
+        raise FileNotFoundError(f"No {split!r} dataset at {path}; run `diffgr2 prepare --output_dir {prepared_dir}` first.")
     return load_from_disk(str(path))
 
 
@@ -238,7 +238,7 @@ def load_tokenizer(prepared_dir: str | os.PathLike):
 
     path = Path(prepared_dir) / "tokenizer"
     if not path.is_dir():
-        raise FileNotFoundError(f"No tokenizer at {path}; run `diffgr2 prepare --out {prepared_dir}` first.")
+        raise FileNotFoundError(f"No tokenizer at {path}; run `diffgr2 prepare --output_dir {prepared_dir}` first.")
     return AutoTokenizer.from_pretrained(str(path))
 
 

@@ -24,8 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from diffgr2_trl.rerank.parsing import parse_ranking, rank_promotion
+from diffgr2_trl.rerank.parsing import parse_ranking
 from diffgr2_trl.rerank.prompts import ItemText, format_completion, parse_prompt, target_ranking
+from diffgr2_trl.rerank.scoring import rank_promotion_score
 
 logger = logging.getLogger(__name__)
 
@@ -257,7 +258,7 @@ class LLMTraceWriter:
             parsed = parse_ranking(text, candidates)
             if not parsed.valid:
                 continue
-            reward = rank_promotion(parsed.ranking, candidates, target)
+            reward = rank_promotion_score(parsed.ranking, candidates, target)
             if (reward > 0 or parsed.ranking[0] == target) and (best is None or reward > best[1]):
                 best = (i, reward)
         return best

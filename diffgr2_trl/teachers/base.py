@@ -37,7 +37,7 @@ class TeacherUnavailableError(TeacherError):
         self.url, self.attempts, self.last_error = url, attempts, last_error
         super().__init__(
             f"Teacher server at {url} is unavailable after {attempts} attempt(s); last error: {last_error!r}. "
-            "Start it with `diffgr2 serve-teacher --model PATH` (or `python -m vllm.entrypoints.openai.api_server`) "
+            "Start it with `diffgr2 serve-teacher --model_name_or_path PATH` (or `python -m vllm.entrypoints.openai.api_server`) "
             "and check that the URL and port are right."
         )
 

@@ -38,7 +38,7 @@ def prepared(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ar")
     data = _write_toy(root / "data")
     out = root / "prepared"
-    argv = ["prepare", "--data_dir", str(data), "--out", str(out), "--codebook_size", "4",  # name inferred: Toy
+    argv = ["prepare", "--data_dir", str(data), "--output_dir", str(out), "--codebook_size", "4",  # name inferred: Toy
             "--max_history", "5", "--vocab_size", "600", "--mid_rows", "40"]
     assert main(argv) == 0
     return out
@@ -66,7 +66,7 @@ def test_prepare_writes_datasets_tokenizer_summary(prepared, capsys):
     assert not [p for p in prepared.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
     # Re-running with the same inputs on a complete directory skips the work; other inputs are refused, by name.
     stamp = (prepared / "summary.json").stat().st_mtime_ns
-    argv = ["prepare", "--data_dir", str(prepared.parent / "data"), "--out", str(prepared), "--codebook_size", "4",
+    argv = ["prepare", "--data_dir", str(prepared.parent / "data"), "--output_dir", str(prepared), "--codebook_size", "4",
             "--max_history", "5", "--vocab_size", "600", "--mid_rows", "40"]
     assert main(argv) == 0
     assert "nothing to do" in capsys.readouterr().out
@@ -93,7 +93,7 @@ def test_match_target_positions_follows_reference():
 
 def test_train_ar_sft_rl_then_evaluate(prepared, tmp_path):
     out = tmp_path / "model"
-    argv = ["train-ar", "--prepared", str(prepared), "--out", str(out), "--stage", "all", "--preset", "cpu",
+    argv = ["train-ar", "--dataset_name", str(prepared), "--output_dir", str(out), "--stage", "all", "--preset", "cpu",
             "--shape", "tiny", "--threads", "0", "--mid_max_steps", "2", "--mid_batch_size", "4",
             "--sft_max_steps", "4", "--sft_batch_size", "4", "--rl_max_steps", "1",
             "--rl_prompts_per_step", "2", "--rl_num_generations", "2", "--rl_max_completion_length", "16",
@@ -107,8 +107,8 @@ def test_train_ar_sft_rl_then_evaluate(prepared, tmp_path):
     assert json.loads((out / "train_sft.json").read_text())["args"]["shape"] == "tiny"  # CLI beats preset
 
     result = tmp_path / "eval.json"
-    argv = ["evaluate", "--model", str(out / "sft"), "--prepared", str(prepared), "--split", "test", "--limit", "6",
-            "--max_new_tokens", "8", "--batch_size", "4", "--json", str(result), "--outputs", str(tmp_path / "o.json")]
+    argv = ["evaluate", "--model_name_or_path", str(out / "sft"), "--dataset_name", str(prepared), "--split", "test",
+            "--limit", "6", "--max_completion_length", "8", "--batch_size", "4", "--json", str(result), "--outputs", str(tmp_path / "o.json")]
     assert main(argv) == 0
     r = json.loads(result.read_text())
     assert r["n"] == 6 and set(r["metrics"]) >= {"R@1", "R@3", "R@5", "N@3", "N@5", "valid_rate", "errors", "tokens_per_s"}
@@ -129,10 +129,32 @@ def test_logistic_baseline_on_prepared_rows(prepared):
 
 
 def test_unknown_preset_and_stage(prepared, tmp_path):
-    with pytest.raises(SystemExit, match="unknown preset"):
-        main(["train-ar", "--prepared", str(prepared), "--out", str(tmp_path), "--preset", "nope"])
+    with pytest.raises(ValueError, match="Unknown ar preset 'nope'"):
+        main(["train-ar", "--dataset_name", str(prepared), "--output_dir", str(tmp_path), "--preset", "nope"])
     with pytest.raises(ValueError, match="--stage"):
-        main(["train-ar", "--prepared", str(prepared), "--out", str(tmp_path), "--stage", "dpo"])
+        main(["train-ar", "--dataset_name", str(prepared), "--output_dir", str(tmp_path), "--stage", "dpo"])
+    # the old spellings parse to the same arguments, with a FutureWarning each
+    from diffgr2_trl.commands import train_ar
+
+    with pytest.warns(FutureWarning) as seen:
+        (old,) = train_ar.parse(["--prepared", str(prepared), "--out", str(tmp_path), "--preset", "cpu"])
+    assert {str(w.message).split(":")[1].strip().split(" ")[0] for w in seen} == {"--prepared", "--out"}
+    (new,) = train_ar.parse(["--dataset_name", str(prepared), "--output_dir", str(tmp_path), "--preset", "cpu"])
+    assert old == new and new.preset == "cpu" and new.sft_max_steps == 260  # the preset's value
+
+
+def test_train_ar_preset_leaves_no_temp_file(prepared, tmp_path, monkeypatch):
+    import tempfile
+
+    from diffgr2_trl.commands import train_ar
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sft_max_steps: 3\n")
+    (args,) = train_ar.parse(["--dataset_name", str(prepared), "--output_dir", str(tmp_path / "o"), "--preset", "cpu",
+                              "--config", str(cfg), "--shape", "tiny"])
+    assert (args.sft_max_steps, args.shape, args.rl_max_steps) == (3, "tiny", 15)  # config > preset, CLI > config
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
 
 
 def _beauty_available() -> bool:

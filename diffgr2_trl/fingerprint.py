@@ -1,9 +1,10 @@
-"""What produced each pipeline stage, so that nothing is reused after its inputs change.
+"""What produced an output, so that nothing is reused after its inputs change.
 
-A stage's *inputs* are its resolved options (the preset sections it reads, overrides applied), run-level settings it
-depends on (the data files' sizes and hashes for ``prepare``, the teacher URL for ``opd``) and the fingerprints of
-the upstream stages whose outputs it reads. The fingerprint is the SHA-256 of those inputs, so a change anywhere
-upstream changes every stage below it. ``stage.json`` records both; a re-run compares them before doing anything.
+An output's *inputs* are a JSON-able record: resolved options, the data files' sizes and hashes
+(:func:`data_digest`), and, in a pipeline, the fingerprints of the upstream stages it reads (the stage table is in
+:mod:`diffgr2_trl.pipeline.stages`). The fingerprint is the SHA-256 of those inputs, so a change anywhere upstream
+changes everything below it. ``diffgr2 prepare`` records its inputs in its summary and a pipeline stage in its
+``stage.json``; a re-run compares them before doing anything (:func:`describe_changes` says what changed).
 """
 
 from __future__ import annotations
@@ -12,25 +13,6 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any
-
-# stage -> (preset sections it reads, upstream stages whose outputs it reads)
-STAGE_DEPENDENCIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "prepare": (("prepare",), ()),
-    "baseline": (("evaluate",), ("prepare",)),
-    "ar_mid": (("ar_mid",), ("prepare",)),
-    "ar_sft": (("ar_sft",), ("prepare", "ar_mid")),
-    "ar_rl": (("ar_rl",), ("prepare", "ar_sft")),
-    "eval_ar": (("evaluate",), ("prepare", "ar_rl")),
-    "convert": (("convert",), ("ar_rl",)),
-    "eval_naive": (("evaluate",), ("prepare", "convert")),
-    "cft": (("cft",), ("prepare", "convert")),
-    "eval_cft": (("evaluate",), ("prepare", "cft")),
-    "opd": (("opd",), ("prepare", "cft", "ar_rl")),
-    "eval_opd": (("evaluate",), ("prepare", "opd")),
-    "rl": (("rl",), ("prepare", "opd")),
-    "eval_rl": (("evaluate",), ("prepare", "rl")),
-    "decode": (("decode",), ("prepare", "ar_rl", "rl")),
-}
 
 
 def file_digest(path: str | Path, chunk: int = 1 << 20) -> dict[str, Any]:
@@ -45,7 +27,7 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> dict[str, Any]:
 
 def data_digest(data_dir: str | None) -> dict[str, Any]:
     """Digests of the dataset files ``prepare`` reads (the located directory when ``data_dir`` is ``None``)."""
-    from ..rerank.data import infer_dataset_name, locate_data_dir
+    from .rerank.data import infer_dataset_name, locate_data_dir
 
     d = locate_data_dir(data_dir, None)
     name = infer_dataset_name(d)

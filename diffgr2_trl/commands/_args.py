@@ -1,0 +1,170 @@
+"""How every ``diffgr2`` subcommand turns options into its argument dataclasses: one function, :func:`parse_command`.
+
+The same function serves the command line (``argv``, ``--config file.yaml``) and the Python API (``values``, a mapping
+of option names to values, as :mod:`diffgr2_trl.pipeline` passes them), so a stage of the pipeline and the command a
+user types parse identically, with TRL's :class:`~trl.TrlParser`.
+
+Conventions shared by all subcommands (TRL's script names): ``--model_name_or_path``, ``--dataset_name``,
+``--output_dir``. The older spellings in :data:`DEPRECATED_OPTIONS` are still accepted for one release, on the command
+line and as ``--config`` keys, with a ``FutureWarning`` naming the new one. ``--threads`` means torch's intra-op CPU
+threads everywhere (:func:`diffgr2_trl.utils.set_threads`).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+# command -> {deprecated option: its new name}; accepted for one release.
+DEPRECATED_OPTIONS: dict[str, dict[str, str]] = {
+    "prepare": {"out": "output_dir"},
+    "train-ar": {"prepared": "dataset_name", "out": "output_dir"},
+    "evaluate": {"model": "model_name_or_path", "prepared": "dataset_name", "max_new_tokens": "max_completion_length"},
+    "generate": {"model": "model_name_or_path", "max_new_tokens": "max_completion_length"},
+    "convert": {"model": "model_name_or_path", "output": "output_dir"},
+    "opd": {"model": "model_name_or_path", "dataset": "dataset_name"},
+    "grpo": {"model": "model_name_or_path", "dataset": "dataset_name"},
+    "bench-decode": {"model": "model_name_or_path"},
+    "bench-rl": {"model": "model_name_or_path"},
+    "serve-teacher": {"model": "model_name_or_path"},
+    "pipeline": {"out": "output_dir"},
+}
+
+
+def _warn(command: str, old: str, new: str) -> None:
+    warnings.warn(f"diffgr2 {command}: --{old} is deprecated; use --{new} (the old spelling goes in the next release).",
+                  FutureWarning, stacklevel=4)
+
+
+def rename_deprecated_argv(command: str, argv: Iterable[str]) -> list[str]:
+    """``argv`` with deprecated option names replaced by their new names (``--old V`` and ``--old=V``), warning once
+    per name. Dash spellings (``--max-new-tokens``) count too."""
+    renames = DEPRECATED_OPTIONS.get(command, {})
+    out = []
+    for a in argv:
+        if a.startswith("--"):
+            flag, eq, value = a[2:].partition("=")
+            key = flag.replace("-", "_")
+            if key in renames:
+                _warn(command, flag, renames[key])
+                a = f"--{renames[key]}{eq}{value}"
+        out.append(a)
+    return out
+
+
+def rename_deprecated_keys(command: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (a ``--config`` mapping or API options) with deprecated keys renamed; a new key given too wins."""
+    renames = DEPRECATED_OPTIONS.get(command, {})
+    out = dict(values)
+    for old, new in renames.items():
+        if old in out:
+            _warn(command, old, new)
+            value = out.pop(old)
+            out.setdefault(new, value)
+    return out
+
+
+def _pop_option(argv: list[str], name: str) -> str | None:
+    """Remove ``--name V`` / ``--name=V`` from ``argv`` and return ``V`` (the last one given)."""
+    value = None
+    i = 0
+    while i < len(argv):
+        if argv[i] == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+            del argv[i : i + 2]
+        elif argv[i].startswith(f"--{name}="):
+            value = argv.pop(i).split("=", 1)[1]
+        else:
+            i += 1
+    return value
+
+
+def _peek_option(argv: list[str], name: str) -> str | None:
+    return _pop_option(list(argv), name)
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    """A ``--config`` YAML mapping; its ``env`` section is exported to the environment (as TRL does)."""
+    import yaml
+
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"Config file {path} must contain a YAML mapping.")
+    env = config.pop("env", {}) or {}
+    if not isinstance(env, dict):
+        raise ValueError("`env` field should be a dict in the YAML file.")
+    for key, value in env.items():
+        os.environ[key] = str(value)
+    return config
+
+
+def _cpu_defaults(values: dict[str, Any], argv: list[str]) -> None:
+    """On a machine without CUDA, default to ``use_cpu=True, bf16=False`` unless the options set either: TRL's bf16
+    default would otherwise stop a trainer before any other check, with advice a CLI user cannot follow."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    keys = set(values) | {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    if not keys & {"use_cpu", "bf16", "fp16"}:
+        values.update(use_cpu=True, bf16=False)
+
+
+def parse_command(
+    command: str,
+    dataclass_types: tuple[type, ...],
+    argv: Iterable[str] | None = None,
+    values: Mapping[str, Any] | None = None,
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    preset_kind: str | None = None,
+    trainer: bool = False,
+) -> tuple:
+    """Parse a subcommand's options into its dataclasses with :class:`trl.TrlParser`.
+
+    Precedence, lowest first: ``defaults`` (the command's own, where they differ from a shared dataclass's), the
+    preset named by ``--preset`` (when ``preset_kind`` is given: ``presets/{preset_kind}_{NAME}.yaml``), the
+    ``--config`` file, ``values``, then the command line ``argv``.
+
+    Args:
+        command: the subcommand's name (for deprecated spellings and messages).
+        trainer: a TRL-trainer command: on a machine without CUDA, ``use_cpu``/``bf16`` default to CPU training.
+    """
+    from trl import TrlParser
+
+    argv = rename_deprecated_argv(command, argv or [])
+    config_path = _pop_option(argv, "config")
+    config = rename_deprecated_keys(command, _read_config(config_path)) if config_path else {}
+    values = rename_deprecated_keys(command, values or {})
+    merged: dict[str, Any] = dict(defaults or {})
+    if preset_kind is not None:
+        name = _peek_option(argv, "preset") or values.get("preset") or config.get("preset")
+        if name:
+            from ..presets import load_preset_file
+
+            merged.update(load_preset_file(preset_kind, name))
+            merged["preset"] = name
+    merged.update(config)
+    merged.update(values)
+    if trainer:
+        _cpu_defaults(merged, argv)
+    parser = TrlParser(dataclass_types, prog=f"diffgr2 {command}")
+    unknown = parser.set_defaults_with_config(**merged)
+    if unknown:
+        where = f"config file {config_path}" if config_path else "options"
+        raise ValueError(f"Unknown arguments from {where}: {unknown}. Please remove them.")
+    try:
+        return tuple(parser.parse_args_into_dataclasses(args=argv))
+    except ValueError as e:  # a dataclass's own check: name the option as it is spelled on the command line
+        from dataclasses import fields
+
+        from ..errors import UserError
+
+        msg = str(e)
+        names = {f.name for t in dataclass_types for f in fields(t)}
+        if not isinstance(e, UserError) and msg.split(" ", 1)[0] in names:
+            raise UserError(f"--{msg}") from e
+        raise
