@@ -50,7 +50,7 @@ def evaluate(model, tok, n: int, tau: float) -> tuple[float, float, list[str], l
     """Decode ``n`` held-out prompts; return (exact-sort accuracy, tokens per forward, prompts, completions)."""
     ev = sort_dataset(n, seed=123)
     ids, am = left_pad([tok(p, add_special_tokens=False).input_ids for p in ev["prompt"]], tok.pad_token_id)
-    out = BlockDiffusionSampler(model.eval()).generate(ids.to(model.device), am.to(model.device), max_new_tokens=16,
+    out = BlockDiffusionSampler(model.eval()).generate(ids.to(model.device), am.to(model.device), max_completion_length=16,
                                                        tau=tau)
     texts = tok.batch_decode(out.completion_ids, skip_special_tokens=True)
     correct = sum(t.split("answer")[-1].split() == want.split() for t, want in zip(texts, ev["target"]))
