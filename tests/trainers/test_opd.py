@@ -288,6 +288,8 @@ def test_lora_grad_accumulation_checkpoint_and_resume(weak_student_dir, tmp_path
     assert torch.equal(merged["model.layers.0.self_attn.q_proj.base_layer.weight"], base["model.layers.0.self_attn.q_proj.weight"])
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in merged.items())
     assert (tmp_path / "run" / "checkpoint-2" / "adapter_model.safetensors").exists()
+    card = (tmp_path / "run" / "README.md").read_text()  # TRL's model card, with this trainer's tags and paper
+    assert "on-policy-distillation" in card and "2607.01170" in card
     model2, _ = load(weak_student_dir)
     args2 = OnPolicyDistillationConfig(str(tmp_path / "run"), max_steps=3, **common)
     trainer2 = OnPolicyDistillationTrainer(model2, teacher=teacher, args=args2, train_dataset=prompts(32),
