@@ -62,7 +62,7 @@ def _run(student, tok, teacher, teacher_tok, args: BenchOPDArguments, out_dir: s
     config = OnPolicyDistillationConfig(
         out_dir, use_cpu=not torch.cuda.is_available(), bf16=False, report_to=[], disable_tqdm=True, logging_steps=1,
         save_strategy="no", max_steps=args.steps + 1, per_device_train_batch_size=args.prompts_per_step,
-        num_generations=args.num_generations, max_new_tokens=args.max_new_tokens, tau=args.tau,
+        num_generations=args.num_generations, max_completion_length=args.max_new_tokens, tau=args.tau,
         temperature=args.temperature, replay=args.replay, learning_rate=1e-5,
     )
     trainer = OnPolicyDistillationTrainer(student, teacher=teacher, args=config, train_dataset=Dataset.from_list(rows),

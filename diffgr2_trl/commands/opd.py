@@ -1,7 +1,7 @@
 """``diffgr2 opd``: on-policy distillation of a block-diffusion student from an AR teacher (TRL flags too).
 
     diffgr2 opd --model_name_or_path CFT_DIR --teacher SPEC --dataset_name DATA --output_dir OUT
-                [--num_generations 4 --max_new_tokens 160 --tau 0.9 --temperature 1.0]
+                [--num_generations 4 --max_completion_length 160 --tau 0.9 --temperature 1.0]
                 [--replay one_state_per_block] [--beta 0.0] [--use_peft --lora_r 16] [--use_cpu]
 
 ``SPEC`` is a checkpoint directory (in-process HF teacher, full-vocabulary KL), ``http://host:port`` (a vLLM server,

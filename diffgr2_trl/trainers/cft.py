@@ -15,6 +15,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from ..block_diffusion import BlockDiffusionSpec, align_completions, block_diffusion_loss, get_spec, set_spec
 from ..block_diffusion.convert import check_attention_honours_masks, convert_to_block_diffusion
+from ._paper import DIFFUSION_GR2_PAPER
 
 SPEC_OVERRIDES = (
     "noise_per", "noise_schedule", "min_mask_ratio", "max_mask_ratio", "inverse_t_weighting", "complementary_masks",
@@ -23,23 +24,45 @@ SPEC_OVERRIDES = (
 
 @dataclass
 class BlockDiffusionConfig(SFTConfig):
-    """Configuration for :class:`BlockDiffusionTrainer` (all of :class:`trl.SFTConfig`, plus the fields below).
+    r"""Configuration for :class:`BlockDiffusionTrainer`: all of :class:`trl.SFTConfig`, plus the fields below.
 
     Noise fields left at ``None`` keep the value in the model's block-diffusion spec; a value given here is written
     into the spec, so the checkpoint records what it was trained with.
 
-    Parameters:
-        block_size: block size used to convert a model that is not yet converted. Ignored (must match or be None)
-            for a converted model.
-        noise_per / noise_schedule / min_mask_ratio / max_mask_ratio / inverse_t_weighting / complementary_masks:
-            see :class:`~diffgr2_trl.block_diffusion.BlockDiffusionSpec`.
-        reasoning_weight: loss weight of completion tokens before the answer (segment 0).
-        answer_weight: loss weight of answer tokens (segment 1).
-        answer_start_column: dataset column holding, per row, the character offset in ``completion`` where the
-            answer starts (plain-text prompt/completion data). Alternatively give a ``segment_ids`` column with one
-            0/1 entry per completion token. Without either, every completion token is segment 0.
-        loss_normalization: ``"masked"`` (mean over masked tokens) or ``"completion"`` (sum over masked tokens
-            divided by the number of completion tokens, the MDLM ELBO estimator).
+    Parameters that control the conversion:
+
+        block_size (`int` or `None`, *optional*, defaults to `None`):
+            Block size used to convert a model that is not yet converted. Must match (or be `None`) for a converted
+            model.
+
+    Parameters that control the noise (see :class:`~diffgr2_trl.block_diffusion.BlockDiffusionSpec`):
+
+        noise_per (`str` or `None`, *optional*, defaults to `None`):
+            ``"block"`` or ``"sequence"``: where the noise level t is drawn.
+        noise_schedule (`str` or `None`, *optional*, defaults to `None`):
+            ``"linear"`` or ``"cosine"`` mask-ratio schedule.
+        min_mask_ratio (`float` or `None`, *optional*, defaults to `None`):
+            Lower end of the noise level t.
+        max_mask_ratio (`float` or `None`, *optional*, defaults to `None`):
+            Upper end of the noise level t.
+        inverse_t_weighting (`bool` or `None`, *optional*, defaults to `None`):
+            Weight token losses by 1 / mask ratio.
+        complementary_masks (`bool` or `None`, *optional*, defaults to `None`):
+            Also train on each mask's complement.
+
+    Parameters that control the loss:
+
+        reasoning_weight (`float`, *optional*, defaults to `1.0`):
+            Loss weight of completion tokens before the answer (segment 0).
+        answer_weight (`float`, *optional*, defaults to `1.0`):
+            Loss weight of answer tokens (segment 1).
+        answer_start_column (`str`, *optional*, defaults to `"answer_start"`):
+            Dataset column holding, per row, the character offset in ``completion`` where the answer starts
+            (plain-text prompt/completion data). Alternatively give a ``segment_ids`` column with one 0/1 entry per
+            completion token. Without either, every completion token is segment 0.
+        loss_normalization (`str`, *optional*, defaults to `"masked"`):
+            ``"masked"`` (mean over masked tokens) or ``"completion"`` (sum over masked tokens divided by the number
+            of completion tokens, the MDLM ELBO estimator).
     """
 
     block_size: int | None = field(default=None, metadata={"help": "Block size to convert an unconverted model with."})
@@ -108,6 +131,7 @@ class BlockDiffusionTrainer(SFTTrainer):
 
     _tag_names = ["trl", "sft", "diffgr2-trl", "block-diffusion", "cft"]
     _name = "CFT"
+    _paper = DIFFUSION_GR2_PAPER
 
     def __init__(self, model, args: BlockDiffusionConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, **kwargs):

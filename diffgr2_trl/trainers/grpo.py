@@ -33,40 +33,68 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import nanstd
 
-from ..block_diffusion import BlockDiffusionSampler, get_spec
+from ..block_diffusion import BlockDecodingConfig, BlockDiffusionSampler, get_spec, left_pad
 from ..block_diffusion.convert import check_attention_honours_masks
 from ..block_diffusion.estimators import ESTIMATORS, check_estimator, estimate_token_logprobs
+from ._decoding_fields import trl_field
+from ._paper import DIFFUSION_GR2_PAPER
 
 ROLLOUT_KEYS = ("canvas_ids", "step_map", "estimator_seeds")
 
 
 @dataclass
-class DiffusionGRPOConfig(GRPOConfig):
-    """Configuration for :class:`DiffusionGRPOTrainer` (all of :class:`trl.GRPOConfig`, plus the fields below).
+class DiffusionGRPOConfig(BlockDecodingConfig, GRPOConfig):
+    r"""Configuration for :class:`DiffusionGRPOTrainer`: all of :class:`trl.GRPOConfig` and of
+    :class:`~diffgr2_trl.block_diffusion.BlockDecodingConfig`, plus the fields below.
 
-    TRL's generation fields keep their meaning: ``temperature`` (0 = greedy), ``top_k`` (0 = off),
-    ``max_completion_length``, ``num_generations``. ``top_p`` / ``min_p`` / ``repetition_penalty`` are not supported
-    by the block sampler and must stay at their defaults.
+    TRL's generation fields keep their TRL declaration, default and meaning: ``temperature`` (0 = greedy), ``top_k``
+    (0 = off), ``max_completion_length``, ``num_generations``. ``top_p`` / ``min_p`` / ``repetition_penalty`` are not
+    supported by the block sampler and must stay at their defaults; ``use_vllm`` and
+    ``use_transformers_continuous_batching`` must stay off (rollouts come from the block sampler).
 
-    Parameters:
-        likelihood_estimator: ``"trajectory_replay"`` (TraceRL, exact for the sampler), ``"mean_field"`` (d1 one-step)
-            or ``"elbo"`` (``elbo_samples`` random masks). See :mod:`diffgr2_trl.block_diffusion.estimators`.
-        tau: the sampler's confidence threshold: each step commits every masked position whose confidence is >= tau,
-            plus the most confident one.
-        tokens_per_step: fixed schedule instead of ``tau``: commit the k most confident positions per step.
-        prompt_mask_prob: ``mean_field`` only: probability of masking each prompt token (d1's regulariser).
-        elbo_samples: ``elbo`` only: number of random masks K (complementary pairs; odd K adds the all-masked one).
-        max_streams_per_forward: bound the number of noisy streams packed in one likelihood forward (memory).
-        invalid_penalty: total reward given to a rollout that ``validity_fn`` marks invalid (paper: -1).
-        drop_zero_std_groups: mask groups whose total reward has zero variance out of the loss (they carry no
-            advantage). TRL already logs their share as ``frac_reward_zero_std``.
+    Parameters that control the block-diffusion rollouts:
+
+        tau (`float`, *optional*, defaults to `0.9`):
+            The sampler's confidence threshold in (0, 1]: each denoising step commits every masked position of the
+            block whose confidence is at least ``tau``, plus the most confident one. Ignored when ``tokens_per_step``
+            is set.
+        tokens_per_step (`int` or `None`, *optional*, defaults to `None`):
+            Fixed schedule instead of ``tau``: commit the ``tokens_per_step`` most confident positions per step.
+        block_size (`int` or `None`, *optional*, defaults to `None`):
+            Must stay `None`: rollouts are decoded with the model's block size, the one the likelihood uses.
+        stop_token_ids (`list[int]` or `None`, *optional*, defaults to `None`):
+            Token ids that end a rollout, in addition to the EOS token(s).
+
+    Parameters that control the likelihood:
+
+        likelihood_estimator (`str`, *optional*, defaults to `"trajectory_replay"`):
+            How per-token log-probs of a rollout are computed: ``"trajectory_replay"`` (TraceRL, exact for the
+            sampler), ``"mean_field"`` (d1's one-step estimate) or ``"elbo"`` (``elbo_samples`` random masks). See
+            :mod:`diffgr2_trl.block_diffusion.estimators`.
+        prompt_mask_prob (`float`, *optional*, defaults to `0.0`):
+            ``"mean_field"`` only: probability of masking each prompt token (d1's regulariser), in [0, 1).
+        elbo_samples (`int`, *optional*, defaults to `4`):
+            ``"elbo"`` only: number of random masks K (complementary pairs; an odd K adds the all-masked one).
+        max_streams_per_forward (`int` or `None`, *optional*, defaults to `None`):
+            Bound the number of noisy streams packed in one likelihood forward (memory). ``None``: all in one.
+
+    Parameters that control the rewards:
+
+        invalid_penalty (`float`, *optional*, defaults to `-1.0`):
+            Total reward given to a rollout that the trainer's ``validity_fn`` marks invalid (the paper's -1).
+        drop_zero_std_groups (`bool`, *optional*, defaults to `True`):
+            Mask groups whose total reward has zero variance out of the loss (they carry no advantage). TRL already
+            logs their share as ``frac_reward_zero_std``.
     """
+
+    # Declared by both bases: TRL's declaration wins (see diffgr2_trl.trainers._decoding_fields).
+    max_completion_length: int | None = trl_field(GRPOConfig, "max_completion_length")
+    temperature: float = trl_field(GRPOConfig, "temperature")
+    top_k: int = trl_field(GRPOConfig, "top_k")
 
     likelihood_estimator: str = field(
         default="trajectory_replay", metadata={"help": f"Likelihood estimator, one of {list(ESTIMATORS)}."}
     )
-    tau: float = field(default=0.9, metadata={"help": "Sampler confidence threshold in (0, 1]."})
-    tokens_per_step: int | None = field(default=None, metadata={"help": "Fixed tokens per step (overrides tau)."})
     prompt_mask_prob: float = field(default=0.0, metadata={"help": "mean_field: prompt-token mask probability."})
     elbo_samples: int = field(default=4, metadata={"help": "elbo: number of random masks per sample."})
     max_streams_per_forward: int | None = field(
@@ -76,12 +104,12 @@ class DiffusionGRPOConfig(GRPOConfig):
     drop_zero_std_groups: bool = field(default=True, metadata={"help": "Drop zero-reward-variance groups from the loss."})
 
     def __post_init__(self):
-        super().__post_init__()
+        GRPOConfig.__post_init__(self)  # BlockDecodingConfig comes first in the MRO and does not chain
+        self.check_decoding()
+        if self.block_size is not None:
+            raise ValueError(f"block_size={self.block_size}: rollouts must be decoded with the model's own block size, "
+                             "the one the likelihood uses; leave block_size unset for training.")
         check_estimator(self.likelihood_estimator)
-        if self.tokens_per_step is None and not 0.0 < self.tau <= 1.0:
-            raise ValueError(f"tau must be in (0, 1], got {self.tau}.")
-        if self.tokens_per_step is not None and self.tokens_per_step <= 0:
-            raise ValueError(f"tokens_per_step must be positive, got {self.tokens_per_step}.")
         if not 0.0 <= self.prompt_mask_prob < 1.0:
             raise ValueError(f"prompt_mask_prob must be in [0, 1), got {self.prompt_mask_prob}.")
         if self.elbo_samples < 1:
@@ -128,9 +156,15 @@ def _checked_reward(func: Callable, name: str) -> Callable:
 
 class DiffusionGRPOTrainer(GRPOTrainer):
     """GRPO / DAPO / Dr.GRPO for block-diffusion LMs; same arguments as :class:`trl.GRPOTrainer`, plus
-    ``validity_fn``.
+    ``validity_fn`` and ``sampler``.
 
     Args:
+        sampler: the decoder that produces the rollouts; default: a
+            :class:`~diffgr2_trl.block_diffusion.BlockDiffusionSampler` with the decoding fields of ``args``
+            (``BlockDecodingConfig.from_config(args)``). Any object with the sampler's
+            ``generate(input_ids, attention_mask, *, model=...)`` returning a
+            :class:`~diffgr2_trl.block_diffusion.SamplerOutput` (``canvas_ids`` and ``step_map`` included, for the
+            likelihood) can stand in, e.g. another remasking rule. It is called with the current policy each time.
         validity_fn: optional function with TRL's reward signature returning, per completion, a truthy value for a
             valid rollout and a falsy one for an invalid one (None: not applicable, counts as valid); e.g.
             ``rewards.rerank.validity``. Invalid rollouts get the total reward ``args.invalid_penalty`` and stay in
@@ -144,9 +178,11 @@ class DiffusionGRPOTrainer(GRPOTrainer):
 
     _tag_names = ["trl", "grpo", "diffgr2-trl", "block-diffusion"]
     _name = "DiffusionGRPO"
+    _paper = DIFFUSION_GR2_PAPER
 
     def __init__(self, model, reward_funcs=None, args: DiffusionGRPOConfig | None = None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, *, validity_fn: Callable | None = None, **kwargs):
+                 eval_dataset=None, processing_class=None, *, validity_fn: Callable | None = None,
+                 sampler: BlockDiffusionSampler | None = None, **kwargs):
         if args is None:
             args = DiffusionGRPOConfig("diffusion-grpo-output")
         if not isinstance(args, DiffusionGRPOConfig):
@@ -169,6 +205,11 @@ class DiffusionGRPOTrainer(GRPOTrainer):
         self._rollout_ctx: dict[str, torch.Tensor] | None = None  # the rollout the current log-prob call scores
         self._zero_std_rows: torch.Tensor | None = None
         self.timings = {"rollout": 0.0, "likelihood": 0.0}  # cumulative seconds, read by `diffgr2 bench-rl`
+        # Built once; each rollout hands it the current policy (`generate(..., model=...)`).
+        self.sampler = sampler if sampler is not None else BlockDiffusionSampler(
+            spec=self.spec, config=BlockDecodingConfig.from_config(args),
+            pad_token_id=self._tokenizer.pad_token_id, eos_token_id=list(self.eos_token_ids),
+        )
 
     # ------------------------------------------------------------------------------------------------- rollouts
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
@@ -177,19 +218,14 @@ class DiffusionGRPOTrainer(GRPOTrainer):
         t0 = time.perf_counter()
         device = self.accelerator.device
         pad_id = self._tokenizer.pad_token_id
-        input_ids, attention_mask = _left_pad(prompt_ids, pad_id, device)
+        input_ids, attention_mask = left_pad(prompt_ids, pad_id, device=device)
         args = self.args
         with (
             unwrap_model_for_generation(self.model_wrapped, self.accelerator,
                                         gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs) as unwrapped,
             torch.no_grad(),
         ):
-            sampler = BlockDiffusionSampler(unwrapped, self.spec, pad_token_id=pad_id, eos_token_id=list(self.eos_token_ids))
-            out = sampler.generate(
-                input_ids, attention_mask, max_new_tokens=args.max_completion_length, tau=args.tau,
-                tokens_per_step=args.tokens_per_step, temperature=args.temperature,
-                top_k=args.top_k if args.top_k else None,
-            )
+            out = self.sampler.generate(input_ids, attention_mask, model=unwrapped)
         width = args.max_completion_length  # fixed width, so rollouts of different generation batches stack
         canvas = _pad_right(out.canvas_ids, width, pad_id)
         step_map = _pad_right(out.step_map, width, -1)
@@ -307,18 +343,6 @@ class DiffusionGRPOTrainer(GRPOTrainer):
         zero = torch.isclose(std.nan_to_num(0.0), torch.zeros_like(std))
         self._zero_std_rows = zero.repeat_interleave(g)
         return rewards_per_func
-
-
-def _left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for r, s in enumerate(sequences):
-        if len(s) == 0:
-            raise ValueError("Every prompt must hold at least one token.")
-        ids[r, width - len(s):] = torch.as_tensor(s, device=device)
-        mask[r, width - len(s):] = 1
-    return ids, mask
 
 
 def _pad_right(x: torch.Tensor, width: int, value: int) -> torch.Tensor:

@@ -1,15 +1,23 @@
 """On-policy distillation (OPD) of a block-diffusion student from a frozen autoregressive teacher.
 
-Each micro-step: the student decodes ``num_generations`` trajectories per prompt with the real block sampler (eval
-mode, no grad); the teacher scores each final sequence once (prompt + completion up to and including EOS, AR token
-shift, the mask token never sent); the student's distribution at every committed token is rebuilt at the canvas
-state in which that token was committed (trajectory replay); the loss is the divergence between the two per
-committed position, length-normalised per sequence, averaged over sequences.
+Each step: the student decodes ``num_generations`` trajectories per prompt with the block sampler (eval mode, no
+grad); the teacher scores each final sequence once (prompt + completion up to and including EOS, AR token shift, the
+mask token never sent); the student's distribution at every committed token is rebuilt at the canvas state in which
+that token was committed (trajectory replay); the loss is the divergence between the two per committed position,
+length-normalised per sequence, averaged over sequences.
 
-Built on TRL's ``_BaseTrainer`` (a ``transformers.Trainer``): prompts come through an identity collator, rollouts
-and teacher scoring happen in :meth:`_prepare_inputs` (as TRL's own distillation/GRPO trainers do), and only
-:meth:`compute_loss` touches gradients, so PEFT, gradient accumulation, checkpoint/resume and ``accelerate``
-multi-process runs work as in any Trainer.
+Built on TRL's public :class:`trl.DistillationTrainer`, which already brings the on-policy machinery: prompt-only
+datasets through an identity collator, one generation per gradient-accumulation window (the window's prompts are
+rolled out at once and split into micro-batches), PEFT / QLoRA set-up, evaluation through the loss, metric logging,
+model cards. Its teacher-model argument is left out (the teacher is a :class:`~diffgr2_trl.teachers.Teacher`
+backend: in-process HF, a vLLM server or in-process vLLM), and three hooks change:
+
+* :meth:`OnPolicyDistillationTrainer._generate_and_score_completions`: rollouts come from the block sampler
+  (``sampler``, by default a :class:`~diffgr2_trl.block_diffusion.BlockDiffusionSampler`) on the current student,
+  keeping each rollout's committed canvas and step map, and the teacher backend scores them.
+* :meth:`OnPolicyDistillationTrainer.compute_loss`: the divergence against the trajectory replay (TRL's chunked
+  loss runs a causal forward, which is not the distribution a block-diffusion student sampled from).
+* :meth:`OnPolicyDistillationTrainer.training_step`: adds the rollout / teacher / train time split to the logs.
 """
 
 from __future__ import annotations
@@ -17,19 +25,21 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import defaultdict
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
-from trl.trainer.base_config import _BaseConfig
-from trl.trainer.base_trainer import _BaseTrainer
+from trl import DistillationConfig, DistillationTrainer
 
-from ..block_diffusion import BlockDiffusionSampler, get_spec, left_pad
+from ..block_diffusion import BlockDecodingConfig, BlockDiffusionSampler, get_spec, left_pad, unwrap_model
 from ..block_diffusion.likelihood import replay_logits, sample_block_steps
 from ..teachers import HFTeacher, Teacher, TeacherResponseError, check_vocab_compatible, load_teacher
+from ._decoding_fields import trl_field
+from ._paper import DIFFUSION_GR2_PAPER
 from .opd_loss import divergence, full_vocab_logprobs, kl_div, topk_tail_logprobs
 
 __all__ = ["OnPolicyDistillationConfig", "OnPolicyDistillationTrainer"]
@@ -38,83 +48,152 @@ REPLAY_MODES = ("all", "one_state_per_block")
 
 
 @dataclass
-class OnPolicyDistillationConfig(_BaseConfig):
-    """Configuration for :class:`OnPolicyDistillationTrainer` (all of ``transformers.TrainingArguments``, plus below).
+class OnPolicyDistillationConfig(BlockDecodingConfig, DistillationConfig):
+    r"""Configuration for :class:`OnPolicyDistillationTrainer`: all of :class:`trl.DistillationConfig` and of
+    :class:`~diffgr2_trl.block_diffusion.BlockDecodingConfig`, plus the fields below.
 
     ``per_device_train_batch_size`` counts *prompts*; each micro-step trains on ``per_device_train_batch_size *
-    num_generations`` trajectories.
+    num_generations`` trajectories. ``beta`` keeps TRL's meaning (0 = forward KL(teacher || student), 1 = reverse KL,
+    between = generalised JSD) with the paper's forward KL as default. TRL's ``temperature`` / ``top_k`` /
+    ``max_completion_length`` are the rollouts' (the loss has its own ``loss_temperature``). ``top_p`` / ``min_p`` /
+    ``repetition_penalty`` / ``use_vllm`` are not supported by the block sampler and must stay at their defaults;
+    TRL's ``teacher_model_*`` fields are not used (see ``teacher_model`` below).
 
-    Parameters:
-        teacher_model: the AR teacher: a checkpoint path / hub id (in-process HF), ``"http://host:port"`` (a vLLM
-            server, e.g. ``diffgr2 serve-teacher``) or ``"vllm:PATH"`` (in-process vLLM). Ignored when a
+    Parameters that control the teacher:
+
+        teacher_model (`str` or `None`, *optional*, defaults to `None`):
+            The AR teacher: a checkpoint path / hub id (in-process HF), ``"http://host:port"`` (a vLLM server, e.g.
+            ``diffgr2 serve-teacher``) or ``"vllm:PATH"`` (in-process vLLM). Ignored when a
             :class:`~diffgr2_trl.teachers.Teacher` is passed to the trainer.
-        teacher_tokenizer: tokenizer path for the vocabulary check; default: the teacher's own directory (for a
+        teacher_tokenizer (`str` or `None`, *optional*, defaults to `None`):
+            Tokenizer path for the student/teacher vocabulary check. ``None``: the teacher's own directory (for a
             server, the directory it serves, when it is on this machine).
-        teacher_kwargs: keyword arguments for the teacher backend (a dict, or a JSON string on the command line).
-        teacher_top_k: teacher log-probs per position for the top-k + tail KL.
-        full_vocab: full-vocabulary KL (in-process HF teacher only). ``None``: full when the teacher supports it.
-        num_generations: trajectories per prompt (4 in the paper).
-        max_new_tokens / tau / tokens_per_step / temperature / top_k: the sampler's decoding settings for rollouts
-            (see :meth:`~diffgr2_trl.block_diffusion.BlockDiffusionSampler.generate`).
-        max_prompt_length: keep only the last this many prompt tokens (``None``: no truncation).
-        replay: ``"all"`` distills every committed token at its commit state; ``"one_state_per_block"`` draws one
+        teacher_kwargs (`dict`, `str` or `None`, *optional*, defaults to `None`):
+            Keyword arguments for the teacher backend (a dict, or a JSON string on the command line).
+        teacher_top_k (`int`, *optional*, defaults to `20`):
+            Teacher log-probs per position for the top-k + tail divergence.
+        full_vocab (`bool` or `None`, *optional*, defaults to `None`):
+            Full-vocabulary divergence (in-process HF teacher only). ``None``: full when the teacher supports it.
+
+    Parameters that control the rollouts:
+
+        num_generations (`int`, *optional*, defaults to `4`):
+            Trajectories per prompt (4 in the paper).
+        max_completion_length (`int`, *optional*, defaults to `128`):
+            Maximum number of tokens generated per rollout.
+        max_new_tokens (`int` or `None`, *optional*, defaults to `None`):
+            Deprecated spelling of ``max_completion_length`` (TRL's name), still accepted for one release.
+        max_prompt_length (`int` or `None`, *optional*, defaults to `None`):
+            Keep only the last this many prompt tokens. ``None``: no truncation.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Rollout sampling temperature; ``0`` decodes greedily.
+        top_k (`int`, *optional*, defaults to `0`):
+            Sample among the ``top_k`` most likely tokens only. ``0`` disables the filter.
+        tau (`float`, *optional*, defaults to `0.9`):
+            The sampler's confidence threshold in (0, 1]: each denoising step commits every masked position of the
+            block whose confidence is at least ``tau``, plus the most confident one. Ignored when ``tokens_per_step``
+            is set.
+        tokens_per_step (`int` or `None`, *optional*, defaults to `None`):
+            Fixed schedule instead of ``tau``: commit the ``tokens_per_step`` most confident positions per step.
+        block_size (`int` or `None`, *optional*, defaults to `None`):
+            Must stay `None`: rollouts are decoded with the model's block size, the one the replay uses.
+        stop_token_ids (`list[int]` or `None`, *optional*, defaults to `None`):
+            Token ids that end a rollout, in addition to the EOS token.
+
+    Parameters that control the loss:
+
+        replay (`str`, *optional*, defaults to `"all"`):
+            ``"all"`` distills every committed token at its commit state; ``"one_state_per_block"`` draws one
             denoising step per block and distills only the tokens committed at that step (one packed stream instead
             of one per step; those tokens are weighted by the block's number of steps, so the loss stays an unbiased
             estimate of the ``"all"`` loss).
-        max_streams_per_forward: bound the step states packed in one replay forward (memory), ``"all"`` only.
-        beta: 0 = forward KL(teacher || student) (the paper's), 1 = reverse KL, between = generalised JSD.
-        loss_temperature: softmax temperature of both distributions in the loss.
+        max_streams_per_forward (`int` or `None`, *optional*, defaults to `None`):
+            Bound the step states packed in one replay forward (memory); ``"all"`` only.
+        beta (`float`, *optional*, defaults to `0.0`):
+            0 = forward KL(teacher || student) (the paper's), 1 = reverse KL, between = generalised JSD.
+        loss_temperature (`float`, *optional*, defaults to `1.0`):
+            Softmax temperature of both distributions in the loss.
+
+    > Parameters whose defaults differ from :class:`trl.DistillationConfig`:
+
+    - ``max_completion_length``: `128` instead of `512`.
+    - ``beta``: `0.0` (forward KL, the paper's) instead of `1.0`.
+    - ``learning_rate``: `5e-5` (``transformers.TrainingArguments``'s) instead of `1e-6`.
+    - ``gradient_checkpointing``: `False` instead of `True`.
     """
+
+    _VALID_DICT_FIELDS = DistillationConfig._VALID_DICT_FIELDS + ["teacher_kwargs"]
+
+    learning_rate: float = trl_field(DistillationConfig, "learning_rate", default=5e-5)
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Gradient checkpointing of the student."})
+    # Prompt-only rows: keep every column (valid_fn may read them); the identity collator ignores the rest.
+    remove_unused_columns: bool | None = field(
+        default=False, metadata={"help": "Keep dataset columns (valid_fn reads them)."}
+    )
 
     teacher_model: str | None = field(default=None, metadata={"help": "Teacher: a path, http://host:port or vllm:PATH."})
     teacher_tokenizer: str | None = field(default=None, metadata={"help": "Teacher tokenizer path (vocabulary check)."})
     teacher_kwargs: dict | str | None = field(default=None, metadata={"help": "Teacher backend kwargs (JSON)."})
     teacher_top_k: int = field(default=20, metadata={"help": "Teacher top-k log-probs per position (top-k KL)."})
     full_vocab: bool | None = field(default=None, metadata={"help": "Full-vocabulary KL (HF teacher). Default: auto."})
+
     num_generations: int = field(default=4, metadata={"help": "Student trajectories per prompt."})
-    max_new_tokens: int = field(default=128, metadata={"help": "Completion tokens per rollout."})
+    # Declared by both bases: TRL's declaration wins (see diffgr2_trl.trainers._decoding_fields), except the default
+    # length, kept at this trainer's 128.
+    max_completion_length: int | None = trl_field(DistillationConfig, "max_completion_length", default=128,
+                                                  help="Maximum number of tokens generated per rollout.")
+    # Rollouts sample at TRL's default temperature 1.0, not the sampler's greedy default: on-policy distillation
+    # trains on the student's own distribution, which greedy decoding would collapse to its mode (every rollout of a
+    # prompt identical, num_generations wasted), and the paper distills from sampled rollouts.
+    temperature: float = trl_field(DistillationConfig, "temperature",
+                                   help="Rollout sampling temperature (0 = greedy).")
+    top_k: int = trl_field(DistillationConfig, "top_k")
+    max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Deprecated: use max_completion_length (TRL's name)."}
+    )
     max_prompt_length: int | None = field(default=None, metadata={"help": "Left-truncate prompts to this length."})
-    tau: float = field(default=0.9, metadata={"help": "Sampler confidence threshold."})
-    tokens_per_step: int | None = field(default=None, metadata={"help": "Fixed commits per step (overrides tau)."})
-    temperature: float = field(default=1.0, metadata={"help": "Rollout sampling temperature (0 = greedy)."})
-    top_k: int | None = field(default=None, metadata={"help": "Rollout top-k filter."})
+
     replay: str = field(default="all", metadata={"help": "'all' or 'one_state_per_block'."})
     max_streams_per_forward: int | None = field(default=None, metadata={"help": "Step states per replay forward."})
-    beta: float = field(default=0.0, metadata={"help": "0 forward KL, 1 reverse KL, between: generalised JSD."})
+    beta: float = trl_field(DistillationConfig, "beta", default=0.0,
+                            help="0 forward KL (default), 1 reverse KL, between: generalised JSD.")
     loss_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature in the loss."})
-    # Prompt-only rows: keep every column (valid_fn may read them); the identity collator ignores the rest.
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep dataset columns (valid_fn reads them)."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Gradient checkpointing of the student."})
 
     def __post_init__(self):
-        super().__post_init__()
+        if self.max_new_tokens is not None:
+            warnings.warn("OnPolicyDistillationConfig.max_new_tokens is deprecated and will be removed in the next "
+                          "release; use max_completion_length (TRL's name).", FutureWarning, stacklevel=3)
+            self.max_completion_length = self.max_new_tokens
+            self.max_new_tokens = None
+        DistillationConfig.__post_init__(self)  # BlockDecodingConfig comes first in the MRO and does not chain
+        self.check_decoding()
+        if self.block_size is not None:
+            raise ValueError(f"block_size={self.block_size}: rollouts must be decoded with the model's own block size, "
+                             "the one the replay uses; leave block_size unset for training.")
         if isinstance(self.teacher_kwargs, str):
             self.teacher_kwargs = json.loads(self.teacher_kwargs)
         if self.num_generations <= 0:
             raise ValueError(f"num_generations must be a positive integer, got {self.num_generations}.")
-        if self.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}.")
         if self.replay not in REPLAY_MODES:
             raise ValueError(f"replay must be one of {REPLAY_MODES}, got {self.replay!r}.")
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {self.beta}.")
         if self.loss_temperature <= 0:
             raise ValueError(f"loss_temperature must be > 0, got {self.loss_temperature}.")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
-        if self.tokens_per_step is None and not 0.0 < self.tau <= 1.0:
-            raise ValueError(f"tau must be in (0, 1], got {self.tau}.")
         if self.teacher_top_k <= 0:
             raise ValueError(f"teacher_top_k must be positive, got {self.teacher_top_k}.")
         if self.max_prompt_length is not None and self.max_prompt_length <= 0:
             raise ValueError(f"max_prompt_length must be positive, got {self.max_prompt_length}.")
+        if self.top_p != 1.0 or self.min_p is not None or self.repetition_penalty != 1.0:
+            raise ValueError("The block-diffusion sampler supports temperature and top_k only: leave top_p=1.0, "
+                             "min_p=None and repetition_penalty=1.0.")
+        if self.teacher_model_name_or_path is not None or self.teacher_model_init_kwargs is not None:
+            raise ValueError("Set the teacher with teacher_model (a path, http://host:port or vllm:PATH) and "
+                             "teacher_kwargs; teacher_model_name_or_path / teacher_model_init_kwargs are not used.")
+        if self.use_vllm:
+            raise ValueError("Rollouts come from the block-diffusion sampler: use_vllm is not supported (a vLLM "
+                             "teacher is set with teacher_model='http://host:port' or 'vllm:PATH').")
 
 
-def _identity(features):
-    return features
-
-
-class OnPolicyDistillationTrainer(_BaseTrainer):
+class OnPolicyDistillationTrainer(DistillationTrainer):
     """On-policy distillation of a converted block-diffusion student from an AR teacher.
 
     Args:
@@ -127,6 +206,11 @@ class OnPolicyDistillationTrainer(_BaseTrainer):
         valid_fn: rollout validity for the metric: ``valid_fn(prompts, completions, **columns) -> list[bool]``
             (TRL reward signature, decoded text). Default: the completion ends with EOS.
         peft_config: a PEFT config to wrap the student with (LoRA / QLoRA).
+        sampler: the decoder that produces the rollouts; default: a
+            :class:`~diffgr2_trl.block_diffusion.BlockDiffusionSampler` with the decoding fields of ``args``
+            (``BlockDecodingConfig.from_config(args)``). Any object with the sampler's
+            ``generate(input_ids, attention_mask, *, model=...)`` returning a
+            :class:`~diffgr2_trl.block_diffusion.SamplerOutput` can stand in; it is called with the current student.
 
     Example:
         >>> args = OnPolicyDistillationConfig("opd-out", teacher_model="http://127.0.0.1:8000", use_cpu=True)
@@ -135,6 +219,7 @@ class OnPolicyDistillationTrainer(_BaseTrainer):
 
     _tag_names = ["trl", "diffgr2-trl", "block-diffusion", "on-policy-distillation"]
     _name = "OPD"
+    _paper = DIFFUSION_GR2_PAPER
 
     def __init__(
         self,
@@ -149,8 +234,11 @@ class OnPolicyDistillationTrainer(_BaseTrainer):
         peft_config=None,
         callbacks=None,
         optimizers=(None, None),
+        sampler: BlockDiffusionSampler | None = None,
     ):
         args = args or OnPolicyDistillationConfig("opd-output")
+        if not isinstance(args, OnPolicyDistillationConfig):
+            raise TypeError(f"args must be an OnPolicyDistillationConfig, got {type(args).__name__}.")
         if isinstance(model, str):
             processing_class = processing_class or AutoTokenizer.from_pretrained(model)
             model = AutoModelForCausalLM.from_pretrained(model)
@@ -161,18 +249,6 @@ class OnPolicyDistillationTrainer(_BaseTrainer):
             cols = getattr(ds, "column_names", None)
             if ds is not None and cols is not None and "prompt" not in cols:
                 raise ValueError(f"The {name} dataset has columns {cols}; on-policy distillation needs a 'prompt' column.")
-        if peft_config is not None:
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config)
-        if hasattr(model, "peft_config"):
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            if isinstance(model.get_output_embeddings(), BaseTunerLayer):
-                raise ValueError("A PEFT adapter on lm_head is not supported: trajectory replay applies the output "
-                                 "layer's weight to gathered hidden states. Remove 'lm_head' from target_modules.")
-            if args.gradient_checkpointing:
-                model.enable_input_require_grads()
 
         tok = getattr(processing_class, "tokenizer", processing_class)
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -189,14 +265,20 @@ class OnPolicyDistillationTrainer(_BaseTrainer):
                 self._check_context(ds, name, tok, args)
         self.valid_fn = valid_fn
 
+        # No teacher_model: the teacher is the backend above. TRL wraps the student with peft_config and refuses an
+        # adapter on lm_head (the replay applies the output layer's weight to gathered hidden states too).
         super().__init__(
-            model=model, args=args, data_collator=_identity, train_dataset=train_dataset, eval_dataset=eval_dataset,
-            processing_class=processing_class, callbacks=callbacks, optimizers=optimizers,
+            model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            processing_class=processing_class, callbacks=callbacks, optimizers=optimizers, peft_config=peft_config,
         )
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._times: dict[str, float] = {}
         # compute_loss returns a per-micro-batch mean: let Trainer divide it by the accumulation steps.
         self.loss_is_scaled_for_ga = False
+        # Built once; each rollout hands it the current student (`generate(..., model=...)`).
+        self.sampler = sampler if sampler is not None else BlockDiffusionSampler(
+            spec=self.spec, config=BlockDecodingConfig.from_config(args), pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id,
+        )
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
@@ -238,11 +320,12 @@ class OnPolicyDistillationTrainer(_BaseTrainer):
         limit = self.teacher.max_length
         for i, row in enumerate(dataset):
             n = len(self._tokenize_prompt(row["prompt"], tokenizer, args.max_prompt_length))
-            if n + args.max_new_tokens > limit:
+            if n + args.max_completion_length > limit:
                 raise ValueError(
-                    f"Row {i} of the {name} dataset has a {n}-token prompt; with max_new_tokens={args.max_new_tokens} "
-                    f"the scored sequence can reach {n + args.max_new_tokens} tokens, more than the teacher's context "
-                    f"of {limit}. Set max_prompt_length (left truncation) or lower max_new_tokens."
+                    f"Row {i} of the {name} dataset has a {n}-token prompt; with max_completion_length="
+                    f"{args.max_completion_length} the scored sequence can reach {n + args.max_completion_length} "
+                    f"tokens, more than the teacher's context of {limit}. Set max_prompt_length (left truncation) or "
+                    "lower max_completion_length."
                 )
 
     @staticmethod
@@ -258,13 +341,13 @@ class OnPolicyDistillationTrainer(_BaseTrainer):
             raise ValueError(f"Prompt {prompt!r} tokenizes to nothing.")
         return ids[-max_prompt_length:] if max_prompt_length else ids
 
-    def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None:
-            self._signature_columns = ["prompt"]
-
     # ------------------------------------------------------------------ rollouts + teacher
-    def _prepare_inputs(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        """Roll out the student on the prompts, score with the teacher; returns the tensors ``compute_loss`` needs."""
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        """Roll out the student on the prompts, score with the teacher; returns the tensors ``compute_loss`` needs.
+
+        Called by :meth:`trl.DistillationTrainer._prepare_inputs` once per generation batch (the prompts of a whole
+        gradient-accumulation window in training), which it then splits into micro-batches.
+        """
         args = self.args
         mode = "train" if self.model.training else "eval"
         device = self.accelerator.device
@@ -275,14 +358,11 @@ class OnPolicyDistillationTrainer(_BaseTrainer):
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id, device=device)
 
         t0 = time.perf_counter()
-        student = self.accelerator.unwrap_model(self.model)
+        student = unwrap_model(self.model)
         was_training = student.training
         student.eval()
         try:
-            sampler = BlockDiffusionSampler(student, spec=self.spec, pad_token_id=self.pad_token_id,
-                                            eos_token_id=self.eos_token_id)
-            out = sampler.generate(prompt_ids, prompt_mask, max_new_tokens=args.max_new_tokens, tau=args.tau,
-                                   tokens_per_step=args.tokens_per_step, temperature=args.temperature, top_k=args.top_k)
+            out = self.sampler.generate(prompt_ids, prompt_mask, model=student)
         finally:
             student.train(was_training)
         t1 = time.perf_counter()
@@ -362,6 +442,12 @@ class OnPolicyDistillationTrainer(_BaseTrainer):
         m["time/rollout"].append(rollout_time)
         m["time/teacher"].append(teacher_time)
         self._times = {"rollout": rollout_time, "teacher": teacher_time}
+        if self.log_completions:  # read by DistillationTrainer.log
+            texts = tok.batch_decode(out.completion_ids.masked_fill(~comp_mask, self.pad_token_id),
+                                     skip_special_tokens=True)
+            self._logs["prompt"].extend(gather_object(tok.batch_decode(out.sequences[:, : out.prompt_length],
+                                                                       skip_special_tokens=True)))
+            self._logs["completion"].extend(gather_object(texts))
 
     # ------------------------------------------------------------------ loss
     def _student_logits(self, student, inputs) -> torch.Tensor:
@@ -425,23 +511,6 @@ class OnPolicyDistillationTrainer(_BaseTrainer):
         m["time/train"].append(max(total - rollout - teacher, 0.0))
         m["time/step"].append(total)
         m["time/teacher_share"].append(teacher / total if total > 0 else 0.0)
+        # Rollouts run once per accumulation window: the window's later micro-steps spent no time on them.
+        self._times = {}
         return loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        metrics = {}
-        for key, values in self._metrics[mode].items():
-            finite = [v for v in values if not math.isnan(v)]
-            if finite:
-                metrics[key] = sum(finite) / len(finite)
-        if mode == "eval":
-            metrics = {f"eval_{k}": v for k, v in metrics.items()}
-        logs = {**logs, **metrics}
-        super().log(logs, start_time)
-        self._metrics[mode].clear()

@@ -99,7 +99,7 @@ def _trainer(name: str, output_dir: str, per_device: int, max_steps: int, use_cp
 
         teacher = SortRuleTeacher()
         args = OnPolicyDistillationConfig(per_device_train_batch_size=per_device, num_generations=NUM_GENERATIONS,
-                                          max_new_tokens=8, temperature=0.0, max_streams_per_forward=2, **common)
+                                          max_completion_length=8, temperature=0.0, max_streams_per_forward=2, **common)
         return OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=prompts,
                                            processing_class=tok, teacher_tokenizer=teacher.tokenizer)
     if name == "grpo":

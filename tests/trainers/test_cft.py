@@ -10,7 +10,7 @@ from tests.helpers import SMALL_SHAPE
 def decode_accuracy(model, tok, n=48, tau=0.9):
     ev = sort_dataset(n, seed=123)
     ids, am = left_pad([tok(p, add_special_tokens=False).input_ids for p in ev["prompt"]], tok.pad_token_id)
-    out = BlockDiffusionSampler(model).generate(ids, am, max_new_tokens=16, tau=tau)
+    out = BlockDiffusionSampler(model).generate(ids, am, max_completion_length=16, tau=tau)
     texts = tok.batch_decode(out.completion_ids, skip_special_tokens=True)
     correct = sum(t.split("answer")[-1].split() == want.split() for t, want in zip(texts, ev["target"]))
     return correct / n, out.tokens_per_forward

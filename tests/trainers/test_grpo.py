@@ -152,7 +152,7 @@ def _sampled_sort_reward(model, tok, temperature: float = 1.0) -> float:
     ids, mask = left_pad([tok(p)["input_ids"] for p in ev["prompt"]], tok.pad_token_id)
     was_training = model.training
     model.eval()
-    out = BlockDiffusionSampler(model).generate(ids, mask, max_new_tokens=12, tau=0.9, temperature=temperature,
+    out = BlockDiffusionSampler(model).generate(ids, mask, max_completion_length=12, tau=0.9, temperature=temperature,
                                                 generator=torch.Generator().manual_seed(0))
     model.train(was_training)
     texts = tok.batch_decode(out.completion_ids, skip_special_tokens=True)
@@ -363,3 +363,32 @@ def test_qlora_trains_the_adapter_on_a_4bit_model(tmp_path):
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if n in before)
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in logged)
+
+
+def test_custom_sampler_is_the_one_used(tmp_path):
+    """A sampler passed in decodes every rollout (handed the current policy); the default one is built from the
+    config's decoding fields."""
+    from diffgr2_trl.block_diffusion import BlockDecodingConfig
+
+    class CountingSampler(BlockDiffusionSampler):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.models = []
+
+        def generate(self, input_ids, attention_mask=None, *, model=None, **kw):
+            self.models.append(model)
+            return super().generate(input_ids, attention_mask, model=model, **kw)
+
+    model, tok = _model()
+    sampler = CountingSampler(config=BlockDecodingConfig(max_completion_length=12, tau=0.5, temperature=1.0),
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    trainer = DiffusionGRPOTrainer(model, reward_funcs=length_reward, processing_class=tok, train_dataset=_prompts(),
+                                   args=_config(tmp_path, max_steps=2), sampler=sampler)
+    assert trainer.sampler is sampler
+    trainer.train()
+    assert len(sampler.models) == 2 and all(m is not None for m in sampler.models)
+    default = DiffusionGRPOTrainer(model, reward_funcs=length_reward, processing_class=tok, train_dataset=_prompts(),
+                                   args=_config(tmp_path, tau=0.7, top_k=0, temperature=0.5)).sampler
+    assert default.config == BlockDecodingConfig(max_completion_length=12, tau=0.7, temperature=0.5, top_k=None)
+    with pytest.raises(ValueError, match="tokens_per_step must be a positive integer"):
+        _config(tmp_path, tokens_per_step=0)

@@ -63,7 +63,7 @@ def agreement(model, tok, teacher: SortRuleTeacher, n: int = 64) -> float:
     """Fraction of held-out prompts whose greedy tau=0.9 decode equals the teacher's greedy output."""
     ps = [tok(p, add_special_tokens=False).input_ids for p in sort_dataset(n, seed=123)["prompt"]]
     ids, am = left_pad(ps, tok.pad_token_id)
-    out = BlockDiffusionSampler(model.eval()).generate(ids, am, max_new_tokens=16, tau=0.9)
+    out = BlockDiffusionSampler(model.eval()).generate(ids, am, max_completion_length=16, tau=0.9)
     return sum(out.completion_ids[r, : len(teacher.canonical(p))].tolist() == teacher.canonical(p)
                for r, p in enumerate(ps)) / n
 
@@ -77,7 +77,7 @@ def test_opd_lowers_kl_and_raises_agreement_with_teacher(weak_student_dir):
     teacher = SortRuleTeacher()
     before = agreement(copy.deepcopy(model), tok, teacher)
     args = OnPolicyDistillationConfig("/tmp/unused-opd", max_steps=50, per_device_train_batch_size=8,
-                                      learning_rate=3e-3, max_new_tokens=16, **FAST)
+                                      learning_rate=3e-3, max_completion_length=16, **FAST)
     trainer = OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=prompts(400),
                                           processing_class=tok, teacher_tokenizer=teacher.tokenizer)
     trainer.train()
@@ -98,7 +98,7 @@ def test_opd_lowers_kl_and_raises_agreement_with_teacher(weak_student_dir):
 def test_one_state_per_block_with_topk_tail_teacher(weak_student_dir):
     model, tok = load(weak_student_dir)
     teacher = SortRuleTeacher()
-    args = OnPolicyDistillationConfig("/tmp/unused-opd", max_steps=3, per_device_train_batch_size=4, max_new_tokens=16,
+    args = OnPolicyDistillationConfig("/tmp/unused-opd", max_steps=3, per_device_train_batch_size=4, max_completion_length=16,
                                       replay="one_state_per_block", full_vocab=False, teacher_top_k=5, **FAST)
     trainer = OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=prompts(16),
                                           processing_class=tok, teacher_tokenizer=teacher.tokenizer)
@@ -174,7 +174,7 @@ def test_kl_is_zero_when_teacher_is_the_student(word_tokenizer, block_size):
     teacher = SameWeightsTeacher(copy.deepcopy(model).eval(), len(word_tokenizer))
     data = Dataset.from_list([{"prompt": "sort 3 1 2 :"}, {"prompt": "copy 7 7 :"}])
     args = OnPolicyDistillationConfig("/tmp/unused-opd", max_steps=1, per_device_train_batch_size=2, learning_rate=0.0,
-                                      max_new_tokens=8, beta=0.0, **FAST)
+                                      max_completion_length=8, beta=0.0, **FAST)
     trainer = OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=data,
                                           processing_class=tok, teacher_tokenizer=word_tokenizer)
     trainer.train()
@@ -189,7 +189,7 @@ def test_opd_with_vllm_server_teacher(vllm_server, word_tokenizer):
     convert_to_block_diffusion(model, tok, block_size=4)
     data = Dataset.from_list([{"prompt": "sort 3 1 2 :"}, {"prompt": "copy 4 5 :"}])
     args = OnPolicyDistillationConfig("/tmp/unused-opd", teacher_model=url, teacher_top_k=8, max_steps=2,
-                                      per_device_train_batch_size=2, max_new_tokens=8, **FAST)
+                                      per_device_train_batch_size=2, max_completion_length=8, **FAST)
     trainer = OnPolicyDistillationTrainer(model, args=args, train_dataset=data, processing_class=tok)
     assert trainer.full_vocab is False
     assert tok.convert_tokens_to_ids(tok.mask_token) in trainer.teacher.forbidden_token_ids
@@ -226,7 +226,7 @@ class ShortTeacher(SortRuleTeacher):
 def test_teacher_returning_fewer_positions_is_an_error(weak_student_dir):
     model, tok = load(weak_student_dir)
     teacher = ShortTeacher()
-    args = OnPolicyDistillationConfig("/tmp/unused-opd", max_steps=1, per_device_train_batch_size=2, max_new_tokens=8, **FAST)
+    args = OnPolicyDistillationConfig("/tmp/unused-opd", max_steps=1, per_device_train_batch_size=2, max_completion_length=8, **FAST)
     trainer = OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=prompts(4),
                                           processing_class=tok, teacher_tokenizer=teacher.tokenizer)
     with pytest.raises(TeacherResponseError, match="completion positions for sequence 0"):
@@ -252,12 +252,12 @@ def test_prompt_longer_than_teacher_context(weak_student_dir):
     model, tok = load(weak_student_dir)
     teacher = SortRuleTeacher()
     teacher.max_length = 20
-    args = OnPolicyDistillationConfig("/tmp/unused-opd", max_new_tokens=16, **FAST)
+    args = OnPolicyDistillationConfig("/tmp/unused-opd", max_completion_length=16, **FAST)
     with pytest.raises(ValueError, match="more than the teacher's context of 20"):
         OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=prompts(4), processing_class=tok,
                                     teacher_tokenizer=teacher.tokenizer)
     # left truncation makes it fit; the teacher still refuses anything longer at scoring time
-    args = OnPolicyDistillationConfig("/tmp/unused-opd", max_new_tokens=16, max_prompt_length=4, **FAST)
+    args = OnPolicyDistillationConfig("/tmp/unused-opd", max_completion_length=16, max_prompt_length=4, **FAST)
     OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=prompts(4), processing_class=tok,
                                 teacher_tokenizer=teacher.tokenizer)
     with pytest.raises(TeacherInputError, match="longer than the teacher's context"):
@@ -270,7 +270,7 @@ def test_lora_grad_accumulation_checkpoint_and_resume(weak_student_dir, tmp_path
     model, tok = load(weak_student_dir)
     teacher = SortRuleTeacher()
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2, max_new_tokens=16,
+    common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2, max_completion_length=16,
                   **{**FAST, "save_strategy": "steps"}, save_steps=2)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     args = OnPolicyDistillationConfig(str(tmp_path / "run"), max_steps=2, **common)
@@ -281,6 +281,8 @@ def test_lora_grad_accumulation_checkpoint_and_resume(weak_student_dir, tmp_path
     assert torch.equal(merged["model.layers.0.self_attn.q_proj.base_layer.weight"], base["model.layers.0.self_attn.q_proj.weight"])
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in merged.items())
     assert (tmp_path / "run" / "checkpoint-2" / "adapter_model.safetensors").exists()
+    card = (tmp_path / "run" / "README.md").read_text()  # TRL's model card, with this trainer's tags and paper
+    assert "on-policy-distillation" in card and "2607.01170" in card
     model2, _ = load(weak_student_dir)
     args2 = OnPolicyDistillationConfig(str(tmp_path / "run"), max_steps=3, **common)
     trainer2 = OnPolicyDistillationTrainer(model2, teacher=teacher, args=args2, train_dataset=prompts(32),
@@ -298,7 +300,7 @@ def test_cli_opd_with_hf_teacher_path(weak_student_dir, tmp_path):
     tok.save_pretrained(teacher_dir)
     prompts(6).to_json(str(tmp_path / "prompts.jsonl"))
     rc = main(["opd", "--model", weak_student_dir, "--teacher", teacher_dir, "--dataset", str(tmp_path / "prompts.jsonl"),
-               "--output_dir", out, "--max_steps", "1", "--per_device_train_batch_size", "2", "--max_new_tokens", "8",
+               "--output_dir", out, "--max_steps", "1", "--per_device_train_batch_size", "2", "--max_completion_length", "8",
                "--use_cpu", "--bf16", "false", "--report_to", "none", "--save_strategy", "no"])
     assert rc == 0
     assert "block_diffusion" in open(f"{out}/config.json").read()
@@ -331,7 +333,7 @@ def test_opd_with_qlora(tmp_path):
     teacher = SortRuleTeacher()
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     args = OnPolicyDistillationConfig(str(tmp_path / "qlora"), max_steps=2, per_device_train_batch_size=2,
-                                      max_new_tokens=8, learning_rate=1e-2, **FAST)
+                                      max_completion_length=8, learning_rate=1e-2, **FAST)
     trainer = OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=prompts(8),
                                           processing_class=tok, teacher_tokenizer=teacher.tokenizer, peft_config=lora)
     assert is_4bit(trainer.model)
@@ -341,3 +343,45 @@ def test_opd_with_qlora(tmp_path):
     assert get_spec(trainer.model).block_size == 4
     assert all(math.isfinite(x) and x > 0 for x in history(trainer, "kl"))
     assert max(history(trainer, "replay/max_logprob_error")) < 1e-4
+
+
+class CountingSampler(BlockDiffusionSampler):
+    """The block sampler, counting the calls and the models it was handed."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.calls, self.models = 0, []
+
+    def generate(self, input_ids, attention_mask=None, *, model=None, **kw):
+        self.calls += 1
+        self.models.append(model)
+        return super().generate(input_ids, attention_mask, model=model, **kw)
+
+
+def test_custom_sampler_is_the_one_used_and_config_fields(weak_student_dir):
+    from diffgr2_trl.block_diffusion import BlockDecodingConfig
+
+    model, tok = load(weak_student_dir)
+    teacher = SortRuleTeacher()
+    sampler = CountingSampler(config=BlockDecodingConfig(max_completion_length=8, tau=0.5, temperature=1.0),
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    args = OnPolicyDistillationConfig("/tmp/unused-opd", max_steps=2, per_device_train_batch_size=2, **FAST)
+    trainer = OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=prompts(8),
+                                          processing_class=tok, teacher_tokenizer=teacher.tokenizer, sampler=sampler)
+    assert trainer.sampler is sampler
+    trainer.train()
+    assert sampler.calls == 2 and all(m is trainer.model for m in sampler.models)
+    assert max(history(trainer, "replay/max_logprob_error")) < 1e-4
+    # the default sampler decodes with the config's decoding fields
+    args = OnPolicyDistillationConfig("/tmp/unused-opd", max_completion_length=12, tau=0.7, top_k=5, **FAST)
+    default = OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=prompts(4),
+                                          processing_class=tok, teacher_tokenizer=teacher.tokenizer).sampler
+    assert default.config == BlockDecodingConfig(max_completion_length=12, tau=0.7, temperature=1.0, top_k=5)
+    # TRL's name for the length; the old one still works, with a deprecation warning
+    with pytest.warns(FutureWarning, match="max_new_tokens is deprecated"):
+        old = OnPolicyDistillationConfig("/tmp/unused-opd", max_new_tokens=16, **FAST)
+    assert old.max_completion_length == 16
+    with pytest.raises(ValueError, match="tau must be in"):
+        OnPolicyDistillationConfig("/tmp/unused-opd", tau=0.0, **FAST)
+    with pytest.raises(ValueError, match="temperature and top_k only"):
+        OnPolicyDistillationConfig("/tmp/unused-opd", top_p=0.5, **FAST)
