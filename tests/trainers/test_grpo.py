@@ -331,7 +331,7 @@ def test_grpo_cli_with_rerank_reward_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path.parent)  # reward paths resolve from the repository root in real use
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).resolve().parents[2]))
     out = tmp_path / "out"
-    rc = main(["grpo", "--model", str(tmp_path / "model"), "--dataset", str(data), "--output_dir", str(out),
+    rc = main(["grpo", "--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(data), "--output_dir", str(out),
                "--reward_funcs", "rewards.rerank.gr2_reward", "diffgr2_trl.synthetic.sort_reward",
                "--validity_func", "rewards.rerank.validity", "--max_steps", "1", "--per_device_train_batch_size", "8",
                "--num_generations", "4", "--max_completion_length", "8", "--use_cpu", "--bf16", "false",
@@ -341,7 +341,7 @@ def test_grpo_cli_with_rerank_reward_path(tmp_path, monkeypatch):
     assert "rewards/gr2_reward/mean" in history[0] and history[0]["invalid_frac"] == 1.0
     assert (out / "config.json").exists()
     with pytest.raises(ValueError, match="no function 'nope'"):
-        main(["grpo", "--model", str(tmp_path / "model"), "--dataset", str(data), "--output_dir", str(out),
+        main(["grpo", "--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(data), "--output_dir", str(out),
               "--reward_funcs", "rewards.rerank.nope", "--use_cpu", "--bf16", "false"])
 
 

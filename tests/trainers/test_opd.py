@@ -299,7 +299,7 @@ def test_cli_opd_with_hf_teacher_path(weak_student_dir, tmp_path):
     build_model("qwen3", tokenizer=tok, seed=0).save_pretrained(teacher_dir)
     tok.save_pretrained(teacher_dir)
     prompts(6).to_json(str(tmp_path / "prompts.jsonl"))
-    rc = main(["opd", "--model", weak_student_dir, "--teacher", teacher_dir, "--dataset", str(tmp_path / "prompts.jsonl"),
+    rc = main(["opd", "--model_name_or_path", weak_student_dir, "--teacher", teacher_dir, "--dataset_name", str(tmp_path / "prompts.jsonl"),
                "--output_dir", out, "--max_steps", "1", "--per_device_train_batch_size", "2", "--max_completion_length", "8",
                "--use_cpu", "--bf16", "false", "--report_to", "none", "--save_strategy", "no"])
     assert rc == 0
