@@ -1,0 +1,319 @@
+"""Constrained answer decoding: every ranking a valid permutation of the row's candidates.
+
+A completion has a fixed shape (see :mod:`diffgr2_trl.rerank.prompts`)::
+
+    {"explanation": "<free text>", "recommendations": ["<SID>", "<SID>", ...]}<eos>
+
+:class:`RankingConstraint` holds one row's candidates as token sequences and answers, for a partly decoded
+completion (a *canvas*: one token id per position, ``-1`` where still masked), which tokens may go at a position:
+
+- the explanation opener is forced at the start; the explanation is free text except structural tokens and stop
+  tokens (they would end the completion or break the JSON);
+- once the recommendations opener sits at completion position ``o``, the rest of the answer has a fixed width: slot
+  ``i`` level ``j`` is position ``o + len(opener) + i * (L + len(separator)) + j`` for SIDs of ``L`` tokens, then the
+  closer and EOS. That is how the block sampler finds slot positions: from the opener's position alone;
+- inside the list a slot may only take a token of a candidate that keeps the committed slots completable to a
+  *permutation* of the candidates: a bipartite matching between slots and candidates, not a greedy per-slot check, so
+  a block sampler committing several slots in parallel can never reach a dead end (two slots both left with only the
+  same candidate);
+- the answer must fit: the opener can sit no later than ``max_length - answer_length``, and at that position it is
+  forced, so a row never runs out of budget before its ranking. Before the opener is placed, nothing is committed past
+  that position (the answer's positions are not known yet).
+
+The same object drives the AR decoder (:class:`RankingLogitsProcessor`, a ``transformers`` logits processor: the
+canvas is the prefix generated so far) and the block sampler (which commits several positions per step and checks
+each commit with :meth:`RankingConstraint.consistent`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .prompts import CLOSE, EXPLANATION_OPEN, RECOMMENDATIONS_OPEN, SEPARATOR
+
+MASKED = -1
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """Tokens allowed at one position: ``only`` (a set) when given, otherwise every token except ``banned``."""
+
+    only: frozenset[int] | None = None
+    banned: frozenset[int] = frozenset()
+
+    def __contains__(self, token: int) -> bool:
+        return token in self.only if self.only is not None else token not in self.banned
+
+    def vocab_mask(self, vocab_size: int, device=None) -> torch.Tensor:
+        """``(vocab_size,)`` bool: True where allowed."""
+        if self.only is not None:
+            mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            ids = [t for t in self.only if t < vocab_size]
+            if ids:
+                mask[torch.tensor(ids, device=device)] = True
+            return mask
+        mask = torch.ones(vocab_size, dtype=torch.bool, device=device)
+        ids = [t for t in self.banned if t < vocab_size]
+        if ids:
+            mask[torch.tensor(ids, device=device)] = False
+        return mask
+
+
+NOTHING = Allowed(only=frozenset())
+
+
+def _perfect_matching(compat: list[list[int]], n: int) -> list[int] | None:
+    """Slot -> candidate assignment covering every slot (Kuhn's augmenting paths), or None."""
+    owner = [-1] * n  # candidate -> slot
+
+    def augment(slot: int, seen: list[bool]) -> bool:
+        for c in compat[slot]:
+            if not seen[c]:
+                seen[c] = True
+                if owner[c] < 0 or augment(owner[c], seen):
+                    owner[c] = slot
+                    return True
+        return False
+
+    for slot in range(len(compat)):
+        if not augment(slot, [False] * n):
+            return None
+    match = [-1] * len(compat)
+    for c, slot in enumerate(owner):
+        if slot >= 0:
+            match[slot] = c
+    return match
+
+
+def feasible_candidates(compat: list[list[int]], n: int) -> list[set[int]] | None:
+    """Per slot, the candidates it takes in *some* perfect matching (None when there is none).
+
+    Edge ``(i, c)`` with ``c`` not ``i``'s matched candidate ``c0`` lies in a perfect matching iff ``c0`` is
+    reachable from ``c`` by moving matched slots along compatible edges (an alternating cycle through ``(i, c)``).
+    """
+    match = _perfect_matching(compat, n)
+    if match is None:
+        return None
+    slot_of = {c: s for s, c in enumerate(match)}
+    # c -> c': the slot holding c may move to c'
+    succ = {c: compat[slot_of[c]] for c in range(n) if c in slot_of}
+    reach: dict[int, set[int]] = {}
+    for c in range(n):
+        seen, stack = {c}, [c]
+        while stack:
+            for d in succ.get(stack.pop(), ()):
+                if d not in seen:
+                    seen.add(d)
+                    stack.append(d)
+        reach[c] = seen
+    return [{c for c in compat[i] if match[i] in reach[c]} for i in range(len(compat))]
+
+
+class RankingConstraint:
+    """One row's answer constraint (see the module docstring).
+
+    Args:
+        candidates: the row's candidate IDs, each as its token ids (all the same length ``L``).
+        explanation_open / recommendations_open / separator / close: token ids of the template's structural pieces.
+        stop_token_ids: EOS and any other stop tokens; the first ends the answer.
+        max_length: the completion budget (``max_completion_length``).
+        banned_in_explanation: extra token ids the explanation may not use (e.g. the mask token).
+    """
+
+    def __init__(
+        self,
+        candidates: Sequence[Sequence[int]],
+        *,
+        explanation_open: Sequence[int],
+        recommendations_open: Sequence[int],
+        separator: Sequence[int],
+        close: Sequence[int],
+        stop_token_ids: Sequence[int],
+        max_length: int,
+        banned_in_explanation: Sequence[int] = (),
+    ) -> None:
+        if not candidates:
+            raise ValueError("A ranking constraint needs at least one candidate.")
+        widths = {len(c) for c in candidates}
+        if len(widths) != 1 or 0 in widths:
+            raise ValueError(f"Every candidate ID must have the same non-zero number of tokens, got widths {sorted(widths)}.")
+        if len({tuple(c) for c in candidates}) != len(candidates):
+            raise ValueError("Candidate IDs must be distinct to form a permutation.")
+        if not stop_token_ids:
+            raise ValueError("A ranking constraint needs the EOS token id (stop_token_ids).")
+        for name, piece in (("explanation_open", explanation_open), ("recommendations_open", recommendations_open),
+                            ("separator", separator), ("close", close)):
+            if not piece:
+                raise ValueError(f"The template piece {name} tokenises to nothing.")
+        self.candidates = [tuple(int(t) for t in c) for c in candidates]
+        self.n, self.width = len(self.candidates), widths.pop()
+        self.head = tuple(explanation_open)
+        self.opener, self.sep, self.close = tuple(recommendations_open), tuple(separator), tuple(close)
+        self.eos = int(stop_token_ids[0])
+        self.answer_length = (len(self.opener) + self.n * self.width + (self.n - 1) * len(self.sep)
+                              + len(self.close) + 1)
+        self.max_length = max_length
+        self.latest_opener = max_length - self.answer_length
+        if self.latest_opener < len(self.head):
+            raise ValueError(
+                f"max_completion_length={max_length} cannot hold the answer: the template and {self.n} IDs take "
+                f"{len(self.head) + self.answer_length} tokens. Raise max_completion_length."
+            )
+        structural = {self.head[0], self.opener[0], self.sep[0], self.close[0]}
+        self.explanation = Allowed(banned=frozenset({*structural, *map(int, stop_token_ids), *banned_in_explanation}))
+        # answer roles by offset from the opener: ("fixed", token) or ("slot", i, j)
+        roles: list[tuple] = [("fixed", t) for t in self.opener]
+        for i in range(self.n):
+            roles += [("slot", i, j) for j in range(self.width)]
+            if i < self.n - 1:
+                roles += [("fixed", t) for t in self.sep]
+        roles += [("fixed", t) for t in self.close] + [("fixed", self.eos)]
+        self.roles = roles
+        self._feasible_cache: dict[tuple, list[set[int]] | None] = {}
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, candidates: Sequence[str], max_length: int, *,
+                       stop_token_ids: Sequence[int] | None = None) -> RankingConstraint:
+        """Build from SID strings and the tokenizer the model decodes with (the template of ``rerank.prompts``)."""
+        tok = getattr(tokenizer, "tokenizer", tokenizer)
+
+        def ids(text: str) -> list[int]:
+            return tok(text, add_special_tokens=False)["input_ids"]
+
+        stops = list(stop_token_ids) if stop_token_ids else [tok.eos_token_id]
+        banned = [t for t in (getattr(tok, "mask_token_id", None), tok.pad_token_id) if t is not None and t not in stops]
+        return cls([ids(c) for c in candidates], explanation_open=ids(EXPLANATION_OPEN),
+                   recommendations_open=ids(RECOMMENDATIONS_OPEN), separator=ids(SEPARATOR), close=ids(CLOSE),
+                   stop_token_ids=stops, max_length=max_length, banned_in_explanation=banned)
+
+    # ------------------------------------------------------------------ state of a canvas
+    def _opener_at(self, canvas: Sequence[int]) -> int | None:
+        """Position of the recommendations opener (its first token is banned in the explanation, so it is unique)."""
+        first = self.opener[0]
+        for p in range(len(self.head), min(len(canvas), self.max_length)):
+            if canvas[p] == first:
+                return p
+        return None
+
+    def _slots(self, canvas: Sequence[int], o: int) -> tuple[tuple[int, ...], ...] | None:
+        """Committed tokens per slot (``-1``: masked) given the opener at ``o``; None if a committed token breaks the
+        layout (a wrong fixed token)."""
+        slots = [[MASKED] * self.width for _ in range(self.n)]
+        for k, role in enumerate(self.roles):
+            p = o + k
+            if p >= len(canvas):
+                break
+            t = canvas[p]
+            if t == MASKED:
+                continue
+            if role[0] == "fixed":
+                if t != role[1]:
+                    return None
+            else:
+                slots[role[1]][role[2]] = t
+        return tuple(tuple(s) for s in slots)
+
+    def _feasible(self, slots: tuple[tuple[int, ...], ...]) -> list[set[int]] | None:
+        """Per slot, the candidates it can still take in a full permutation (cached per slot state)."""
+        if slots not in self._feasible_cache:
+            compat = [[c for c, cand in enumerate(self.candidates)
+                       if all(t == MASKED or t == cand[j] for j, t in enumerate(slot))] for slot in slots]
+            self._feasible_cache[slots] = feasible_candidates(compat, self.n)
+        return self._feasible_cache[slots]
+
+    def consistent(self, canvas: Sequence[int]) -> bool:
+        """Whether the committed tokens of ``canvas`` can still be completed to a valid answer."""
+        for p, t in enumerate(self.head):
+            if p < len(canvas) and canvas[p] not in (MASKED, t):
+                return False
+        o = self._opener_at(canvas)
+        end = o if o is not None else len(canvas)
+        for p in range(len(self.head), end):
+            t = canvas[p]
+            if t != MASKED and (t not in self.explanation or p >= self.latest_opener):
+                return False
+        if o is None:
+            return True
+        if o > self.latest_opener:
+            return False
+        slots = self._slots(canvas, o)
+        return slots is not None and self._feasible(slots) is not None
+
+    def allowed(self, canvas: Sequence[int], position: int) -> Allowed:
+        """Tokens that may go at ``position`` given the other committed tokens of ``canvas`` (its own entry ignored)."""
+        if position < len(self.head):
+            return Allowed(only=frozenset({self.head[position]}))
+        canvas = list(canvas)
+        canvas[position] = MASKED
+        o = self._opener_at(canvas)
+        if o is None:
+            opener_here = self._opener_fits(canvas, position)
+            if position < self.latest_opener:
+                extra = frozenset({self.opener[0]}) if opener_here else frozenset()
+                return Allowed(banned=self.explanation.banned - extra)
+            if position == self.latest_opener and opener_here:
+                return Allowed(only=frozenset({self.opener[0]}))
+            return NOTHING  # past the latest opener, or no room: wait until the opener is placed
+        if position < o:
+            return self.explanation if position < self.latest_opener else NOTHING
+        k = position - o
+        if k >= len(self.roles):
+            return Allowed()  # after the answer's EOS: never part of the completion
+        role = self.roles[k]
+        if role[0] == "fixed":
+            return Allowed(only=frozenset({role[1]}))
+        slots = self._slots(canvas, o)
+        feasible = self._feasible(slots) if slots is not None else None
+        if feasible is None:
+            return NOTHING
+        _, i, j = role
+        return Allowed(only=frozenset(self.candidates[c][j] for c in feasible[i]))
+
+    def _opener_fits(self, canvas: list[int], position: int) -> bool:
+        """Whether the opener may start at ``position``: everything committed after it fits the answer layout."""
+        if position > self.latest_opener:
+            return False
+        trial = list(canvas)
+        for k, t in enumerate(self.opener):
+            if position + k >= len(trial) or trial[position + k] not in (MASKED, t):
+                return False
+            trial[position + k] = t
+        return self.consistent(trial)
+
+
+class RankingLogitsProcessor:
+    """A ``transformers`` logits processor applying one :class:`RankingConstraint` per row of ``model.generate``.
+
+    Args:
+        constraints: one constraint per row of the batch (None: that row is not constrained).
+        prompt_length: the (padded) prompt width: generated tokens start at this column of ``input_ids``.
+
+    Example:
+        >>> proc = RankingLogitsProcessor([RankingConstraint.from_tokenizer(tok, cands, 256)], ids.shape[1])
+        >>> model.generate(ids, logits_processor=LogitsProcessorList([proc]), max_new_tokens=256)
+    """
+
+    def __init__(self, constraints: Sequence[RankingConstraint | None], prompt_length: int) -> None:
+        self.constraints = list(constraints)
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[0] != len(self.constraints):
+            raise ValueError(f"RankingLogitsProcessor has {len(self.constraints)} constraints for a batch of "
+                             f"{input_ids.shape[0]} rows (one per row; num_return_sequences/beams are not supported).")
+        generated = input_ids[:, self.prompt_length:].tolist()
+        for r, constraint in enumerate(self.constraints):
+            if constraint is None:
+                continue
+            p = len(generated[r])
+            if p >= constraint.max_length:
+                continue
+            allowed = constraint.allowed(generated[r] + [MASKED], p)
+            keep = allowed.vocab_mask(scores.shape[-1], scores.device)
+            if not keep.any():  # cannot happen for a consistent prefix; fail loudly rather than emit garbage
+                raise RuntimeError(f"Row {r}: no token satisfies the ranking constraint at position {p}.")
+            scores[r] = scores[r].masked_fill(~keep, float("-inf"))
+        return scores

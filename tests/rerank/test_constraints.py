@@ -1,0 +1,153 @@
+"""Constrained answer decoding: random candidates and random logits never give an invalid ranking or a dead end."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from diffgr2_trl.rerank.constraints import MASKED, RankingConstraint, RankingLogitsProcessor, feasible_candidates
+
+# token ids: 0 eos, 1 head, 2 opener, 3 sep, 4 close, 5 mask, 6..9 free words, 10.. SID tokens
+EOS, HEAD, OPEN, SEP, CLOSE, MASK = range(6)
+VOCAB = 40
+
+
+def make(cands, max_length):
+    return RankingConstraint(cands, explanation_open=[HEAD], recommendations_open=[OPEN], separator=[SEP],
+                             close=[CLOSE], stop_token_ids=[EOS], max_length=max_length, banned_in_explanation=[MASK])
+
+
+def answer_of(constraint, canvas):
+    """The ranking (candidate indices) a finished canvas spells, or raise AssertionError."""
+    assert canvas[0] == HEAD
+    o = canvas.index(OPEN)
+    assert all(t not in (OPEN, SEP, CLOSE, EOS, MASK) for t in canvas[1:o]), canvas
+    ranking, p = [], o + 1
+    for i in range(constraint.n):
+        sid = tuple(canvas[p : p + constraint.width])
+        assert sid in constraint.candidates, (sid, canvas)
+        ranking.append(constraint.candidates.index(sid))
+        p += constraint.width
+        assert canvas[p] == (SEP if i < constraint.n - 1 else CLOSE), canvas
+        p += 1
+    assert canvas[p] == EOS
+    assert sorted(ranking) == list(range(constraint.n)), "not a permutation"
+    return ranking
+
+
+candidate_sets = st.integers(1, 3).flatmap(lambda width: st.lists(
+    st.tuples(*[st.integers(10, 13)] * width), min_size=1, max_size=6, unique=True))
+
+
+@settings(max_examples=150, deadline=None)
+@given(cands=candidate_sets, slack=st.integers(0, 6), seed=st.integers(0, 10**6))
+def test_left_to_right_decoding_always_gives_a_permutation(cands, slack, seed):
+    c = make(cands, max_length=1 + (len(cands) * (len(cands[0]) + 1) + 2) + slack)
+    g = torch.Generator().manual_seed(seed)
+    canvas = []
+    while not canvas or canvas[-1] != EOS:
+        assert len(canvas) < c.max_length, "ran out of budget"
+        allowed = c.allowed(canvas + [MASKED], len(canvas)).vocab_mask(VOCAB)
+        assert allowed.any(), f"dead end at {canvas}"
+        logits = torch.randn(VOCAB, generator=g).masked_fill(~allowed, float("-inf"))
+        canvas.append(int(logits.argmax()))
+    answer_of(c, canvas)
+
+
+@settings(max_examples=150, deadline=None)
+@given(cands=candidate_sets, slack=st.integers(0, 8), block=st.integers(1, 8), seed=st.integers(0, 10**6))
+def test_parallel_commits_in_any_order_never_dead_end(cands, slack, block, seed):
+    """The block sampler's protocol: each step proposes a token per masked position of the block from its allowed set
+    (against the committed state), then commits them in random order, each only if the canvas stays consistent."""
+    rng = random.Random(seed)
+    c = make(cands, max_length=1 + (len(cands) * (len(cands[0]) + 1) + 2) + slack)
+    canvas = [MASKED] * c.max_length
+    for start in range(0, c.max_length, block):
+        span = range(start, min(start + block, c.max_length))
+        if EOS in canvas[:start]:
+            break
+        while any(canvas[p] == MASKED for p in span):
+            proposals = []
+            for p in span:
+                if canvas[p] == MASKED:
+                    allowed = c.allowed(canvas, p)
+                    tokens = sorted(allowed.only) if allowed.only is not None else [t for t in range(VOCAB) if t in allowed]
+                    if tokens:
+                        proposals.append((p, rng.choice(tokens)))
+            assert proposals, f"dead end in block {start}: {canvas}"
+            rng.shuffle(proposals)
+            committed = 0
+            for p, t in proposals:
+                canvas[p] = t
+                if c.consistent(canvas):
+                    committed += 1
+                else:
+                    canvas[p] = MASKED
+            assert committed, "no proposal could be committed"
+            if EOS in canvas[start : span.stop]:  # the sampler fills the rest of the block after a stop token
+                e = canvas.index(EOS, start)
+                for p in range(e + 1, span.stop):
+                    canvas[p] = EOS if canvas[p] == MASKED else canvas[p]
+    answer_of(c, canvas[: canvas.index(EOS) + 1])
+
+
+def test_matching_not_greedy():
+    # Slot 0 holds level-0 token 10 (candidates A or B); slot 1 holds 10 as well: {A, B} shared by two slots, so the
+    # third slot must take C although C's first token would also... be allowed greedily for no one.
+    cands = [(10, 20), (10, 21), (11, 22)]
+    c = make(cands, max_length=30)
+    canvas = [HEAD, OPEN, 10, MASKED, SEP, 10, MASKED, SEP, MASKED, MASKED, CLOSE, EOS] + [MASKED] * 18
+    assert c.consistent(canvas)
+    assert c.allowed(canvas, 8).only == frozenset({11})  # a greedy per-slot check would also allow 10
+    assert c.allowed(canvas, 3).only == frozenset({20, 21})
+    canvas[3] = 21
+    assert c.allowed(canvas, 6).only == frozenset({20})
+    canvas[8] = 10
+    assert not c.consistent(canvas)
+
+
+def test_feasible_candidates_reports_only_edges_in_a_perfect_matching():
+    assert feasible_candidates([[0, 1], [0], [1, 2]], 3) == [{1}, {0}, {2}]
+    assert feasible_candidates([[0], [0]], 2) is None
+    assert feasible_candidates([[0, 1], [0, 1]], 2) == [{0, 1}, {0, 1}]
+
+
+def test_budget_forces_the_answer():
+    c = make([(10,), (11,)], max_length=8)  # head + opener + 2 ids + sep + close + eos = 7: one explanation token
+    assert c.latest_opener == 2
+    assert c.allowed([HEAD, MASKED], 1).only is None  # explanation word, or the opener
+    assert OPEN in c.allowed([HEAD, MASKED], 1)
+    assert c.allowed([HEAD, 6, MASKED], 2).only == frozenset({OPEN})
+    assert c.allowed([HEAD, MASKED, MASKED, MASKED], 3).only == frozenset()  # wait: the opener is not placed yet
+
+
+def test_explanation_bans_structure_and_stop_tokens():
+    c = make([(10,), (11,)], max_length=20)
+    allowed = c.allowed([HEAD, MASKED], 1)
+    for t in (EOS, HEAD, SEP, CLOSE, MASK):
+        assert t not in allowed
+    assert 6 in allowed and 10 in allowed  # free words and SID tokens (the explanation cites IDs)
+
+
+def test_bad_construction_is_refused():
+    with pytest.raises(ValueError, match="cannot hold the answer"):
+        make([(10,), (11,)], max_length=6)
+    with pytest.raises(ValueError, match="same non-zero number of tokens"):
+        make([(10,), (11, 12)], max_length=30)
+    with pytest.raises(ValueError, match="distinct"):
+        make([(10,), (10,)], max_length=30)
+
+
+def test_logits_processor_masks_per_row():
+    c = make([(10,), (11,)], max_length=12)
+    proc = RankingLogitsProcessor([c, None], prompt_length=2)
+    ids = torch.tensor([[7, 7, HEAD, OPEN], [7, 7, HEAD, OPEN]])
+    scores = proc(ids, torch.zeros(2, VOCAB))
+    assert torch.isfinite(scores[0]).nonzero().flatten().tolist() == [10, 11]
+    assert torch.isfinite(scores[1]).all()
+    with pytest.raises(ValueError, match="one per row"):
+        proc(ids[:1], torch.zeros(1, VOCAB))
