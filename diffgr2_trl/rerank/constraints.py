@@ -7,8 +7,9 @@ A completion has a fixed shape (see :mod:`diffgr2_trl.rerank.prompts`)::
 :class:`RankingConstraint` holds one row's candidates as token sequences and answers, for a partly decoded
 completion (a *canvas*: one token id per position, ``-1`` where still masked), which tokens may go at a position:
 
-- the explanation opener is forced at the start; the explanation is free text except structural tokens and stop
-  tokens (they would end the completion or break the JSON);
+- the explanation opener is forced at the start; the explanation is free text except structural tokens, stop
+  tokens and tokens whose text holds a quote, a backslash or a control character (they would end the completion or
+  break the JSON string);
 - once the recommendations opener sits at completion position ``o``, the rest of the answer has a fixed width: slot
   ``i`` level ``j`` is position ``o + len(opener) + i * (L + len(separator)) + j`` for SIDs of ``L`` tokens, then the
   closer and EOS. That is how the block sampler finds slot positions: from the opener's position alone;
@@ -184,7 +185,7 @@ class RankingConstraint:
             return tok(text, add_special_tokens=False)["input_ids"]
 
         stops = list(stop_token_ids) if stop_token_ids else [tok.eos_token_id]
-        banned = [t for t in (getattr(tok, "mask_token_id", None), tok.pad_token_id) if t is not None and t not in stops]
+        banned = [t for t in json_unsafe_tokens(tok) if t not in stops]
         return cls([ids(c) for c in candidates], explanation_open=ids(EXPLANATION_OPEN),
                    recommendations_open=ids(RECOMMENDATIONS_OPEN), separator=ids(SEPARATOR), close=ids(CLOSE),
                    stop_token_ids=stops, max_length=max_length, banned_in_explanation=banned)
@@ -282,6 +283,25 @@ class RankingConstraint:
                 return False
             trial[position + k] = t
         return self.consistent(trial)
+
+
+def json_unsafe_tokens(tokenizer) -> frozenset[int]:
+    """Token ids an explanation may not hold: special tokens, and tokens whose text would end or break the JSON
+    string (a quote, a backslash, a control character). Computed once per tokenizer (cached on it)."""
+    cached = getattr(tokenizer, "_diffgr2_json_unsafe", None)
+    if cached is not None and cached[0] == len(tokenizer):
+        return cached[1]
+    unsafe = set(tokenizer.all_special_ids)
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.decode([token_id])
+        if '"' in text or "\\" in text or any(ord(ch) < 0x20 for ch in text):
+            unsafe.add(token_id)
+    result = frozenset(unsafe)
+    try:
+        tokenizer._diffgr2_json_unsafe = (len(tokenizer), result)
+    except AttributeError:  # pragma: no cover - a tokenizer that refuses new attributes: recompute next time
+        pass
+    return result
 
 
 class RankingLogitsProcessor:

@@ -151,3 +151,51 @@ def test_logits_processor_masks_per_row():
     assert torch.isfinite(scores[1]).all()
     with pytest.raises(ValueError, match="one per row"):
         proc(ids[:1], torch.zeros(1, VOCAB))
+
+
+# --- with the real answer template, tokenizer and a random model ------------------------------------------------
+@pytest.fixture(scope="module")
+def rerank_setup(tmp_path_factory):
+    from diffgr2_trl.modeling import build_model
+    from diffgr2_trl.rerank.prompts import ItemText, build_prompt, format_completion
+    from diffgr2_trl.rerank.tokenizer import attr_tokens, sid_level_tokens, train_rerank_tokenizer
+
+    rng = random.Random(0)
+
+    def sid():
+        return "".join(f"<{lvl}_{rng.randrange(16)}>" for lvl in "abcd")
+
+    rows, texts = [], []
+    for _ in range(12):
+        items = [ItemText(sid(), (f"<attr_{rng.randrange(20)}>",)) for _ in range(16)]
+        hist, cands = items[:6], items[6:]
+        prompt = build_prompt(hist, cands)
+        rows.append((prompt, [c.sid for c in cands]))
+        texts += [prompt, format_completion(f"{cands[0].sid} fits", [c.sid for c in cands])]
+    tok = train_rerank_tokenizer(texts, sid_level_tokens(16), attr_tokens(20), vocab_size=400)
+    model = build_model("qwen3", tokenizer=tok, shape="tiny", seed=0).eval()
+    return tok, model, rows
+
+
+def test_ar_generate_with_the_processor_is_always_valid_on_a_random_model(rerank_setup):
+    from transformers import LogitsProcessorList
+
+    from diffgr2_trl.rerank.parsing import parse_ranking
+
+    tok, model, rows = rerank_setup
+    max_new = 70  # head + 10 IDs x 5 + opener/close/eos: room for ~14 explanation tokens
+    tok.padding_side = "left"
+    enc = tok([p for p, _ in rows], return_tensors="pt", padding=True, add_special_tokens=False)
+    constraints = [RankingConstraint.from_tokenizer(tok, cands, max_new) for _, cands in rows]
+    proc = RankingLogitsProcessor(constraints, enc["input_ids"].shape[1])
+    for sample in (False, True):
+        torch.manual_seed(0)
+        out = model.generate(**enc, logits_processor=LogitsProcessorList([proc]), max_new_tokens=max_new,
+                             do_sample=sample, top_k=None, top_p=None, temperature=1.0 if sample else None,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        results = [parse_ranking(t, cands) for t, (_, cands) in zip(texts, rows)]
+        assert all(r.valid for r in results), [(r.error, t) for r, t in zip(results, texts) if not r.valid]
+    plain = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
+    texts = tok.batch_decode(plain[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert not any(parse_ranking(t, c).valid for t, (_, c) in zip(texts, rows))  # the constraint does the work
