@@ -165,6 +165,7 @@ class RankingConstraint:
             )
         structural = {self.head[0], self.opener[0], self.sep[0], self.close[0]}
         self.explanation = Allowed(banned=frozenset({*structural, *map(int, stop_token_ids), *banned_in_explanation}))
+        self._explanation_or_opener = Allowed(banned=self.explanation.banned - {self.opener[0]})
         # answer roles by offset from the opener: ("fixed", token) or ("slot", i, j)
         roles: list[tuple] = [("fixed", t) for t in self.opener]
         for i in range(self.n):
@@ -245,41 +246,58 @@ class RankingConstraint:
 
     def allowed(self, canvas: Sequence[int], position: int) -> Allowed:
         """Tokens that may go at ``position`` given the other committed tokens of ``canvas`` (its own entry ignored)."""
-        if position < len(self.head):
-            return Allowed(only=frozenset({self.head[position]}))
         canvas = list(canvas)
         canvas[position] = MASKED
-        o = self._opener_at(canvas)
-        if o is None:
-            opener_here = self._opener_fits(canvas, position)
-            if position < self.latest_opener:
-                extra = frozenset({self.opener[0]}) if opener_here else frozenset()
-                return Allowed(banned=self.explanation.banned - extra)
-            if position == self.latest_opener and opener_here:
-                return Allowed(only=frozenset({self.opener[0]}))
-            return NOTHING  # past the latest opener, or no room: wait until the opener is placed
-        if position < o:
-            return self.explanation if position < self.latest_opener else NOTHING
-        k = position - o
-        if k >= len(self.roles):
-            return Allowed()  # after the answer's EOS: never part of the completion
-        role = self.roles[k]
-        if role[0] == "fixed":
-            return Allowed(only=frozenset({role[1]}))
-        slots = self._slots(canvas, o)
-        feasible = self._feasible(slots) if slots is not None else None
-        if feasible is None:
-            return NOTHING
-        _, i, j = role
-        return Allowed(only=frozenset(self.candidates[c][j] for c in feasible[i]))
+        return self.allowed_many(canvas, [position])[0]
 
-    def _opener_fits(self, canvas: list[int], position: int) -> bool:
-        """Whether the opener may start at ``position``: everything committed after it fits the answer layout."""
+    def allowed_many(self, canvas: Sequence[int], positions: Sequence[int]) -> list[Allowed]:
+        """:meth:`allowed` for several *masked* positions of one canvas, analysing the canvas once (the sampler's
+        per-step call: each answer is against the committed state, not against the others' proposals)."""
+        o = self._opener_at(canvas)
+        feasible = None
+        if o is not None:
+            slots = self._slots(canvas, o)
+            feasible = self._feasible(slots) if slots is not None else None
+        last = max((p for p, t in enumerate(canvas) if t != MASKED), default=-1)
+        out = []
+        for position in positions:
+            if position < len(self.head):
+                out.append(Allowed(only=frozenset({self.head[position]})))
+            elif o is None:
+                out.append(self._before_opener(canvas, position, last))
+            elif position < o:
+                out.append(self.explanation)
+            elif position - o >= len(self.roles):
+                out.append(Allowed())  # after the answer's EOS: never part of the completion
+            else:
+                role = self.roles[position - o]
+                if role[0] == "fixed":
+                    out.append(Allowed(only=frozenset({role[1]})))
+                elif feasible is None:
+                    out.append(NOTHING)
+                else:
+                    out.append(Allowed(only=frozenset(self.candidates[c][role[2]] for c in feasible[role[1]])))
+        return out
+
+    def _before_opener(self, canvas: Sequence[int], position: int, last: int) -> Allowed:
         if position > self.latest_opener:
+            return NOTHING  # the answer's positions are not known until the opener is placed: wait
+        fits = self._opener_fits(canvas, position, last)
+        if position == self.latest_opener:
+            return Allowed(only=frozenset({self.opener[0]})) if fits else NOTHING
+        if fits:
+            return self._explanation_or_opener
+        return self.explanation
+
+    def _opener_fits(self, canvas: Sequence[int], position: int, last: int) -> bool:
+        """Whether the opener may start at ``position``: everything committed after it fits the answer layout."""
+        if position + len(self.opener) > len(canvas):
             return False
+        if last < position and len(self.opener) == 1:
+            return True  # nothing committed after it (the common case, decided without a copy)
         trial = list(canvas)
         for k, t in enumerate(self.opener):
-            if position + k >= len(trial) or trial[position + k] not in (MASKED, t):
+            if trial[position + k] not in (MASKED, t):
                 return False
             trial[position + k] = t
         return self.consistent(trial)
