@@ -9,11 +9,13 @@ and the cache only ever holds committed tokens, exactly as training's clean stre
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
+from .constraints import DecodingConstraint, constrain_logits, keep_consistent, row_canvases
 from .decoding import BlockDecodingConfig, resolve_deprecated
 from .layout import apply_temperature, exclude_mask_token, packed_layout, source_index, stream_columns
 from .masks import dense_mask, to_model_mask
@@ -234,6 +236,7 @@ class BlockDiffusionSampler:
         *,
         model=None,
         generator: torch.Generator | None = None,
+        constraints: Sequence[DecodingConstraint | None] | None = None,
         **overrides,
     ) -> SamplerOutput:
         """Decode completions for a left-padded batch of prompts (no gradients).
@@ -242,6 +245,11 @@ class BlockDiffusionSampler:
             input_ids, attention_mask: ``(batch, P)`` left-padded prompts (``attention_mask`` None: no padding).
             model: decode with this model instead of the one given at construction (e.g. the current policy).
             generator: the random generator for sampling (``temperature > 0``).
+            constraints: one constraint per row (None: that row decodes freely), e.g.
+                :class:`~diffgr2_trl.rerank.constraints.RankingConstraint`: proposals are masked to the allowed
+                tokens and a commit stands only while the row stays completable (see
+                :mod:`~diffgr2_trl.block_diffusion.constraints`). ``logprobs`` are then those of the masked
+                distribution. None (the default) runs exactly the unconstrained sampler.
             **overrides: :class:`~diffgr2_trl.block_diffusion.BlockDecodingConfig` fields for this call only
                 (``max_completion_length``, ``tau``, ``tokens_per_step``, ``temperature``, ``top_k``, ``block_size``,
                 ``stop_token_ids``; ``max_new_tokens`` is a deprecated spelling of ``max_completion_length``).
@@ -261,10 +269,11 @@ class BlockDiffusionSampler:
         if (attention_mask[:, -1] == 0).any():
             raise ValueError("Prompts must be left-padded (the last column must be real tokens for every row).")
         with torch.no_grad():
-            return self._decode(input_ids, attention_mask, cfg, spec, generator)
+            return self._decode(input_ids, attention_mask, cfg, spec, generator, constraints)
 
     # ------------------------------------------------------------------ internals
-    def _decode(self, input_ids, attention_mask, cfg: BlockDecodingConfig, spec: BlockDiffusionSpec, generator):
+    def _decode(self, input_ids, attention_mask, cfg: BlockDecodingConfig, spec: BlockDiffusionSpec, generator,
+                constraints=None):
         """Blocks left to right; inside a block, denoising steps until no position is masked."""
         device = input_ids.device
         batch, prompt_len = input_ids.shape
@@ -284,6 +293,9 @@ class BlockDiffusionSampler:
             row_forwards=torch.zeros(batch, dtype=torch.long, device=device),
             cache=DynamicCache() if self.use_cache else None,
         )
+        if constraints is not None and len(constraints) != batch:
+            raise ValueError(f"constraints has {len(constraints)} entries for a batch of {batch} rows (one per row).")
+        constrained = [r for r, c in enumerate(constraints or []) if c is not None]
         shift = spec.token_shift
         total = prompt_len + length
         end = prompt_len
@@ -308,10 +320,16 @@ class BlockDiffusionSampler:
                     logits, cols = torch.cat([seed_logits[:, None], canvas_logits], 1), [0, *cols]
                 else:
                     logits = canvas_logits
-                tokens, confidence, logprob = _propose(
-                    exclude_mask_token(logits, spec.mask_token_id), cfg.temperature, cfg.top_k, generator
-                )
-                commit = _select(confidence, masked[:, cols], cfg.tau, cfg.tokens_per_step)
+                logits, eligible = exclude_mask_token(logits, spec.mask_token_id), masked[:, cols]
+                rows = [r for r in constrained if not state.finished[r]]
+                if rows:
+                    positions = [state.offset + c for c in cols]
+                    canvases = row_canvases(self._completion_so_far(state, spec), spec.mask_token_id, rows)
+                    logits, eligible = constrain_logits(logits, eligible, positions, canvases, constraints)
+                tokens, confidence, logprob = _propose(logits, cfg.temperature, cfg.top_k, generator)
+                commit = _select(confidence, eligible, cfg.tau, cfg.tokens_per_step)
+                if rows:
+                    commit = keep_consistent(commit, tokens, confidence, positions, canvases, constraints)
                 state.record(cols, commit, tokens, step, confidence, logprob)
                 _fill_after_stop(state, stops, spec.mask_token_id, step)
                 step += 1
@@ -320,6 +338,15 @@ class BlockDiffusionSampler:
             if state.finished.all():
                 break
         return self._output(state, input_ids, end, stops)
+
+    @staticmethod
+    def _completion_so_far(state: _DecodeState, spec: BlockDiffusionSpec) -> torch.Tensor:
+        """``(batch, T)`` the completions as committed so far: earlier blocks, the current canvas, masks after it."""
+        completion = state.seq[:, state.prompt_length :].clone()
+        width = state.canvas.shape[1]
+        completion[:, state.offset : state.offset + width] = state.canvas
+        completion[:, state.offset + width :] = spec.mask_token_id
+        return completion
 
     def _output(self, state: _DecodeState, input_ids, end: int, stops: torch.Tensor) -> SamplerOutput:
         """Cut the records to the columns decoded and pad everything after each row's first stop token."""
