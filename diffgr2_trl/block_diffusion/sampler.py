@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from .constraints import DecodingConstraint, constrain_logits, keep_consistent, row_canvases
 from .decoding import BlockDecodingConfig, resolve_deprecated
@@ -90,7 +90,7 @@ class _DecodeState:
     logprobs: torch.Tensor
     finished: torch.Tensor
     row_forwards: torch.Tensor
-    cache: DynamicCache | None
+    cache: DynamicCache | StaticCache | None
     canvas: torch.Tensor | None = None
     offset: int = 0
     cached: int = 0  # columns [0, cached) are in the KV cache
@@ -172,6 +172,19 @@ def _fill_after_stop(state: _DecodeState, stops: torch.Tensor, mask_token_id: in
         state.confidences[:, span][fill] = 1.0
 
 
+def _crop(cache: StaticCache, tokens: int) -> None:
+    """Forget the last ``tokens`` written to a static cache: the next forward writes over them (the static
+    counterpart of ``DynamicCache.crop``; the stale slots are masked out until then)."""
+    for layer in cache.layers:
+        length = getattr(layer, "cumulative_length", None)
+        if not isinstance(length, torch.Tensor):
+            raise NotImplementedError(
+                f"This transformers version's {type(layer).__name__} keeps no cumulative_length tensor; the static "
+                "block cache needs transformers >= 5.0 (use cache_implementation='dynamic')."
+            )
+        length.sub_(tokens)
+
+
 class BlockDiffusionSampler:
     """Batched, left-padding aware parallel decoder for block-diffusion LMs.
 
@@ -184,6 +197,12 @@ class BlockDiffusionSampler:
         pad_token_id / eos_token_id: default to the model config's. ``config.stop_token_ids`` add more stop tokens.
         use_cache: keep the exact KV cache of committed tokens (default). ``False`` recomputes the whole
             sequence every step: slow, but the reference the cache is tested against.
+        cache_implementation: ``"dynamic"`` (default) grows the cache as blocks are committed. ``"static"``
+            preallocates it for prompt + ``max_completion_length`` tokens: every forward then attends over the same
+            key length (unwritten and stale columns masked out), the layout torch.compile / CUDA graphs need.
+        compile: with the static cache, run the model's forward through ``torch.compile`` (``True``: mode
+            ``"reduce-overhead"``, i.e. CUDA graphs on a GPU; or a dict of ``torch.compile`` keyword arguments).
+            Every step then computes logits for the whole canvas (fixed shapes), so graphs are reused.
 
     Example:
         >>> sampler = BlockDiffusionSampler(model, config=BlockDecodingConfig(max_completion_length=128, tau=0.9))
@@ -200,7 +219,19 @@ class BlockDiffusionSampler:
         pad_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
         use_cache: bool = True,
+        cache_implementation: str = "dynamic",
+        compile: bool | dict = False,
     ) -> None:
+        if cache_implementation not in ("dynamic", "static"):
+            raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}.")
+        if cache_implementation == "static" and not use_cache:
+            raise ValueError("cache_implementation='static' needs use_cache=True.")
+        if compile and cache_implementation != "static":
+            raise ValueError("compile=True needs cache_implementation='static' (fixed shapes; a dynamic cache "
+                             "would recompile at every length).")
+        self.cache_implementation = cache_implementation
+        self.compile = compile
+        self._compiled: dict = {}
         self.model = model
         self.config = config if config is not None else BlockDecodingConfig()
         self._spec = spec
@@ -291,7 +322,7 @@ class BlockDiffusionSampler:
             logprobs=torch.zeros(batch, length, device=device),
             finished=torch.zeros(batch, dtype=torch.bool, device=device),
             row_forwards=torch.zeros(batch, dtype=torch.long, device=device),
-            cache=DynamicCache() if self.use_cache else None,
+            cache=self._new_cache(prompt_len + length),
         )
         if constraints is not None and len(constraints) != batch:
             raise ValueError(f"constraints has {len(constraints)} entries for a batch of {batch} rows (one per row).")
@@ -339,6 +370,23 @@ class BlockDiffusionSampler:
                 break
         return self._output(state, input_ids, end, stops)
 
+    def _new_cache(self, length: int):
+        if not self.use_cache:
+            return None
+        if self.cache_implementation == "static":
+            return StaticCache(config=unwrap_model(self.model).config, max_cache_len=length)
+        return DynamicCache()
+
+    def _model_forward(self):
+        """The callable each step runs: the model, or its compiled forward (compiled once per model)."""
+        if not self.compile:
+            return self.model
+        key = id(self.model)
+        if key not in self._compiled:
+            options = dict(mode="reduce-overhead", dynamic=False) if self.compile is True else dict(self.compile)
+            self._compiled = {key: torch.compile(self.model, **options)}
+        return self._compiled[key]
+
     @staticmethod
     def _completion_so_far(state: _DecodeState, spec: BlockDiffusionSpec) -> torch.Tensor:
         """``(batch, T)`` the completions as committed so far: earlier blocks, the current canvas, masks after it."""
@@ -379,26 +427,35 @@ class BlockDiffusionSampler:
         """
         device = state.seq.device
         shift = int(spec.token_shift)
+        static = self.cache_implementation == "static"
         ctx = state.cached if self.use_cache else 0  # columns the forward does not recompute
         # With shift, the canvas's last column only matters as a key for the other canvas columns: a one-token
         # block needs no canvas at all (block size 1 is plain AR decoding).
         width = state.canvas.shape[1]
         canvas_in = width if (not shift or width > 1) else 0
         q_stream, q_col, kv_stream, kv_col = stream_columns((ctx, start), (start, start + canvas_in), device=device)
+        kv_valid = state.valid[:, kv_col]
+        if static:
+            # The static cache holds column c at slot c and returns every slot: keys are all columns, those not
+            # written yet (or holding an earlier step's canvas) are masked out.
+            kv_col = torch.arange(state.valid.shape[1], device=device)
+            kv_stream = ((kv_col >= start) & (kv_col < start + canvas_in)).long()
+            kv_valid = state.valid & (kv_col < start + canvas_in)
         key = (ctx, start, canvas_in)
         if key not in state.masks:
             state.masks = {key: to_model_mask(dense_mask(
-                q_stream, q_col, kv_stream, kv_col, state.valid[:, kv_col],
+                q_stream, q_col, kv_stream, kv_col, kv_valid,
                 comp_start=state.prompt_length, block_size=spec.block_size,
-                clean_block_causal=spec.clean_block_causal,
+                clean_block_causal=spec.clean_block_causal, q_offset=ctx if static else None,
             ), self.attn_implementation, unwrap_model(self.model).dtype)}
         has_seed = bool(shift) and start > ctx
-        cols = [c for c in range(shift, canvas_in) if need[c]]
+        # The compiled path keeps every canvas column (fixed shapes, so graphs are reused) and selects afterwards.
+        cols = [c for c in range(shift, canvas_in) if need[c] or self.compile]
         # Queries are the clean columns [ctx, start) then the canvas: both offsets are shifted by the cached columns.
         predicted = torch.tensor(([0] if has_seed else []) + cols, dtype=torch.long, device=device) + start
         keep = source_index(predicted, state.prompt_length, spec,
                             noisy_offset=state.prompt_length - ctx, clean_offset=-ctx)
-        out = self.model(
+        out = self._model_forward()(
             input_ids=torch.cat([state.seq[:, ctx:start], state.canvas[:, :canvas_in]], 1),
             attention_mask=state.masks[key],
             position_ids=state.positions[:, q_col],
@@ -407,9 +464,16 @@ class BlockDiffusionSampler:
             logits_to_keep=keep,
         )
         logits = out.logits.float()
+        if self.compile:
+            wanted = [i for i, c in enumerate(cols) if need[c]]
+            logits = torch.cat([logits[:, :int(has_seed)], logits[:, int(has_seed):][:, wanted]], 1)
+            cols = [cols[i] for i in wanted]
         if self.use_cache:
-            if canvas_in:
-                state.cache.crop(-canvas_in)  # only committed (clean) tokens stay in the cache
+            if canvas_in:  # only committed (clean) tokens stay in the cache
+                if static:
+                    _crop(state.cache, canvas_in)
+                else:
+                    state.cache.crop(-canvas_in)
             state.cached = start
         if has_seed:
             return logits[:, 0], logits[:, 1:], cols

@@ -30,15 +30,39 @@ def test_cache_equals_no_cache(word_tokenizer, block_size, clean_block_causal, m
     ids, am = left_pad(PROMPTS, tok.pad_token_id)
     kw = {"tau": dict(tau=0.3), "fixed": dict(tokens_per_step=3), "sample": dict(tau=0.5, temperature=1.0, top_k=8)}[mode]
     outs = []
-    for use_cache in (True, False):
+    # the reference (no cache), the dynamic cache, and the static cache the compiled path runs on
+    for variant in (dict(use_cache=False), dict(use_cache=True), dict(cache_implementation="static")):
         gen = torch.Generator().manual_seed(0)
-        outs.append(BlockDiffusionSampler(model, use_cache=use_cache, eos_token_id=[]).generate(
+        outs.append(BlockDiffusionSampler(model, eos_token_id=[], **variant).generate(
             ids, am, max_completion_length=19, generator=gen, **kw))
-    a, b = outs
-    assert torch.equal(a.completion_ids, b.completion_ids)
-    assert torch.equal(a.step_map, b.step_map)
-    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
-    assert a.forward_passes == b.forward_passes
+    b = outs[0]
+    for a in outs[1:]:
+        assert torch.equal(a.completion_ids, b.completion_ids)
+        assert torch.equal(a.step_map, b.step_map)
+        assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+        assert a.forward_passes == b.forward_passes
+
+
+def test_static_cache_block_size_one_is_ar_greedy_and_compiles(word_tokenizer):
+    model, tok = converted(word_tokenizer, block_size=1)
+    ids, am = left_pad(PROMPTS, tok.pad_token_id)
+    ref = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=10, do_sample=False,
+                         pad_token_id=tok.pad_token_id, eos_token_id=None)
+    static = BlockDiffusionSampler(model, eos_token_id=[], cache_implementation="static")
+    assert torch.equal(static.generate(ids, am, max_completion_length=10).completion_ids, ref[:, ids.shape[1]:])
+    # The compiled path (fixed shapes: logits for the whole canvas) traced by dynamo; "eager" skips inductor's C++
+    # build so this runs anywhere. On a GPU, compile=True captures CUDA graphs.
+    model4, _ = converted(word_tokenizer, block_size=4)
+    plain = BlockDiffusionSampler(model4, eos_token_id=[]).generate(ids, am, max_completion_length=10, tau=0.5)
+    compiled = BlockDiffusionSampler(model4, eos_token_id=[], cache_implementation="static",
+                                     compile=dict(backend="eager", dynamic=False))
+    out = compiled.generate(ids, am, max_completion_length=10, tau=0.5)
+    assert torch.equal(out.completion_ids, plain.completion_ids) and torch.equal(out.step_map, plain.step_map)
+    assert torch.allclose(out.logprobs, plain.logprobs, atol=1e-5)
+    with pytest.raises(ValueError, match="needs cache_implementation='static'"):
+        BlockDiffusionSampler(model4, compile=True)
+    with pytest.raises(ValueError, match="'dynamic' or 'static'"):
+        BlockDiffusionSampler(model4, cache_implementation="paged")
 
 
 @pytest.mark.parametrize("mode", ["tau", "fixed"])
