@@ -4,6 +4,7 @@ Example::
 
     diffgr2 evaluate --model_name_or_path runs/ar/rl --dataset_name runs/prepared --split test --json runs/ar/eval.json
     diffgr2 evaluate --model_name_or_path runs/bd/cft --dataset_name runs/prepared --decoder block --tau 0.9 --limit 500
+    diffgr2 evaluate --model_name_or_path runs/bd/cft --dataset_name runs/prepared --decoder block --constrained
 
 The decoding options are :class:`~diffgr2_trl.block_diffusion.BlockDecodingConfig`'s (``--max_completion_length``,
 ``--tau``, ``--tokens_per_step``, ``--temperature``, ``--top_k``, ...; the ``ar`` decoder is greedy and reads only
@@ -42,6 +43,8 @@ class EvaluateArguments:
         decoder: a key of :data:`diffgr2_trl.rerank.evaluate.DECODERS` (``ar``: HF greedy ``generate``;
             ``block``: the block-diffusion sampler).
         batch_size: decoding batch.
+        constrained: decode only valid rankings (a permutation of the row's candidates, in the answer template), with
+            either decoder (see :mod:`diffgr2_trl.rerank.constraints`); the unconstrained numbers are the paper's.
         threads: torch intra-op CPU threads (0: torch's default).
         json: write ``{"n", "metrics", "prerank", ...}`` here (atomically).
         outputs: also write the decoded texts (a JSON list of {user_id, completion, valid, error, rank, prerank_rank},
@@ -54,6 +57,7 @@ class EvaluateArguments:
     limit: int | None = field(default=None, metadata={"help": "Evaluate the first N rows only."})
     decoder: str = field(default="ar", metadata={"help": "ar or block."})
     batch_size: int = field(default=32, metadata={"help": "Prompts per decoding batch."})
+    constrained: bool = field(default=False, metadata={"help": "Decode only valid rankings of the candidates."})
     threads: int = field(default=0, metadata={"help": "torch intra-op CPU threads (0: torch's default)."})
     json: str | None = field(default=None, metadata={"help": "Write the results JSON here."})
     outputs: str | None = field(default=None, metadata={"help": "Write decoded completions (JSON list) here."})
@@ -98,13 +102,15 @@ def run(args: EvaluateArguments, decoding: BlockDecodingConfig) -> dict[str, Any
     model.to(device).eval()
     decode_fn = DECODERS[args.decoder](config=decoding)
     result = evaluate_model(model, tokenizer, rows, decode_fn, batch_size=args.batch_size,
-                            max_new_tokens=decoding.max_completion_length, keep_outputs=True)
+                            max_new_tokens=decoding.max_completion_length, keep_outputs=True,
+                            constrained=args.constrained)
     outputs, ranks = result.pop("outputs"), result.pop("ranks")
     result.update(
         split=args.split,
         limit=args.limit,
         model=args.model_name_or_path,
         decoder=args.decoder,
+        constrained=args.constrained,
         tau=decoding.tau if args.decoder == "block" else None,
         device=device,
         torch_threads=torch.get_num_threads(),
@@ -112,7 +118,7 @@ def run(args: EvaluateArguments, decoding: BlockDecodingConfig) -> dict[str, Any
     )
     m, p = result["metrics"], result["prerank"]
     keys = ("R@1", "R@3", "R@5", "N@3", "N@5")
-    print(f"{args.split} n={result['n']} decoder={args.decoder}")
+    print(f"{args.split} n={result['n']} decoder={args.decoder}" + (" (constrained)" if args.constrained else ""))
     print("  model  : " + " ".join(f"{k} {m[k]:.4f}" for k in keys) + f" | valid {m['valid_rate']:.4f}")
     print("  prerank: " + " ".join(f"{k} {p[k]:.4f}" for k in keys))
     print("  errors : " + json.dumps(m["errors"]))

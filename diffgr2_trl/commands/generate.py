@@ -30,12 +30,15 @@ class GenerateArguments:
         prompt: prompt text (repeat the flag for a batch).
         seed: random seed for sampling.
         dtype: model dtype.
+        constrained: decode only valid rankings of the candidates each re-ranking prompt lists (read from the prompt,
+            as ``diffgr2 prepare`` writes it); see :mod:`diffgr2_trl.rerank.constraints`.
     """
 
     model_name_or_path: str = field(metadata={"help": "Directory of a converted block-diffusion model."})
     prompt: list[str] = field(default_factory=list, metadata={"help": "Prompt text; repeat for a batch."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     dtype: str = field(default="float32", metadata={"help": "Model dtype."})
+    constrained: bool = field(default=False, metadata={"help": "Decode only valid rankings of the prompt's candidates."})
 
 
 def parse(argv: list[str] | None = None, values: Mapping[str, Any] | None = None):
@@ -51,8 +54,9 @@ def run(args: GenerateArguments, decoding: BlockDecodingConfig) -> list[str]:
     ids, mask = left_pad([tok(p, add_special_tokens=False).input_ids or [tok.bos_token_id] for p in args.prompt],
                          tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     sampler = BlockDiffusionSampler(model, config=decoding)
+    constraints = _constraints(args.prompt, tok, decoding, sampler) if args.constrained else None
     t0 = time.perf_counter()
-    out = sampler.generate(ids, mask, generator=torch.Generator().manual_seed(args.seed))
+    out = sampler.generate(ids, mask, generator=torch.Generator().manual_seed(args.seed), constraints=constraints)
     dt = time.perf_counter() - t0
     texts = [tok.decode(ids_r, skip_special_tokens=True) for ids_r in out.completion_ids]
     for p, text in zip(args.prompt, texts):
@@ -61,6 +65,25 @@ def run(args: GenerateArguments, decoding: BlockDecodingConfig) -> list[str]:
     print(f"[{n} tokens, {out.forward_passes} forward passes, {out.tokens_per_forward:.2f} tokens/forward, "
           f"{n / dt:.1f} tokens/s]")
     return texts
+
+
+def _constraints(prompts: list[str], tok, decoding: BlockDecodingConfig, sampler: BlockDiffusionSampler):
+    from ..errors import UserError
+    from ..rerank.constraints import RankingConstraint
+    from ..rerank.prompts import parse_prompt
+
+    stops = sampler.eos_token_ids + [t for t in decoding.stop_token_ids or [] if t not in sampler.eos_token_ids]
+    out = []
+    for i, prompt in enumerate(prompts):
+        try:
+            _, candidates = parse_prompt(prompt)
+        except ValueError as e:
+            raise UserError(f"--constrained needs re-ranking prompts; prompt {i + 1}: {e}") from None
+        if not candidates:
+            raise UserError(f"--constrained: prompt {i + 1} lists no candidate IDs.")
+        out.append(RankingConstraint.from_tokenizer(tok, [c.sid for c in candidates], decoding.max_completion_length,
+                                                    stop_token_ids=stops))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

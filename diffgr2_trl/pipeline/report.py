@@ -73,7 +73,8 @@ def _plot_speed(run: Path, rows: list[dict]) -> str | None:
     # A legend, not annotations: points of one run often share an R@1, and labels on top of each other are unreadable.
     markers = "osD^v<>ph*"
     for i, r in enumerate(pts):
-        label = "AR" if r["method"] == "ar" else f"block diffusion, tau={r['tau']}"
+        label = ("AR" if r["method"] == "ar" else f"block diffusion, tau={r['tau']}") + (
+            ", constrained" if r.get("constrained") else "")
         ax.scatter(r["tokens_per_s"], r["R@1"], s=40, marker=markers[i % len(markers)], label=label)
     ax.legend(fontsize=7, loc="best")
     ax.set_xlabel("tokens/s")
@@ -86,15 +87,20 @@ def _plot_speed(run: Path, rows: list[dict]) -> str | None:
     return path.name
 
 
+CONSTRAINED = ":constrained"  # suffix of a stage's constrained row in the CI table
+
+
 def _eval_ranks(run: Path, stage: str) -> tuple[list[int], list[int], list[int]] | None:
-    """(user ids, ranks, pre-rank ranks) of one evaluation stage's rows, or ``None`` when it wrote none."""
+    """(user ids, ranks, pre-rank ranks) of one evaluation stage's rows, or ``None`` when it wrote none.
+    ``STAGE:constrained`` reads that stage's constrained evaluation."""
     if stage == "baseline":
         p = run / "baseline" / "eval.json"
         if not p.exists():
             return None
         r = json.loads(p.read_text())
         return r["user_ids"], r["ranks"], r["prerank_ranks"]
-    p = run / stage / "eval_outputs.json"
+    stage, constrained, _ = stage.partition(CONSTRAINED)
+    p = run / stage / ("constrained_outputs.json" if constrained else "eval_outputs.json")
     if not p.exists():
         return None
     recs = json.loads(p.read_text())
@@ -104,18 +110,21 @@ def _eval_ranks(run: Path, stage: str) -> tuple[list[int], list[int], list[int]]
 
 
 def _confidence_intervals(run: Path, stages: list[str]) -> dict[str, dict]:
-    """Paired bootstrap 95% CIs of each row's R@1 difference to the floor and to the AR teacher (same rows)."""
+    """Paired bootstrap 95% CIs of each row's R@1 difference to the floor and to the AR teacher (same rows); a
+    constrained row (``STAGE:constrained``) is compared with the constrained AR teacher, like with like."""
     from ..rerank.metrics import paired_bootstrap_ci
 
+    stages = [*stages, *(s + CONSTRAINED for s in stages)]
     ranks = {s: _eval_ranks(run, s) for s in stages}
-    teacher = ranks.get("eval_ar")
     out: dict[str, dict] = {}
     for stage, r in ranks.items():
         if r is None:
             continue
         users, rk, pre = r
+        teacher_stage = "eval_ar" + (CONSTRAINED if stage.endswith(CONSTRAINED) else "")
+        teacher = ranks.get(teacher_stage)
         out[stage] = {"vs_floor": paired_bootstrap_ci(rk, pre)}
-        if teacher is not None and stage != "eval_ar" and teacher[0] == users:
+        if teacher is not None and stage != teacher_stage and teacher[0] == users:
             out[stage]["vs_teacher"] = paired_bootstrap_ci(rk, teacher[1])
     return out
 
@@ -158,7 +167,20 @@ def _targets(evals: dict, floor: dict | None, decode_rows: list[dict], cis: dict
     if final and wanted.get("final_valid") is not None:
         add(f"final valid >= {wanted['final_valid']:.1%} at tau=0.9", f"{final['valid_rate']:.1%}",
             final["valid_rate"] >= wanted["final_valid"])
-    tau09 = next((r for r in decode_rows if r.get("tau") == 0.9), None)
+    constrained = {stage: e["constrained"]["metrics"] for stage, e in evals.items() if e and e.get("constrained")}
+    if constrained and wanted.get("constrained_valid") is not None:
+        worst = min(constrained, key=lambda s: constrained[s]["valid_rate"])
+        add(f"constrained decoding valid >= {wanted['constrained_valid']:.1%} for every model",
+            f"lowest {constrained[worst]['valid_rate']:.1%} ({worst})",
+            constrained[worst]["valid_rate"] >= wanted["constrained_valid"])
+    overheads = [r for r in decode_rows if r.get("constrained") and r.get("time_vs_unconstrained")]
+    if overheads and wanted.get("constrained_overhead") is not None:
+        worst_row = max(overheads, key=lambda r: r["time_vs_unconstrained"])
+        name = "AR" if worst_row["method"] == "ar" else f"tau={worst_row['tau']}"
+        add(f"constrained decode time <= {wanted['constrained_overhead']:.2f}x unconstrained (both decoders)",
+            f"highest {worst_row['time_vs_unconstrained']:.2f}x ({name})",
+            worst_row["time_vs_unconstrained"] <= wanted["constrained_overhead"])
+    tau09 = next((r for r in decode_rows if r.get("tau") == 0.9 and not r.get("constrained")), None)
     if tau09 and wanted.get("speedup") is not None:
         sp = tau09.get("speedup_vs_ar") or 0.0
         add(f"decode speedup vs AR >= {wanted['speedup']}x at tau=0.9", f"{sp:.2f}x", sp >= wanted["speedup"])
@@ -191,7 +213,9 @@ def write_report(run: str | Path, preset: str, config: dict[str, Any]) -> dict:
               "*R@k* = share of rows with the target in the top k; *N@k* = NDCG@k with one relevant item "
               "(1/log2(rank+2)); *valid* = share of outputs that parse as a permutation of the candidates; "
               "*ΔR@1 [95% CI]* = R@1 difference in points with its paired bootstrap interval (2,000 resamples).", ""]
-    errs = sorted({k for e in evals.values() if e for k in (e["metrics"].get("errors") or {})})
+    errs = sorted({k for e in evals.values() if e for k in (e["metrics"].get("errors") or {})}
+                  | {k for e in evals.values() if e and e.get("constrained")
+                     for k in (e["constrained"]["metrics"].get("errors") or {})})
     header = ["row", *METRICS, "valid", "ΔR@1 vs floor", "ΔR@1 vs AR teacher", *errs]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     if floor:
@@ -202,23 +226,28 @@ def write_report(run: str | Path, preset: str, config: dict[str, Any]) -> dict:
         if not e:
             lines.append(f"| {label} | " + " | ".join("-" for _ in header[1:]) + " |")
             continue
-        m = e["metrics"]
-        err = m.get("errors") or {}
-        ci = cis.get(stage) or {}
-        lines.append(f"| {label} | " + " | ".join(_fmt(m.get(k)) for k in METRICS) + f" | {_fmt(m.get('valid_rate'), 3)} | "
-                     + f"{_fmt_ci(ci.get('vs_floor'))} | {_fmt_ci(ci.get('vs_teacher'))} | "
-                     + " | ".join(_fmt(err.get(k, 0)) for k in errs) + " |")
+        paired = [(label, e["metrics"], cis.get(stage) or {})]
+        if e.get("constrained"):  # the constrained row goes right under the paper's (unconstrained) one
+            paired.append((f"{label}, constrained", e["constrained"]["metrics"], cis.get(stage + CONSTRAINED) or {}))
+        for row_label, m, ci in paired:
+            err = m.get("errors") or {}
+            lines.append(f"| {row_label} | " + " | ".join(_fmt(m.get(k)) for k in METRICS)
+                         + f" | {_fmt(m.get('valid_rate'), 3)} | {_fmt_ci(ci.get('vs_floor'))} | "
+                         + f"{_fmt_ci(ci.get('vs_teacher'))} | " + " | ".join(_fmt(err.get(k, 0)) for k in errs) + " |")
     if decode_rows:
         n_speed = next((r.get("n") for r in decode_rows if r.get("n")), None)
         lines += ["", f"## Accuracy vs speed ({n_speed} test rows, batch 1, AR and block diffusion measured side by "
                   "side in one run; R@1 here is over these rows only)", "",
-                  "| decoder | tokens/s | forward passes | tokens/forward | speedup vs AR | R@1 | valid | mean tokens |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| decoder | tokens/s | forward passes | tokens/forward | speedup vs AR | R@1 | valid | mean tokens "
+                  "| decode time vs unconstrained |", "|---|---|---|---|---|---|---|---|---|"]
         for r in decode_rows:
             label = "AR (teacher, KV cache)" if r["method"] == "ar" else f"block diffusion tau={r['tau']}"
+            label += ", constrained" if r.get("constrained") else ""
+            ratio = r.get("time_vs_unconstrained")
             lines.append(f"| {label} | {_fmt(r.get('tokens_per_s'), 1)} | {_fmt(r.get('forward_passes'))} | "
                          f"{_fmt(r.get('tokens_per_forward'), 2)} | {_fmt(r.get('speedup_vs_ar'), 2)}x | "
-                         f"{_fmt(r.get('R@1'))} | {_fmt(r.get('valid_rate'), 3)} | {_fmt(r.get('mean_completion_tokens'), 1)} |")
+                         f"{_fmt(r.get('R@1'))} | {_fmt(r.get('valid_rate'), 3)} | {_fmt(r.get('mean_completion_tokens'), 1)} | "
+                         f"{_fmt(ratio, 2) + 'x' if ratio else '-'} |")
     targets = _targets(evals, floor, decode_rows, cis, config.get("targets"))
     if targets:
         lines += ["", f"## Targets (preset `{preset}`)", "", "| target | measured | met |", "|---|---|---|"]

@@ -215,9 +215,10 @@ def stage_rl(ctx: Context, d: Path) -> dict:
 
 
 def _evaluate(ctx: Context, d: Path, model: str, decoder: str, tau: float | None = None, tag: str = "eval",
-              section: str = "evaluate") -> dict:
+              section: str = "evaluate", constrained: bool = False) -> dict:
     values = ctx.stage(section)
     values.pop("taus", None)
+    values["constrained"] = constrained
     if tau is not None:
         values["tau"] = tau
     name = "args.yaml" if tag == "eval" else f"args_{tag}.yaml"  # the decode stage runs several evaluations
@@ -232,24 +233,41 @@ def _evaluate(ctx: Context, d: Path, model: str, decoder: str, tau: float | None
 def _eval_stage(model_stage: str, decoder: str) -> Callable[[Context, Path], dict]:
     def run(ctx: Context, d: Path) -> dict:
         tau = ctx.stage("evaluate").get("tau", 0.9) if decoder == "block" else None
-        return _evaluate(ctx, d, ctx.model(model_stage), decoder, tau)
+        result = _evaluate(ctx, d, ctx.model(model_stage), decoder, tau)
+        if ctx.stage("evaluate").get("constrained"):  # the paper's row stays unconstrained; this one goes beside it
+            result["constrained"] = _evaluate(ctx, d, ctx.model(model_stage), decoder, tau, tag="constrained",
+                                              constrained=True)
+        return result
 
     run.__name__ = f"eval_{model_stage}"
     return run
 
 
 def stage_decode(ctx: Context, d: Path) -> dict:
-    """Accuracy vs speed across tau against AR, measured side by side in one process at the reasoning length."""
+    """Accuracy vs speed across tau against AR, measured side by side in one process at the reasoning length.
+
+    With ``constrained: true`` in the decode section every decoder also runs constrained, right after its
+    unconstrained run on the same rows, so the overhead of the constraint is measured side by side too."""
     taus = ctx.stage("decode").get("taus", [0.9, 0.7, 0.5, 0.3])
+    both = [False, True] if ctx.stage("decode").get("constrained") else [False]
     rows = []
-    ar = _evaluate(ctx, d, ctx.model("ar_rl"), "ar", tag="ar", section="decode")
-    rows.append({"method": "ar", "tau": None, **_speed_row(ar)})
+    for constrained in both:
+        res = _evaluate(ctx, d, ctx.model("ar_rl"), "ar", tag="ar_constrained" if constrained else "ar",
+                        section="decode", constrained=constrained)
+        rows.append({"method": "ar", "tau": None, "constrained": constrained, **_speed_row(res)})
     for tau in taus:
-        res = _evaluate(ctx, d, ctx.model("rl"), "block", tau, tag=f"tau{tau}", section="decode")
-        rows.append({"method": "block_diffusion", "tau": tau, **_speed_row(res)})
+        for constrained in both:
+            tag = f"tau{tau}_constrained" if constrained else f"tau{tau}"
+            res = _evaluate(ctx, d, ctx.model("rl"), "block", tau, tag=tag, section="decode", constrained=constrained)
+            rows.append({"method": "block_diffusion", "tau": tau, "constrained": constrained, **_speed_row(res)})
     ar_tps = rows[0]["tokens_per_s"] or float("nan")
     for r in rows:
         r["speedup_vs_ar"] = r["tokens_per_s"] / ar_tps if ar_tps else None
+        if r["constrained"]:  # decode time against the same decoder unconstrained, on the same rows
+            free = next(f for f in rows if not f["constrained"] and f["method"] == r["method"] and f["tau"] == r["tau"])
+            r["time_vs_unconstrained"] = r["decode_seconds"] / free["decode_seconds"] if free["decode_seconds"] else None
+            r["tokens_per_s_vs_unconstrained"] = (r["tokens_per_s"] / free["tokens_per_s"]
+                                                  if free["tokens_per_s"] else None)
     return {"rows": rows}
 
 
@@ -259,6 +277,7 @@ def _speed_row(result: dict) -> dict:
         "tokens_per_s": m.get("tokens_per_s"), "forward_passes": m.get("forward_passes"),
         "tokens_per_forward": m.get("tokens_per_forward", 1.0), "R@1": m.get("R@1"), "valid_rate": m.get("valid_rate"),
         "mean_completion_tokens": m.get("mean_completion_tokens"), "n": result.get("n"),
+        "decode_seconds": m.get("decode_seconds"),
     }
 
 

@@ -2,7 +2,12 @@
 
 Decoding is pluggable. A decode function has the signature::
 
-    decode_fn(model, tokenizer, prompts: list[str], max_new_tokens: int) -> (texts: list[str], stats: dict)
+    decode_fn(model, tokenizer, prompts: list[str], max_new_tokens: int, *, candidates=None)
+        -> (texts: list[str], stats: dict)
+
+``candidates`` (one list of candidate SIDs per prompt) is passed only for constrained decoding
+(``evaluate_model(..., constrained=True)``): the decoder must then emit a valid permutation of them
+(:mod:`diffgr2_trl.rerank.constraints`); both built-in decoders support it.
 
 ``stats`` may hold ``generated_tokens`` (tokens produced up to and including the stop token, summed over the batch)
 and ``forward_passes`` (forwards each row took part in, summed over the batch); both are summed over batches, and
@@ -19,6 +24,7 @@ in the per-category ``errors`` breakdown. A model that never emits a valid ranki
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -75,18 +81,42 @@ def _encode_left(tokenizer, prompts: list[str], device) -> dict[str, torch.Tenso
     return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
 
+def _constraints(tokenizer, candidates: Sequence[Sequence[str]] | None, max_length: int, stop: set[int]):
+    """One :class:`~diffgr2_trl.rerank.constraints.RankingConstraint` per prompt, or None when unconstrained."""
+    if candidates is None:
+        return None
+    from .constraints import RankingConstraint
+
+    eos = tokenizer.eos_token_id
+    stops = [eos, *sorted(stop - {eos})] if eos is not None else sorted(stop)
+    return [RankingConstraint.from_tokenizer(tokenizer, list(c), max_length, stop_token_ids=stops) for c in candidates]
+
+
 @torch.no_grad()
-def ar_greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[list[str], dict[str, Any]]:
-    """Greedy AR decoding of a batch with HF ``generate`` (left padding, KV cache); one forward per token."""
+def ar_greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, *,
+                     candidates: Sequence[Sequence[str]] | None = None) -> tuple[list[str], dict[str, Any]]:
+    """Greedy AR decoding of a batch with HF ``generate`` (left padding, KV cache); one forward per token.
+
+    With ``candidates``, decoding is constrained to valid rankings
+    (:class:`~diffgr2_trl.rerank.constraints.RankingLogitsProcessor`)."""
+    from transformers import LogitsProcessorList
+
     enc = _encode_left(tokenizer, prompts, model.device)
     stop = _stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stop))
+    constraints = _constraints(tokenizer, candidates, max_new_tokens, stop)
+    processors = None
+    if constraints is not None:
+        from .constraints import RankingLogitsProcessor
+
+        processors = LogitsProcessorList([RankingLogitsProcessor(constraints, enc["input_ids"].shape[1])])
     out = model.generate(
         **enc,
         do_sample=False,
         max_new_tokens=max_new_tokens,
         pad_token_id=pad,
         eos_token_id=sorted(stop),
+        logits_processor=processors,
         # Greedy only: stop transformers from warning about (or applying) sampling knobs saved in a checkpoint.
         temperature=None,
         top_p=None,
@@ -111,12 +141,16 @@ def make_block_decode(tau: float | None = None, config=None, **sampler_kwargs: A
         config = config.replace(tau=tau)
 
     @torch.no_grad()
-    def block_decode(model, tokenizer, prompts: list[str], max_completion_length: int):
+    def block_decode(model, tokenizer, prompts: list[str], max_completion_length: int, *,
+                     candidates: Sequence[Sequence[str]] | None = None):
         from diffgr2_trl.block_diffusion.sampler import BlockDiffusionSampler
 
         enc = _encode_left(tokenizer, prompts, model.device)
-        out = BlockDiffusionSampler(model, config=config, **sampler_kwargs).generate(
-            enc["input_ids"], enc["attention_mask"], max_completion_length=max_completion_length
+        sampler = BlockDiffusionSampler(model, config=config, **sampler_kwargs)
+        stop = set(sampler.eos_token_ids) | set(config.stop_token_ids or []) | _stop_ids(model, tokenizer)
+        out = sampler.generate(
+            enc["input_ids"], enc["attention_mask"], max_completion_length=max_completion_length,
+            constraints=_constraints(tokenizer, candidates, max_completion_length, stop),
         )
         mask = out.completion_mask.bool()
         texts = tokenizer.batch_decode(
@@ -174,17 +208,22 @@ def evaluate_model(
     max_new_tokens: int = 256,
     progress: bool = True,
     keep_outputs: bool = False,
+    constrained: bool = False,
 ) -> dict[str, Any]:
     """Decode ``rows`` (``prompt``, ``candidates``, ``target``) in batches and score them with :func:`score_outputs`.
 
     Prompts are decoded in order of length (less padding per batch); results come back in the input order.
     Adds ``generated_tokens``, ``mean_completion_tokens``, ``decode_seconds``, ``tokens_per_s`` and, when the decoder
     reports forwards, ``forward_passes`` / ``tokens_per_forward`` to ``metrics``. ``keep_outputs`` also returns the
-    texts (``outputs``).
+    texts (``outputs``). ``constrained`` passes each row's candidates to ``decode_fn`` so it decodes valid rankings
+    only (the decoder must accept a ``candidates`` keyword).
     """
     rows = list(rows)
     if not rows:
         raise ValueError("Nothing to evaluate: no rows.")
+    if constrained and "candidates" not in inspect.signature(decode_fn).parameters:
+        name = getattr(decode_fn, "__name__", "decode_fn")
+        raise ValueError(f"{name} does not support constrained decoding: it takes no 'candidates' keyword.")
     prompts = [r["prompt"] for r in rows]
     if not all(isinstance(p, str) for p in prompts):
         raise ValueError("evaluate_model expects plain-text prompts (the 'prompt' column of diffgr2 prepare).")
@@ -198,7 +237,8 @@ def evaluate_model(
     with tqdm(total=len(rows), desc=f"decode ({getattr(decode_fn, '__name__', 'decode')})", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            out, stats = decode_fn(model, tokenizer, [prompts[i] for i in idx], max_new_tokens)
+            extra = {"candidates": [rows[i]["candidates"] for i in idx]} if constrained else {}
+            out, stats = decode_fn(model, tokenizer, [prompts[i] for i in idx], max_new_tokens, **extra)
             if len(out) != len(idx):
                 raise RuntimeError(f"decode_fn returned {len(out)} texts for {len(idx)} prompts.")
             for i, text in zip(idx, out):
