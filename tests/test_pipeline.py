@@ -48,10 +48,16 @@ def test_smoke_pipeline_runs_every_stage_resumes_and_reports(tmp_path):
     assert {"stages", "decode", "config", "data", "wall_s"} <= set(report)
     assert {"eval_ar", "eval_naive", "eval_cft", "eval_opd", "eval_rl"} <= set(report["stages"])
     assert all("R@1" in report["stages"][s]["metrics"] for s in ("eval_ar", "eval_rl"))
-    assert report["decode"][0]["method"] == "ar" and len(report["decode"]) == 1 + len(report["config"]["decode"]["taus"])
+    # every decoder runs unconstrained (the paper's rows) and constrained, side by side
+    assert report["decode"][0]["method"] == "ar" and len(report["decode"]) == 2 * (1 + len(report["config"]["decode"]["taus"]))
+    assert all(r["time_vs_unconstrained"] > 0 for r in report["decode"] if r["constrained"])
+    # constrained decoding gives a valid ranking for every row of every model, trained or not, AR and block diffusion
+    for stage in ("eval_ar", "eval_naive", "eval_cft", "eval_opd", "eval_rl"):
+        assert report["stages"][stage]["metrics"]["constrained"]["metrics"]["valid_rate"] == 1.0, stage
+    assert all(r["valid_rate"] == 1.0 for r in report["decode"] if r["constrained"])
     md = (out / "report.md").read_text()
     for row in ("pre-rank order (floor)", "logistic re-ranker", "AR GR2", "naive conversion", "+ CFT", "+ CFT + OPD",
-                "+ OPD -> RL", "ΔR@1 vs floor", "plumbing check only", "Glossary"):
+                "+ OPD -> RL", "+ OPD -> RL, constrained", "ΔR@1 vs floor", "plumbing check only", "Glossary"):
         assert row in md
     # every evaluated row has its paired bootstrap CI to the floor (and, but for the teacher, to the teacher)
     cis = report["confidence_intervals"]
