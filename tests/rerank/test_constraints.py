@@ -254,3 +254,21 @@ def test_block_sampler_constraints_do_not_depend_on_the_batch(block_setup):
     assert torch.equal(free.canvas_ids, nones.canvas_ids) and torch.equal(free.logprobs, nones.logprobs)
     with pytest.raises(ValueError, match="one per row"):
         sampler.generate(ids, mask, max_completion_length=max_new, constraints=constraints[:2])
+
+
+def test_evaluate_model_constrained_with_both_decoders(rerank_setup, block_setup):
+    from diffgr2_trl.rerank.evaluate import ar_greedy_decode, evaluate_model, make_block_decode
+
+    tok, ar_model, rows = rerank_setup
+    data = [{"prompt": p, "candidates": c, "target": c[3]} for p, c in rows]
+    for model, decode in ((ar_model, ar_greedy_decode), (block_setup[1], make_block_decode(tau=0.7))):
+        free = evaluate_model(model, block_setup[0], data, decode, batch_size=6, max_new_tokens=72, progress=False)
+        held = evaluate_model(model, block_setup[0], data, decode, batch_size=6, max_new_tokens=72, progress=False,
+                              constrained=True)
+        assert held["metrics"]["valid_rate"] == 1.0 and free["metrics"]["valid_rate"] < 1.0
+
+    def plain(model, tokenizer, prompts, max_new_tokens):
+        return ["x"] * len(prompts), {}
+
+    with pytest.raises(ValueError, match="does not support constrained decoding"):
+        evaluate_model(ar_model, tok, data, plain, constrained=True, progress=False)
