@@ -157,3 +157,33 @@ def test_threads_has_one_meaning(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_bench_decode_compiled_rows_and_flex_loss_check(tmp_path):
+    path = tmp_path / "d.json"
+    # backend "eager" traces the compiled paths with dynamo without building C++ kernels (a GPU uses inductor + graphs)
+    assert main(["bench-decode", "--shape", "tiny", "--vocab_size", "64", "--batch_sizes", "2", "--block_sizes", "4",
+                 "--taus", "0.9", "--new_tokens", "8", "--prompt_len", "8", "--repeats", "1", "--compile",
+                 "--compile_backend", "eager", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert {r["method"] for r in rows} == {"ar", "ar_compiled", "block_diffusion", "block_diffusion_compiled"}
+    best_ar = max(r["tokens_per_s"] for r in rows if r["method"].startswith("ar"))
+    for r in rows:  # speedups are against the faster AR row
+        assert abs(r["speedup_vs_ar"] - r["tokens_per_s"] / best_ar) < 1e-9
+    fixed = [r for r in rows if r.get("tokens_per_step") == 4]
+    assert all(r["forward_passes"] == 2 for r in fixed)  # the compiled sampler commits exactly like the eager one
+
+    from diffgr2_trl.bench.train import compare_attention_losses
+    from diffgr2_trl.block_diffusion import BlockDiffusionSpec
+    from diffgr2_trl.modeling import build_model
+    from tests.helpers import random_batch
+
+    # The GPU check compares flex_attention with sdpa; here eager vs sdpa (CPU flex kernels are not the product's
+    # path: torch has no flex backward on CPU, and its first CPU forward was seen returning NaN with 2 threads).
+    ids, am, cm = random_batch(2, 16, 8)
+    eager = build_model("qwen3", vocab_size=64, shape="tiny", attn_implementation="eager")
+    losses = compare_attention_losses(eager, ids, am, cm, BlockDiffusionSpec(block_size=4, mask_token_id=63))
+    assert abs(losses["cft_loss_eager_minus_sdpa"]) < 1e-5 and losses["cft_loss_eager"] > 0
+    assert eager.config._attn_implementation == "eager"  # restored
+    with pytest.raises(ValueError, match="needs a GPU"):
+        main(["bench-train", "--shape", "tiny", "--attn_implementation", "flex_attention", "--device", "cpu"])

@@ -34,6 +34,10 @@ class BenchDecodeArguments:
         new_tokens / prompt_len: output and prompt lengths.
         repeats: timed repeats per row (median reported).
         device / dtype: where and how to run.
+        compile: add the compiled rows: AR with transformers' static cache + ``torch.compile``, and the block sampler
+            with its static cache + compiled step forward (CUDA graphs on a GPU, mode ``reduce-overhead``). Speedups
+            are then against the faster AR row. ``compile_backend`` picks the torch.compile backend (``inductor``;
+            ``eager`` only traces, for checking the path on a machine without a compiler).
         threads: torch intra-op CPU threads (0 or unset: torch's default).
         json: write ``{"rows": [...], "env": {...}}`` there.
     """
@@ -52,6 +56,8 @@ class BenchDecodeArguments:
     repeats: int = field(default=3, metadata={"help": "Timed repeats per row."})
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cpu or cuda."})
     dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16."})
+    compile: bool = field(default=False, metadata={"help": "Add compiled AR and block-sampler rows."})
+    compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend of the compiled rows."})
     threads: int | None = field(default=None, metadata={"help": "torch intra-op CPU threads (default: torch's)."})
     seed: int = field(default=0, metadata={"help": "Seed for the random model and prompts."})
     json: str | None = field(default=None, metadata={"help": "Write the rows as JSON here."})
@@ -64,6 +70,15 @@ def parse(argv: list[str] | None = None, values: Mapping[str, Any] | None = None
 def main(argv: list[str] | None = None) -> int:
     run(*parse(argv))
     return 0
+
+
+def _compile_options(args: BenchDecodeArguments) -> dict | bool:
+    if not args.compile:
+        return False
+    options = {"dynamic": False, "backend": args.compile_backend}
+    if args.compile_backend == "inductor":
+        options["mode"] = "reduce-overhead"  # CUDA graphs on a GPU
+    return options
 
 
 def run(args: BenchDecodeArguments) -> dict:
@@ -88,9 +103,9 @@ def run(args: BenchDecodeArguments) -> dict:
     rows = bench_decode(model, prompts, new_tokens=args.new_tokens, batch_sizes=tuple(args.batch_sizes),
                         block_sizes=tuple(args.block_sizes), tokens_per_step=args.tokens_per_step,
                         taus=tuple(args.taus), tau_block_size=args.tau_block_size, repeats=args.repeats,
-                        mask_token_id=mask_id)
+                        mask_token_id=mask_id, compile=_compile_options(args))
     params = sum(p.numel() for p in model.parameters())
-    env = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(), "params": params,
+    env = {"device": args.device, "dtype": args.dtype, "compile": _compile_options(args), "threads": torch.get_num_threads(), "params": params,
            "model": args.model_name_or_path or f"random {args.arch}/{args.shape} vocab {args.vocab_size}",
            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "torch": torch.__version__,
            "cpu": platform.processor() or platform.machine()}
