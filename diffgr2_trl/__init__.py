@@ -30,6 +30,7 @@ _LAZY: dict[str, str] = {
     "convert_to_block_diffusion": "block_diffusion",
     "get_spec": "block_diffusion",
     "left_pad": "block_diffusion",
+    "replay_logprobs": "block_diffusion",
     "unwrap_model": "block_diffusion",
     # trainers
     "BlockDiffusionConfig": "trainers",
@@ -74,6 +75,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
         convert_to_block_diffusion,
         get_spec,
         left_pad,
+        replay_logprobs,
         unwrap_model,
     )
     from .modeling import build_model, build_word_tokenizer  # noqa: F401

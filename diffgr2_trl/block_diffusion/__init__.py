@@ -2,6 +2,7 @@
 
 from .convert import check_attention_honours_masks, convert_to_block_diffusion
 from .decoding import BlockDecodingConfig
+from .likelihood import replay_logits, replay_logprobs
 from .masks import allowed, dense_mask, flex_block_mask
 from .noise import mask_ratio, sample_noise_mask
 from .objective import AlignedBatch, align_completions, block_diffusion_loss
@@ -12,5 +13,5 @@ from .wrappers import unwrap_model
 __all__ = [
     "AlignedBatch", "BlockDecodingConfig", "BlockDiffusionSampler", "BlockDiffusionSpec", "SamplerOutput", "align_completions", "allowed",
     "block_diffusion_loss", "check_attention_honours_masks", "convert_to_block_diffusion", "dense_mask",
-    "flex_block_mask", "get_spec", "left_pad", "mask_ratio", "sample_noise_mask", "set_spec", "unwrap_model",
+    "flex_block_mask", "get_spec", "left_pad", "mask_ratio", "replay_logits", "replay_logprobs", "sample_noise_mask", "set_spec", "unwrap_model",
 ]
