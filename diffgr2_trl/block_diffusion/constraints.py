@@ -33,7 +33,11 @@ class DecodingConstraint(Protocol):
 
 def row_canvases(completion: torch.Tensor, mask_token_id: int, rows: Sequence[int]) -> dict[int, list[int]]:
     """Per constrained row, its completion as a list with masked positions as ``-1``."""
-    return {r: [MASKED if t == mask_token_id else t for t in completion[r].tolist()] for r in rows}
+    rows = list(rows)
+    if not rows:
+        return {}
+    picked = completion[torch.tensor(rows, device=completion.device)].tolist()
+    return {r: [MASKED if t == mask_token_id else t for t in row] for r, row in zip(rows, picked)}
 
 
 def constrain_logits(
@@ -45,26 +49,36 @@ def constrain_logits(
     Returns ``(logits, eligible)``: ``eligible`` is ``masked`` without the positions of constrained rows where nothing
     is allowed yet (their logits are left as they were, so sampling stays well defined; they are never committed).
     """
-    logits = logits.clone()
     eligible = masked.clone()
+    masked_rows = masked.tolist()  # Python lists: element-wise tensor reads cost more than the rule itself
     vocab = logits.shape[-1]
-    cache: dict = {}
+    cache: dict = {}  # Allowed -> (vocab mask, anything allowed); the explanation's is shared by most positions
+    rows, cols, keeps = [], [], []
     for r, canvas in canvases.items():
-        cols = [c for c in range(len(positions)) if masked[r, c]]
-        if not cols:
+        masked_cols = [c for c, m in enumerate(masked_rows[r]) if m]
+        if not masked_cols:
             continue
-        for c, allowed in zip(cols, constraints[r].allowed_many(canvas, [positions[c] for c in cols])):
-            key = allowed if allowed.__hash__ is not None else id(allowed)
-            keep = cache.get(key)
-            if keep is None:
-                keep = cache[key] = allowed.vocab_mask(vocab, logits.device)
-            if keep.any():
-                logits[r, c] = logits[r, c].masked_fill(~keep, float("-inf"))
+        any_eligible = False
+        for c, allowed in zip(masked_cols, constraints[r].allowed_many(canvas, [positions[c] for c in masked_cols])):
+            if allowed not in cache:
+                keep = allowed.vocab_mask(vocab, logits.device)
+                cache[allowed] = (keep, bool(keep.any()))
+            keep, nonempty = cache[allowed]
+            if nonempty:
+                rows.append(r)
+                cols.append(c)
+                keeps.append(keep)
+                any_eligible = True
             else:
                 eligible[r, c] = False
-        if not eligible[r, cols].any():
+        if not any_eligible:
             raise RuntimeError(f"Row {r}: the decoding constraint allows no token at any masked position of the "
                                "block (a dead end: the constraint is inconsistent with what it allowed before).")
+    if rows:  # one indexed write for the whole batch: per-position writes cost more than the rule itself
+        logits = logits.clone()
+        r_idx = torch.tensor(rows, device=logits.device)
+        c_idx = torch.tensor(cols, device=logits.device)
+        logits[r_idx, c_idx] = logits[r_idx, c_idx].masked_fill(~torch.stack(keeps), float("-inf"))
     return logits, eligible
 
 
@@ -74,14 +88,15 @@ def keep_consistent(
 ) -> torch.Tensor:
     """Drop the commits of constrained rows that would make their canvas inconsistent (most confident first)."""
     commit = commit.clone()
+    commit_rows, token_rows, confidence_rows = commit.tolist(), tokens.tolist(), confidence.tolist()
     for r, canvas in canvases.items():
-        cols = commit[r].nonzero().flatten().tolist()
+        cols = [c for c, m in enumerate(commit_rows[r]) if m]
         if len(cols) <= 1:
-            continue
-        cols.sort(key=lambda c: -float(confidence[r, c]))
+            continue  # a lone commit was allowed against the committed state: it stands
+        cols.sort(key=lambda c: -confidence_rows[r][c])
         for c in cols:
             p = positions[c]
-            canvas[p] = int(tokens[r, c])
+            canvas[p] = token_rows[r][c]
             if not constraints[r].consistent(canvas):
                 canvas[p] = MASKED
                 commit[r, c] = False

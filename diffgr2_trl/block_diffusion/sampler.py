@@ -352,7 +352,9 @@ class BlockDiffusionSampler:
                 else:
                     logits = canvas_logits
                 logits, eligible = exclude_mask_token(logits, spec.mask_token_id), masked[:, cols]
-                rows = [r for r in constrained if not state.finished[r]]
+                rows = []  # constrained rows still decoding
+                if constrained:
+                    rows = [r for r, done in zip(constrained, state.finished[constrained].tolist()) if not done]
                 if rows:
                     positions = [state.offset + c for c in cols]
                     canvases = row_canvases(self._completion_so_far(state, spec), spec.mask_token_id, rows)

@@ -28,6 +28,7 @@ each commit with :meth:`RankingConstraint.consistent`).
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -253,18 +254,20 @@ class RankingConstraint:
     def allowed_many(self, canvas: Sequence[int], positions: Sequence[int]) -> list[Allowed]:
         """:meth:`allowed` for several *masked* positions of one canvas, analysing the canvas once (the sampler's
         per-step call: each answer is against the committed state, not against the others' proposals)."""
-        o = self._opener_at(canvas)
+        committed = [(p, t) for p, t in enumerate(canvas) if t != MASKED]
+        first = self.opener[0]
+        o = next((p for p, t in committed if t == first and p >= len(self.head)), None)
         feasible = None
         if o is not None:
             slots = self._slots(canvas, o)
             feasible = self._feasible(slots) if slots is not None else None
-        last = max((p for p, t in enumerate(canvas) if t != MASKED), default=-1)
+        where = [p for p, _ in committed]
         out = []
         for position in positions:
             if position < len(self.head):
                 out.append(Allowed(only=frozenset({self.head[position]})))
             elif o is None:
-                out.append(self._before_opener(canvas, position, last))
+                out.append(self._before_opener(len(canvas), position, committed[bisect_right(where, position):]))
             elif position < o:
                 out.append(self.explanation)
             elif position - o >= len(self.roles):
@@ -279,28 +282,34 @@ class RankingConstraint:
                     out.append(Allowed(only=frozenset(self.candidates[c][role[2]] for c in feasible[role[1]])))
         return out
 
-    def _before_opener(self, canvas: Sequence[int], position: int, last: int) -> Allowed:
+    def _before_opener(self, length: int, position: int, after: list[tuple[int, int]]) -> Allowed:
         if position > self.latest_opener:
             return NOTHING  # the answer's positions are not known until the opener is placed: wait
-        fits = self._opener_fits(canvas, position, last)
+        fits = self._opener_fits(length, position, after)
         if position == self.latest_opener:
             return Allowed(only=frozenset({self.opener[0]})) if fits else NOTHING
-        if fits:
-            return self._explanation_or_opener
-        return self.explanation
+        return self._explanation_or_opener if fits else self.explanation
 
-    def _opener_fits(self, canvas: Sequence[int], position: int, last: int) -> bool:
-        """Whether the opener may start at ``position``: everything committed after it fits the answer layout."""
-        if position + len(self.opener) > len(canvas):
+    def _opener_fits(self, length: int, position: int, after: list[tuple[int, int]]) -> bool:
+        """Whether the opener may start at ``position`` given the tokens committed after it (``after``: ``(position,
+        token)`` pairs): each must fit its role in the answer laid out from there, and the slots stay completable.
+        Works from the committed pairs alone, without copying the canvas (it runs for every masked position)."""
+        if position + len(self.opener) > length:
             return False
-        if last < position and len(self.opener) == 1:
-            return True  # nothing committed after it (the common case, decided without a copy)
-        trial = list(canvas)
-        for k, t in enumerate(self.opener):
-            if trial[position + k] not in (MASKED, t):
-                return False
-            trial[position + k] = t
-        return self.consistent(trial)
+        if not after:
+            return True  # nothing committed after it: the common case
+        slots = [[MASKED] * self.width for _ in range(self.n)]
+        for q, t in after:
+            k = q - position
+            if k >= len(self.roles):
+                break  # after the answer's EOS: never part of the completion
+            role = self.roles[k]
+            if role[0] == "fixed":
+                if t != role[1]:
+                    return False
+            else:
+                slots[role[1]][role[2]] = t
+        return self._feasible(tuple(tuple(s) for s in slots)) is not None
 
 
 def json_unsafe_tokens(tokenizer) -> frozenset[int]:

@@ -1,0 +1,64 @@
+"""Decode time of constrained vs unconstrained decoding, same model, same rows, interleaved in one process.
+
+    python scripts/measure_constrained.py --model_name_or_path runs/cpu/rl/model --dataset_name runs/cpu/prepare/data \
+        --decoder block --limit 64 --batch_size 32 --repeats 2
+
+Prints one JSON line per run and a summary: seconds, tokens/s and validity of each mode, and the time ratio
+(constrained / unconstrained). Runs alternate (free, constrained, free, ...) so load drift hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from diffgr2_trl.block_diffusion import BlockDecodingConfig
+from diffgr2_trl.rerank.evaluate import DECODERS, evaluate_model
+from diffgr2_trl.rerank.pipeline_data import load_split
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_name_or_path", required=True)
+    parser.add_argument("--dataset_name", required=True, help="a diffgr2 prepare output directory")
+    parser.add_argument("--decoder", default="block", choices=sorted(DECODERS))
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--limit", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_completion_length", type=int, default=256)
+    parser.add_argument("--tau", type=float, default=0.9)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    rows = load_split(args.dataset_name, args.split).select(range(args.limit))
+    rows = rows.select_columns(["prompt", "candidates", "target"]).to_list()
+    tok = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).eval()
+    decode = DECODERS[args.decoder](config=BlockDecodingConfig(max_completion_length=args.max_completion_length,
+                                                               tau=args.tau))
+    runs: dict[bool, list[dict]] = {False: [], True: []}
+    for _ in range(args.repeats):
+        for constrained in (False, True):
+            m = evaluate_model(model, tok, rows, decode, batch_size=args.batch_size,
+                               max_new_tokens=args.max_completion_length, progress=False,
+                               constrained=constrained)["metrics"]
+            record = {"constrained": constrained, "seconds": m["decode_seconds"], "tokens_per_s": m["tokens_per_s"],
+                      "valid_rate": m["valid_rate"], "mean_tokens": m["mean_completion_tokens"],
+                      "forward_passes": m.get("forward_passes")}
+            runs[constrained].append(record)
+            print(json.dumps(record), flush=True)
+    free = statistics.median(r["seconds"] for r in runs[False])
+    held = statistics.median(r["seconds"] for r in runs[True])
+    free_tps = statistics.median(r["tokens_per_s"] for r in runs[False])
+    held_tps = statistics.median(r["tokens_per_s"] for r in runs[True])
+    print(json.dumps({"decoder": args.decoder, "rows": len(rows), "batch_size": args.batch_size,
+                      "time_ratio": held / free, "tokens_per_s_ratio": held_tps / free_tps,
+                      "valid_free": runs[False][0]["valid_rate"], "valid_constrained": runs[True][0]["valid_rate"]}))
+
+
+if __name__ == "__main__":
+    main()
