@@ -44,7 +44,8 @@ def constrain_logits(
     logits: torch.Tensor, masked: torch.Tensor, positions: Sequence[int], canvases: dict[int, list[int]],
     constraints: Sequence[DecodingConstraint | None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask ``logits`` ``(batch, C, V)`` at completion ``positions`` (one per column) to the allowed tokens.
+    """Mask ``logits`` ``(batch, C, V)`` at completion ``positions`` (one per column) to the allowed tokens, in place
+    (the sampler passes a fresh tensor).
 
     Returns ``(logits, eligible)``: ``eligible`` is ``masked`` without the positions of constrained rows where nothing
     is allowed yet (their logits are left as they were, so sampling stays well defined; they are never committed).
@@ -75,7 +76,6 @@ def constrain_logits(
             raise RuntimeError(f"Row {r}: the decoding constraint allows no token at any masked position of the "
                                "block (a dead end: the constraint is inconsistent with what it allowed before).")
     if rows:  # one indexed write for the whole batch: per-position writes cost more than the rule itself
-        logits = logits.clone()
         r_idx = torch.tensor(rows, device=logits.device)
         c_idx = torch.tensor(cols, device=logits.device)
         logits[r_idx, c_idx] = logits[r_idx, c_idx].masked_fill(~torch.stack(keeps), float("-inf"))

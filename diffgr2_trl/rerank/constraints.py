@@ -175,6 +175,8 @@ class RankingConstraint:
                 roles += [("fixed", t) for t in self.sep]
         roles += [("fixed", t) for t in self.close] + [("fixed", self.eos)]
         self.roles = roles
+        # tokens any candidate has at each level: a quick test that rejects most stray tokens before any matching
+        self._level_tokens = [frozenset(c[j] for c in self.candidates) for j in range(self.width)]
         self._feasible_cache: dict[tuple, list[set[int]] | None] = {}
 
     @classmethod
@@ -307,6 +309,8 @@ class RankingConstraint:
             if role[0] == "fixed":
                 if t != role[1]:
                     return False
+            elif t not in self._level_tokens[role[2]]:
+                return False
             else:
                 slots[role[1]][role[2]] = t
         return self._feasible(tuple(tuple(s) for s in slots)) is not None
