@@ -37,7 +37,7 @@ SECTION_COMMANDS = {"prepare": "prepare", "ar_mid": "train-ar", "ar_sft": "train
 DEFAULT_TARGETS = {"teacher_valid": 0.99, "teacher_gain_points": 1.5, "final_vs_teacher": 0.98, "final_valid": 0.995,
                    "naive_valid_max": 0.05, "speedup": 2.4, "constrained_valid": 1.0, "constrained_overhead": 1.10}
 # keys read by the pipeline itself rather than passed to a subcommand
-PIPELINE_KEYS: dict[str, set[str]] = {"decode": {"taus"}, "evaluate": {"taus"}}
+PIPELINE_KEYS: dict[str, set[str]] = {"decode": {"taus", "compiled_ar"}, "evaluate": {"taus"}}
 
 
 def _section_keys(section: str) -> set[str]:

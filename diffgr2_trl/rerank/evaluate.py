@@ -94,11 +94,15 @@ def _constraints(tokenizer, candidates: Sequence[Sequence[str]] | None, max_leng
 
 @torch.no_grad()
 def ar_greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, *,
-                     candidates: Sequence[Sequence[str]] | None = None) -> tuple[list[str], dict[str, Any]]:
+                     candidates: Sequence[Sequence[str]] | None = None,
+                     compile: bool | dict = False) -> tuple[list[str], dict[str, Any]]:
     """Greedy AR decoding of a batch with HF ``generate`` (left padding, KV cache); one forward per token.
 
     With ``candidates``, decoding is constrained to valid rankings
-    (:class:`~diffgr2_trl.rerank.constraints.RankingLogitsProcessor`)."""
+    (:class:`~diffgr2_trl.rerank.constraints.RankingLogitsProcessor`). ``compile`` decodes with transformers' static
+    cache and a ``torch.compile``d forward (``True``: mode ``reduce-overhead``, CUDA graphs on a GPU; or a dict of
+    ``transformers.CompileConfig`` arguments): the fast AR baseline a speedup must be measured against.
+    """
     from transformers import LogitsProcessorList
 
     enc = _encode_left(tokenizer, prompts, model.device)
@@ -117,6 +121,7 @@ def ar_greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, 
         pad_token_id=pad,
         eos_token_id=sorted(stop),
         logits_processor=processors,
+        **_compiled_generation(compile),
         # Greedy only: stop transformers from warning about (or applying) sampling knobs saved in a checkpoint.
         temperature=None,
         top_p=None,
@@ -126,6 +131,27 @@ def ar_greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     counts = [_count_until_stop(row, stop, pad) for row in gen]
     texts = tokenizer.batch_decode([row[:n] for row, n in zip(gen, counts)], skip_special_tokens=False)
     return texts, {"generated_tokens": sum(counts), "forward_passes": sum(counts)}
+
+
+def _compiled_generation(compile: bool | dict) -> dict[str, Any]:
+    if not compile:
+        return {}
+    from transformers import CompileConfig
+
+    config = CompileConfig(**({} if compile is True else dict(compile)))
+    config._compile_all_devices = True  # transformers compiles on accelerators only unless told otherwise
+    return {"cache_implementation": "static", "compile_config": config}
+
+
+def make_ar_decode(compile: bool | dict = False) -> DecodeFn:
+    """:func:`ar_greedy_decode`, compiled (static cache + ``torch.compile``) when ``compile`` is set."""
+    if not compile:
+        return ar_greedy_decode
+
+    def ar_compiled_decode(model, tokenizer, prompts, max_new_tokens, *, candidates=None):
+        return ar_greedy_decode(model, tokenizer, prompts, max_new_tokens, candidates=candidates, compile=compile)
+
+    return ar_compiled_decode
 
 
 def make_block_decode(tau: float | None = None, config=None, **sampler_kwargs: Any) -> DecodeFn:
@@ -165,6 +191,7 @@ def make_block_decode(tau: float | None = None, config=None, **sampler_kwargs: A
 # name -> factory(**options) -> DecodeFn. ``evaluate --decoder NAME`` looks names up here.
 DECODERS: dict[str, Callable[..., DecodeFn]] = {
     "ar": lambda **_: ar_greedy_decode,
+    "ar_compiled": lambda compile=True, **_: make_ar_decode(compile=compile),
     "block": lambda tau=None, config=None, **_: make_block_decode(tau=tau, config=config),
 }
 

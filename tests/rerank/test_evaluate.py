@@ -108,6 +108,18 @@ def test_ar_greedy_decode_batch_matches_single_rows(tiny_model, word_tokenizer):
     assert word_tokenizer.padding_side == "right"  # restored
 
 
+def test_compiled_ar_decoder_matches_eager(tiny_model, word_tokenizer):
+    """The compiled AR baseline (static cache + torch.compile) decodes what eager ``generate`` decodes; ``eager``
+    traces with dynamo without building kernels (inductor + CUDA graphs on a GPU)."""
+    from diffgr2_trl.rerank.evaluate import DECODERS, make_ar_decode
+
+    prompts = ["sort 3 1 2 :", "copy 7 :"]
+    eager, _ = ar_greedy_decode(tiny_model, word_tokenizer, prompts, max_new_tokens=6)
+    compiled = make_ar_decode(compile={"backend": "eager", "mode": None})
+    assert compiled(tiny_model, word_tokenizer, prompts, 6)[0] == eager
+    assert make_ar_decode(compile=False) is ar_greedy_decode and "ar_compiled" in DECODERS
+
+
 def test_write_json_atomic(tmp_path):
     path = tmp_path / "sub" / "r.json"
     write_json_atomic({"a": torch.tensor(1).item()}, path)
