@@ -53,7 +53,7 @@ def test_smoke_pipeline_runs_every_stage_resumes_and_reports(tmp_path):
     assert all(r["time_vs_unconstrained"] > 0 for r in report["decode"] if r["constrained"])
     # constrained decoding gives a valid ranking for every row of every model, trained or not, AR and block diffusion
     for stage in ("eval_ar", "eval_naive", "eval_cft", "eval_opd", "eval_rl"):
-        assert report["stages"][stage]["metrics"]["constrained"]["metrics"]["valid_rate"] == 1.0, stage
+        assert report["stages"][stage]["constrained"]["metrics"]["valid_rate"] == 1.0, stage
     assert all(r["valid_rate"] == 1.0 for r in report["decode"] if r["constrained"])
     md = (out / "report.md").read_text()
     for row in ("pre-rank order (floor)", "logistic re-ranker", "AR GR2", "naive conversion", "+ CFT", "+ CFT + OPD",
