@@ -37,7 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-opd": ("diffgr2_trl.commands.bench_opd", "OPD step time: rollout / teacher / student forward-backward shares."),
     "grpo": ("diffgr2_trl.commands.grpo", "Diffusion GRPO/DAPO: block-sampler rollouts, trajectory-replay likelihood."),
     "bench-rl": ("diffgr2_trl.commands.bench_rl", "RL step time (rollout / likelihood / update) per estimator vs TRL AR GRPO."),
-    "pipeline": ("diffgr2_trl.commands.pipeline", "The whole recipe on Amazon Beauty, resumable, with a report."),
+    "pipeline": ("diffgr2_trl.pipeline.command", "The whole recipe on Amazon Beauty, resumable, with a report."),
 }
 
 

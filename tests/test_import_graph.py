@@ -112,3 +112,19 @@ def test_the_library_never_imports_rewards():
     offenders = sorted(n for n, names in graph_sources.items() if any(x == "rewards" or x.startswith("rewards.")
                                                                      for x in names))
     assert not offenders, f"diffgr2_trl modules importing the top-level rewards package: {offenders}"
+
+
+def test_no_import_cycles_between_subpackages():
+    """Layering one level up: e.g. ``pipeline`` calls ``commands``' run functions, so ``commands`` (the ``pipeline``
+    subcommand included, which lives in ``pipeline/command.py``) must never import ``pipeline``."""
+    depth = len(PACKAGE.split(".")) + 1
+
+    def package_of(module: str) -> str:
+        return ".".join(module.split(".")[:depth])
+
+    packages: dict[str, set[str]] = {}
+    for module, targets in import_graph().items():
+        src = package_of(module)
+        packages.setdefault(src, set()).update(package_of(t) for t in targets if package_of(t) != src)
+    cycle = find_cycle(packages)
+    assert cycle is None, "subpackage import cycle: " + " -> ".join(cycle)

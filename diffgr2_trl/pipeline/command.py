@@ -7,6 +7,9 @@
 Re-running with the same ``--output_dir`` (``--out``: deprecated spelling) skips finished stages; an interrupted
 training stage resumes from its last checkpoint. ``--overrides file.yaml`` changes any stage's options (same layout
 as ``diffgr2_trl/presets/``).
+
+This subcommand lives with the pipeline rather than in ``diffgr2_trl.commands``: the pipeline calls the other
+subcommands' ``run``, so keeping its own command here keeps ``commands`` free of any import of ``pipeline``.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..pipeline import PipelineArguments, run_pipeline
-from ._args import parse_command
+from ..commands._args import parse_command
+from .runner import PipelineArguments, run_pipeline
 
 
 def parse(argv: list[str] | None = None, values: Mapping[str, Any] | None = None) -> tuple[PipelineArguments]:
