@@ -19,6 +19,7 @@ makes each process train on CPU (gloo). ``--per_device_train_batch_size 32`` kee
 drop ``--use_cpu``.
 """
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -74,7 +75,11 @@ def main() -> None:
                                     processing_class=tok)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     state = trainer.accelerator.state
-    print(f"rank {state.process_index} of {state.num_processes}: trained {trainer.state.global_step} steps", flush=True)
+    # The ranks share one pipe: print() may hand the text and the newline to it in separate writes, and the lines of
+    # two ranks then interleave. Flushing first and writing the line at once makes it one atomic (< PIPE_BUF) write.
+    sys.stdout.flush()
+    sys.stdout.write(f"rank {state.process_index} of {state.num_processes}: trained {trainer.state.global_step} steps\n")
+    sys.stdout.flush()
     trainer.save_model(args.output_dir)
     if trainer.accelerator.is_main_process:
         tok.save_pretrained(args.output_dir)
