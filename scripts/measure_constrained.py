@@ -55,8 +55,16 @@ def main() -> None:
     held = statistics.median(r["seconds"] for r in runs[True])
     free_tps = statistics.median(r["tokens_per_s"] for r in runs[False])
     held_tps = statistics.median(r["tokens_per_s"] for r in runs[True])
-    print(json.dumps({"decoder": args.decoder, "rows": len(rows), "batch_size": args.batch_size,
-                      "time_ratio": held / free, "tokens_per_s_ratio": held_tps / free_tps,
+    summary = {"decoder": args.decoder, "rows": len(rows), "batch_size": args.batch_size,
+               "time_ratio": held / free, "tokens_per_s_ratio": held_tps / free_tps}
+    if all(r["forward_passes"] for r in runs[False] + runs[True]):
+        # The constraint's own cost per denoising step: constrained rows write the whole answer, so they take more
+        # steps than free rows that stop early; time per forward pass separates the two effects.
+        per_step = {m: statistics.median(r["seconds"] / r["forward_passes"] for r in runs[m]) for m in runs}
+        summary["time_per_forward_ratio"] = per_step[True] / per_step[False]
+        summary["forward_passes_ratio"] = (statistics.median(r["forward_passes"] for r in runs[True])
+                                           / statistics.median(r["forward_passes"] for r in runs[False]))
+    print(json.dumps({**summary,
                       "valid_free": runs[False][0]["valid_rate"], "valid_constrained": runs[True][0]["valid_rate"]}))
 
 

@@ -3,8 +3,9 @@
 The sampler knows nothing of any task. A constraint is any object with two methods over a row's *canvas* (one token
 id per completion position, ``-1`` where still masked):
 
-- ``allowed_many(canvas, positions)`` returns, for masked ``positions``, objects with ``vocab_mask(vocab_size,
-  device) -> bool tensor`` (what may go there given what is committed);
+- ``allowed_many(canvas, positions)`` returns, for masked ``positions``, objects with ``token_ids(vocab_size,
+  device) -> (ids, only)`` (what may go there given what is committed: the allowed ids when ``only``, else the
+  disallowed ones). Returning the same object for the same answer lets the sampler batch the work per answer;
 - ``consistent(canvas) -> bool`` says whether the committed tokens can still be completed to a valid output.
 
 Each denoising step the sampler (1) masks every position's logits to its allowed tokens, so proposals are valid one
@@ -36,8 +37,8 @@ def row_canvases(completion: torch.Tensor, mask_token_id: int, rows: Sequence[in
     rows = list(rows)
     if not rows:
         return {}
-    picked = completion[torch.tensor(rows, device=completion.device)].tolist()
-    return {r: [MASKED if t == mask_token_id else t for t in row] for r, row in zip(rows, picked)}
+    picked = completion[torch.tensor(rows, device=completion.device)]
+    return dict(zip(rows, picked.masked_fill(picked == mask_token_id, MASKED).tolist()))
 
 
 def constrain_logits(
@@ -45,41 +46,81 @@ def constrain_logits(
     constraints: Sequence[DecodingConstraint | None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask ``logits`` ``(batch, C, V)`` at completion ``positions`` (one per column) to the allowed tokens, in place
-    (the sampler passes a fresh tensor).
+    (the sampler passes a fresh contiguous tensor).
 
     Returns ``(logits, eligible)``: ``eligible`` is ``masked`` without the positions of constrained rows where nothing
     is allowed yet (their logits are left as they were, so sampling stays well defined; they are never committed).
     """
-    eligible = masked.clone()
     masked_rows = masked.tolist()  # Python lists: element-wise tensor reads cost more than the rule itself
-    vocab = logits.shape[-1]
-    cache: dict = {}  # Allowed -> (vocab mask, anything allowed); the explanation's is shared by most positions
-    rows, cols, keeps = [], [], []
+    vocab, device = logits.shape[-1], logits.device
+    # Constraints hand out one object per distinct answer (the explanation's is shared by most positions): a table of
+    # the distinct answers, keyed by identity, and one index per position into it. The loop stays at C speed per
+    # position (map, dict lookups); Python code runs once per distinct object.
+    table_of: dict[int, int] = {}
+    kept: list = []  # the objects behind table_of's ids, alive for the whole call so no id is reused
+    sparse: list[tuple[torch.Tensor, bool]] = []
+    rows, cols, index, checked = [], [], [], []
     for r, canvas in canvases.items():
         masked_cols = [c for c, m in enumerate(masked_rows[r]) if m]
         if not masked_cols:
             continue
-        any_eligible = False
-        for c, allowed in zip(masked_cols, constraints[r].allowed_many(canvas, [positions[c] for c in masked_cols])):
-            if allowed not in cache:
-                keep = allowed.vocab_mask(vocab, logits.device)
-                cache[allowed] = (keep, bool(keep.any()))
-            keep, nonempty = cache[allowed]
-            if nonempty:
-                rows.append(r)
-                cols.append(c)
-                keeps.append(keep)
-                any_eligible = True
-            else:
-                eligible[r, c] = False
-        if not any_eligible:
+        answers = constraints[r].allowed_many(canvas, [positions[c] for c in masked_cols])
+        ids = list(map(id, answers))
+        for key, allowed in dict(zip(ids, answers)).items():
+            if key not in table_of:
+                table_of[key] = len(sparse)
+                kept.append(allowed)
+                sparse.append(allowed.token_ids(vocab, device))
+        rows += [r] * len(masked_cols)
+        cols += masked_cols
+        index += map(table_of.__getitem__, ids)
+        checked.append(r)
+    eligible = masked.clone()
+    if not rows:
+        return logits, eligible
+    where = torch.tensor(rows, device=device) * logits.shape[1] + torch.tensor(cols, device=device)
+    index_t = torch.tensor(index, device=device)
+    nonempty = _mask_sparse(logits.view(-1, vocab), where, index_t, sparse)
+    eligible.view(-1)[where] = nonempty[index_t]
+    for r, alive in zip(checked, eligible[checked].any(-1).tolist()):
+        if not alive:
             raise RuntimeError(f"Row {r}: the decoding constraint allows no token at any masked position of the "
                                "block (a dead end: the constraint is inconsistent with what it allowed before).")
-    if rows:  # one indexed write for the whole batch: per-position writes cost more than the rule itself
-        r_idx = torch.tensor(rows, device=logits.device)
-        c_idx = torch.tensor(cols, device=logits.device)
-        logits[r_idx, c_idx] = logits[r_idx, c_idx].masked_fill(~torch.stack(keeps), float("-inf"))
     return logits, eligible
+
+
+def _mask_sparse(flat: torch.Tensor, where: torch.Tensor, index: torch.Tensor,
+                 sparse: list[tuple[torch.Tensor, bool]]) -> torch.Tensor:
+    """Apply ``sparse[index[i]]`` to row ``where[i]`` of ``flat`` ``(rows, V)`` logits, touching few entries.
+
+    A dense ``(positions, V)`` masked write is a pass over every logit of every position, which costs more than the
+    model's step for a small model. Instead a position whose answer lists disallowed ids (the free text: most of the
+    vocabulary allowed) gets -inf at those ids, and one that lists allowed ids (a slot, a fixed token) keeps those
+    logits and has the rest of its row filled. Every position is handled by a few batched ops, whatever the number of
+    distinct answers. Returns, per answer, whether it allows anything (positions that allow nothing stay untouched).
+    """
+    device = flat.device
+    lengths = torch.tensor([len(ids) for ids, _ in sparse], device=device)
+    lists_allowed = torch.tensor([only for _, only in sparse], device=device)
+    nonempty = torch.where(lists_allowed, lengths > 0, lengths < flat.shape[-1])
+    all_ids = torch.cat([ids for ids, _ in sparse])
+    starts = lengths.cumsum(0) - lengths
+    for only in (False, True):
+        take = (lists_allowed[index] == only) & (lengths[index] > 0)
+        if not take.any():
+            continue
+        rows, picked = where[take], index[take]
+        counts = lengths[picked]
+        owner = torch.repeat_interleave(torch.arange(len(rows), device=device), counts)
+        offsets = torch.arange(len(owner), device=device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        at, ids = rows[owner], all_ids[starts[picked][owner] + offsets]
+        if only:
+            keep = flat[at, ids]
+            flat[rows] = float("-inf")
+            flat[at, ids] = keep
+        else:
+            flat[at, ids] = float("-inf")
+    return nonempty
 
 
 def keep_consistent(

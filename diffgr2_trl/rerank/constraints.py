@@ -28,9 +28,10 @@ each commit with :meth:`RankingConstraint.consistent`).
 
 from __future__ import annotations
 
+import itertools
 from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,27 +42,42 @@ MASKED = -1
 
 @dataclass(frozen=True)
 class Allowed:
-    """Tokens allowed at one position: ``only`` (a set) when given, otherwise every token except ``banned``."""
+    """Tokens allowed at one position: ``only`` (a set) when given, otherwise every token except ``banned``.
+
+    A constraint hands out the same object for the same answer (the explanation's, a fixed token's, a slot's in one
+    matching state), so its vocabulary mask is built once and shared: treat the returned tensor as read-only.
+    """
 
     only: frozenset[int] | None = None
     banned: frozenset[int] = frozenset()
+    _masks: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __contains__(self, token: int) -> bool:
         return token in self.only if self.only is not None else token not in self.banned
 
     def vocab_mask(self, vocab_size: int, device=None) -> torch.Tensor:
-        """``(vocab_size,)`` bool: True where allowed."""
-        if self.only is not None:
-            mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            ids = [t for t in self.only if t < vocab_size]
+        """``(vocab_size,)`` bool: True where allowed (cached per vocabulary size and device; do not modify)."""
+        key = (vocab_size, device)
+        mask = self._masks.get(key)
+        if mask is None:
+            listed = self.only if self.only is not None else self.banned
+            ids = [t for t in listed if t < vocab_size]
+            mask = torch.full((vocab_size,), self.only is None, dtype=torch.bool, device=device)
             if ids:
-                mask[torch.tensor(ids, device=device)] = True
-            return mask
-        mask = torch.ones(vocab_size, dtype=torch.bool, device=device)
-        ids = [t for t in self.banned if t < vocab_size]
-        if ids:
-            mask[torch.tensor(ids, device=device)] = False
+                mask[torch.tensor(ids, device=device)] = self.only is not None
+            self._masks[key] = mask
         return mask
+
+    def token_ids(self, vocab_size: int, device=None) -> tuple[torch.Tensor, bool]:
+        """The sparse form of :meth:`vocab_mask`: ``(ids, True)`` for the allowed ids, or ``(ids, False)`` for the
+        disallowed ones when every other token is allowed (cached; do not modify)."""
+        key = ("ids", vocab_size, device)
+        cached = self._masks.get(key)
+        if cached is None:
+            listed = self.only if self.only is not None else self.banned
+            ids = torch.tensor(sorted(t for t in listed if t < vocab_size), dtype=torch.long, device=device)
+            cached = self._masks[key] = (ids, self.only is not None)
+        return cached
 
 
 NOTHING = Allowed(only=frozenset())
@@ -175,9 +191,23 @@ class RankingConstraint:
                 roles += [("fixed", t) for t in self.sep]
         roles += [("fixed", t) for t in self.close] + [("fixed", self.eos)]
         self.roles = roles
+        # One Allowed object per distinct answer, so callers can key caches (vocabulary masks) by identity.
+        self._head_allowed = [Allowed(only=frozenset({t})) for t in self.head]
+        self._role_allowed = [Allowed(only=frozenset({r[1]})) if r[0] == "fixed" else None for r in roles]
+        self._opener_only = Allowed(only=frozenset({self.opener[0]}))
+        self._past_answer = Allowed()
+        self._slot_allowed: dict[tuple, dict[tuple[int, int], Allowed]] = {}
+        self._interned: dict[frozenset[int], Allowed] = {}  # one object (one vocabulary mask) per token set
+        # candidates (a bitset) holding token t at level j: a slot's compatible candidates by intersection
+        self._holding: list[dict[int, int]] = [{} for _ in range(self.width)]
+        for c, cand in enumerate(self.candidates):
+            for j, t in enumerate(cand):
+                self._holding[j][t] = self._holding[j].get(t, 0) | (1 << c)
+        self._everyone = list(range(self.n))
         # tokens any candidate has at each level: a quick test that rejects most stray tokens before any matching
         self._level_tokens = [frozenset(c[j] for c in self.candidates) for j in range(self.width)]
         self._feasible_cache: dict[tuple, list[set[int]] | None] = {}
+        self._explanation_banned = self.explanation.banned
 
     @classmethod
     def from_tokenizer(cls, tokenizer, candidates: Sequence[str], max_length: int, *,
@@ -224,8 +254,13 @@ class RankingConstraint:
     def _feasible(self, slots: tuple[tuple[int, ...], ...]) -> list[set[int]] | None:
         """Per slot, the candidates it can still take in a full permutation (cached per slot state)."""
         if slots not in self._feasible_cache:
-            compat = [[c for c, cand in enumerate(self.candidates)
-                       if all(t == MASKED or t == cand[j] for j, t in enumerate(slot))] for slot in slots]
+            compat = []
+            for slot in slots:
+                bits = -1  # every candidate
+                for j, t in enumerate(slot):
+                    if t != MASKED:
+                        bits &= self._holding[j].get(t, 0)
+                compat.append(self._everyone if bits == -1 else [c for c in self._everyone if bits >> c & 1])
             self._feasible_cache[slots] = feasible_candidates(compat, self.n)
         return self._feasible_cache[slots]
 
@@ -236,9 +271,10 @@ class RankingConstraint:
                 return False
         o = self._opener_at(canvas)
         end = o if o is not None else len(canvas)
+        banned, latest = self._explanation_banned, self.latest_opener
         for p in range(len(self.head), end):
             t = canvas[p]
-            if t != MASKED and (t not in self.explanation or p >= self.latest_opener):
+            if t != MASKED and (t in banned or p >= latest):
                 return False
         if o is None:
             return True
@@ -256,64 +292,85 @@ class RankingConstraint:
     def allowed_many(self, canvas: Sequence[int], positions: Sequence[int]) -> list[Allowed]:
         """:meth:`allowed` for several *masked* positions of one canvas, analysing the canvas once (the sampler's
         per-step call: each answer is against the committed state, not against the others' proposals)."""
-        committed = [(p, t) for p, t in enumerate(canvas) if t != MASKED]
-        first = self.opener[0]
-        o = next((p for p, t in committed if t == first and p >= len(self.head)), None)
-        feasible = None
-        if o is not None:
-            slots = self._slots(canvas, o)
-            feasible = self._feasible(slots) if slots is not None else None
-        where = [p for p, _ in committed]
+        head, n_roles = len(self.head), len(self.roles)
+        try:  # the opener's first token is banned in the explanation: its first occurrence is the opener
+            o = canvas.index(self.opener[0], head)
+        except ValueError:
+            o = None
         out = []
+        if o is None:
+            # only tokens committed after an asked position can clash with an opener placed there
+            lo = min(positions, default=len(canvas))
+            committed = [(p, canvas[p]) for p in range(lo + 1, len(canvas)) if canvas[p] != MASKED]
+            where = [p for p, _ in committed]
+            # Before the opener is placed (most of a decode): the explanation, plus the opener where it fits. Written
+            # as one tight loop because it runs for every masked position of every row at every step.
+            length, latest, opener_width = len(canvas), self.latest_opener, len(self.opener)
+            for position in positions:
+                if position < head:
+                    out.append(self._head_allowed[position])
+                elif position > latest:
+                    out.append(NOTHING)  # the answer's positions are not known until the opener is placed: wait
+                else:
+                    i = bisect_right(where, position)
+                    fits = position + opener_width <= length and (i == len(where)
+                                                                  or self._opener_fits(position, committed, i))
+                    if position == latest:
+                        out.append(self._opener_only if fits else NOTHING)
+                    else:
+                        out.append(self._explanation_or_opener if fits else self.explanation)
+            return out
+        slots = self._slots(canvas, o)
+        feasible = self._feasible(slots) if slots is not None else None
         for position in positions:
-            if position < len(self.head):
-                out.append(Allowed(only=frozenset({self.head[position]})))
-            elif o is None:
-                out.append(self._before_opener(len(canvas), position, committed[bisect_right(where, position):]))
+            if position < head:
+                out.append(self._head_allowed[position])
             elif position < o:
                 out.append(self.explanation)
-            elif position - o >= len(self.roles):
-                out.append(Allowed())  # after the answer's EOS: never part of the completion
+            elif position - o >= n_roles:
+                out.append(self._past_answer)  # after the answer's EOS: never part of the completion
             else:
-                role = self.roles[position - o]
-                if role[0] == "fixed":
-                    out.append(Allowed(only=frozenset({role[1]})))
+                k = position - o
+                fixed = self._role_allowed[k]
+                if fixed is not None:
+                    out.append(fixed)
                 elif feasible is None:
                     out.append(NOTHING)
                 else:
-                    out.append(Allowed(only=frozenset(self.candidates[c][role[2]] for c in feasible[role[1]])))
+                    out.append(self._slot_token_allowed(slots, feasible, self.roles[k][1], self.roles[k][2]))
         return out
 
-    def _before_opener(self, length: int, position: int, after: list[tuple[int, int]]) -> Allowed:
-        if position > self.latest_opener:
-            return NOTHING  # the answer's positions are not known until the opener is placed: wait
-        fits = self._opener_fits(length, position, after)
-        if position == self.latest_opener:
-            return Allowed(only=frozenset({self.opener[0]})) if fits else NOTHING
-        return self._explanation_or_opener if fits else self.explanation
+    def _slot_token_allowed(self, slots: tuple, feasible: list[set[int]], slot: int, level: int) -> Allowed:
+        """The tokens slot ``slot`` may take at ``level`` in matching state ``slots`` (one object per state)."""
+        per_state = self._slot_allowed.setdefault(slots, {})
+        allowed = per_state.get((slot, level))
+        if allowed is None:
+            tokens = frozenset(self.candidates[c][level] for c in feasible[slot])
+            allowed = self._interned.setdefault(tokens, Allowed(only=tokens))
+            per_state[(slot, level)] = allowed
+        return allowed
 
-    def _opener_fits(self, length: int, position: int, after: list[tuple[int, int]]) -> bool:
-        """Whether the opener may start at ``position`` given the tokens committed after it (``after``: ``(position,
-        token)`` pairs): each must fit its role in the answer laid out from there, and the slots stay completable.
-        Works from the committed pairs alone, without copying the canvas (it runs for every masked position)."""
-        if position + len(self.opener) > length:
-            return False
-        if not after:
-            return True  # nothing committed after it: the common case
-        slots = [[MASKED] * self.width for _ in range(self.n)]
-        for q, t in after:
+    def _opener_fits(self, position: int, committed: list[tuple[int, int]], start: int) -> bool:
+        """Whether the opener may start at ``position`` given the tokens committed after it (``committed[start:]``,
+        ``(position, token)`` pairs, at least one): each must fit its role in the answer laid out from there, and the
+        slots stay completable. Reads the committed pairs in place (it runs for every masked position)."""
+        slots = None
+        roles, n_roles = self.roles, len(self.roles)
+        for q, t in itertools.islice(committed, start, None):
             k = q - position
-            if k >= len(self.roles):
+            if k >= n_roles:
                 break  # after the answer's EOS: never part of the completion
-            role = self.roles[k]
+            role = roles[k]
             if role[0] == "fixed":
                 if t != role[1]:
                     return False
             elif t not in self._level_tokens[role[2]]:
                 return False
             else:
+                if slots is None:
+                    slots = [[MASKED] * self.width for _ in range(self.n)]
                 slots[role[1]][role[2]] = t
-        return self._feasible(tuple(tuple(s) for s in slots)) is not None
+        return slots is None or self._feasible(tuple(tuple(s) for s in slots)) is not None
 
 
 def json_unsafe_tokens(tokenizer) -> frozenset[int]:
@@ -356,6 +413,7 @@ class RankingLogitsProcessor:
             raise ValueError(f"RankingLogitsProcessor has {len(self.constraints)} constraints for a batch of "
                              f"{input_ids.shape[0]} rows (one per row; num_return_sequences/beams are not supported).")
         generated = input_ids[:, self.prompt_length:].tolist()
+        rows, keeps = [], []
         for r, constraint in enumerate(self.constraints):
             if constraint is None:
                 continue
@@ -363,8 +421,13 @@ class RankingLogitsProcessor:
             if p >= constraint.max_length:
                 continue
             allowed = constraint.allowed(generated[r] + [MASKED], p)
-            keep = allowed.vocab_mask(scores.shape[-1], scores.device)
-            if not keep.any():  # cannot happen for a consistent prefix; fail loudly rather than emit garbage
+            if allowed.only is not None and not allowed.only:  # cannot happen for a consistent prefix: fail loudly
                 raise RuntimeError(f"Row {r}: no token satisfies the ranking constraint at position {p}.")
-            scores[r] = scores[r].masked_fill(~keep, float("-inf"))
+            rows.append(r)
+            keeps.append(allowed.vocab_mask(scores.shape[-1], scores.device))
+        if len(rows) == scores.shape[0]:  # one write for the batch: per-row writes cost more than the rule
+            scores = scores.masked_fill(~torch.stack(keeps), float("-inf"))
+        elif rows:
+            index = torch.tensor(rows, device=scores.device)
+            scores[index] = scores[index].masked_fill(~torch.stack(keeps), float("-inf"))
         return scores
