@@ -1,10 +1,11 @@
-"""The sampler's constraint hooks: the sparse logits write equals a dense masked write, position by position."""
+"""The sampler's constraint hooks: both logits writes (sparse, dense) equal a dense reference, position by position."""
 
 import random
 
 import pytest
 import torch
 
+from diffgr2_trl.block_diffusion import constraints as constraints_module
 from diffgr2_trl.block_diffusion.constraints import MASKED, constrain_logits, keep_consistent
 from diffgr2_trl.rerank.constraints import NOTHING, Allowed
 
@@ -29,8 +30,10 @@ class ScriptedConstraint:
         return canvas.count(self.bad_token) <= 1
 
 
+@pytest.mark.parametrize("dense_limit", [0, 1 << 30], ids=["sparse", "dense"])
 @pytest.mark.parametrize("seed", range(5))
-def test_sparse_write_equals_the_dense_mask(seed):
+def test_the_logits_write_equals_a_dense_reference(seed, dense_limit, monkeypatch):
+    monkeypatch.setattr(constraints_module, "DENSE_LIMIT", dense_limit)
     torch.manual_seed(seed)
     batch, cols = 4, 6
     logits = torch.randn(batch, cols, VOCAB)
