@@ -50,7 +50,7 @@ class Allowed:
 
     only: frozenset[int] | None = None
     banned: frozenset[int] = frozenset()
-    _masks: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __contains__(self, token: int) -> bool:
         return token in self.only if self.only is not None else token not in self.banned
@@ -58,25 +58,25 @@ class Allowed:
     def vocab_mask(self, vocab_size: int, device=None) -> torch.Tensor:
         """``(vocab_size,)`` bool: True where allowed (cached per vocabulary size and device; do not modify)."""
         key = (vocab_size, device)
-        mask = self._masks.get(key)
+        mask = self._cache.get(key)
         if mask is None:
             listed = self.only if self.only is not None else self.banned
             ids = [t for t in listed if t < vocab_size]
             mask = torch.full((vocab_size,), self.only is None, dtype=torch.bool, device=device)
             if ids:
                 mask[torch.tensor(ids, device=device)] = self.only is not None
-            self._masks[key] = mask
+            self._cache[key] = mask
         return mask
 
     def token_ids(self, vocab_size: int, device=None) -> tuple[torch.Tensor, bool]:
         """The sparse form of :meth:`vocab_mask`: ``(ids, True)`` for the allowed ids, or ``(ids, False)`` for the
         disallowed ones when every other token is allowed (cached; do not modify)."""
         key = ("ids", vocab_size, device)
-        cached = self._masks.get(key)
+        cached = self._cache.get(key)
         if cached is None:
             listed = self.only if self.only is not None else self.banned
             ids = torch.tensor(sorted(t for t in listed if t < vocab_size), dtype=torch.long, device=device)
-            cached = self._masks[key] = (ids, self.only is not None)
+            cached = self._cache[key] = (ids, self.only is not None)
         return cached
 
 
