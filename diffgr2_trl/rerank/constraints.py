@@ -207,7 +207,6 @@ class RankingConstraint:
         # tokens any candidate has at each level: a quick test that rejects most stray tokens before any matching
         self._level_tokens = [frozenset(c[j] for c in self.candidates) for j in range(self.width)]
         self._feasible_cache: dict[tuple, list[set[int]] | None] = {}
-        self._explanation_banned = self.explanation.banned
 
     @classmethod
     def from_tokenizer(cls, tokenizer, candidates: Sequence[str], max_length: int, *,
@@ -227,11 +226,10 @@ class RankingConstraint:
     # ------------------------------------------------------------------ state of a canvas
     def _opener_at(self, canvas: Sequence[int]) -> int | None:
         """Position of the recommendations opener (its first token is banned in the explanation, so it is unique)."""
-        first = self.opener[0]
-        for p in range(len(self.head), min(len(canvas), self.max_length)):
-            if canvas[p] == first:
-                return p
-        return None
+        try:  # list.index scans at C speed: this runs for every row at every step
+            return canvas.index(self.opener[0], len(self.head), self.max_length)
+        except ValueError:
+            return None
 
     def _slots(self, canvas: Sequence[int], o: int) -> tuple[tuple[int, ...], ...] | None:
         """Committed tokens per slot (``-1``: masked) given the opener at ``o``; None if a committed token breaks the
@@ -271,7 +269,7 @@ class RankingConstraint:
                 return False
         o = self._opener_at(canvas)
         end = o if o is not None else len(canvas)
-        banned, latest = self._explanation_banned, self.latest_opener
+        banned, latest = self.explanation.banned, self.latest_opener
         for p in range(len(self.head), end):
             t = canvas[p]
             if t != MASKED and (t in banned or p >= latest):
@@ -293,10 +291,7 @@ class RankingConstraint:
         """:meth:`allowed` for several *masked* positions of one canvas, analysing the canvas once (the sampler's
         per-step call: each answer is against the committed state, not against the others' proposals)."""
         head, n_roles = len(self.head), len(self.roles)
-        try:  # the opener's first token is banned in the explanation: its first occurrence is the opener
-            o = canvas.index(self.opener[0], head)
-        except ValueError:
-            o = None
+        o = self._opener_at(canvas)
         out = []
         if o is None:
             # only tokens committed after an asked position can clash with an opener placed there
