@@ -16,6 +16,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from ..block_diffusion import BlockDiffusionSpec, align_completions, block_diffusion_loss, get_spec, set_spec
 from ..block_diffusion.convert import check_attention_honours_masks, convert_to_block_diffusion
 from ._paper import DIFFUSION_GR2_PAPER
+from ._quantized import keep_4bit_layers_trainable
 
 SPEC_OVERRIDES = (
     "noise_per", "noise_schedule", "min_mask_ratio", "max_mask_ratio", "inverse_t_weighting", "complementary_masks",
@@ -152,6 +153,7 @@ class BlockDiffusionTrainer(SFTTrainer):
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         if isinstance(model, str):
             self._maybe_convert(base, self.processing_class, args)
+        keep_4bit_layers_trainable(self.model)  # before any eval-mode forward (the probe below, rollouts)
         check_attention_honours_masks(base)
         spec = get_spec(base)
         overrides = {k: getattr(args, k) for k in SPEC_OVERRIDES if getattr(args, k) is not None}

@@ -38,6 +38,7 @@ from ..block_diffusion.convert import check_attention_honours_masks
 from ..block_diffusion.estimators import ESTIMATORS, check_estimator, estimate_token_logprobs
 from ._decoding_fields import trl_field
 from ._paper import DIFFUSION_GR2_PAPER
+from ._quantized import keep_4bit_layers_trainable
 
 ROLLOUT_KEYS = ("canvas_ids", "step_map", "estimator_seeds")
 
@@ -196,6 +197,7 @@ class DiffusionGRPOTrainer(GRPOTrainer):
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self.spec = get_spec(base)
+        keep_4bit_layers_trainable(self.model)  # before any eval-mode forward (the probe below, rollouts)
         check_attention_honours_masks(base)
         self.reward_funcs = [
             f if isinstance(f, torch.nn.Module) else _checked_reward(f, n)

@@ -36,10 +36,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from trl import DistillationConfig, DistillationTrainer
 
 from ..block_diffusion import BlockDecodingConfig, BlockDiffusionSampler, get_spec, left_pad, unwrap_model
+from ..block_diffusion.convert import check_attention_honours_masks
 from ..block_diffusion.likelihood import replay_logits, sample_block_steps
 from ..teachers import HFTeacher, Teacher, TeacherResponseError, check_vocab_compatible, load_teacher
 from ._decoding_fields import trl_field
 from ._paper import DIFFUSION_GR2_PAPER
+from ._quantized import keep_4bit_layers_trainable
 from .opd_loss import divergence, full_vocab_logprobs, kl_div, topk_tail_logprobs
 
 __all__ = ["OnPolicyDistillationConfig", "OnPolicyDistillationTrainer"]
@@ -271,6 +273,9 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
             model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=processing_class, callbacks=callbacks, optimizers=optimizers, peft_config=peft_config,
         )
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        keep_4bit_layers_trainable(self.model)  # before any eval-mode forward (the probe below, rollouts)
+        check_attention_honours_masks(base)
         self._times: dict[str, float] = {}
         # compute_loss returns a per-micro-batch mean: let Trainer divide it by the accumulation steps.
         self.loss_is_scaled_for_ga = False

@@ -248,6 +248,17 @@ def test_tokenizer_mismatch_and_bad_config(weak_student_dir, word_tokenizer):
                                     train_dataset=Dataset.from_list([{"text": "sort 1 2 :"}]))
 
 
+def test_student_attention_that_ignores_masks_is_refused(weak_student_dir, tmp_path):
+    """OPD checks, as CFT and GRPO do, that the student's attention applies the block masks (it used to decode
+    and train under whatever mask the implementation applied)."""
+    model, tok = load(weak_student_dir)
+    model.config._attn_implementation = "flash_attention_2"
+    args = OnPolicyDistillationConfig(str(tmp_path), **FAST)
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        OnPolicyDistillationTrainer(model, teacher=SortRuleTeacher(), args=args, train_dataset=prompts(4),
+                                    processing_class=tok, teacher_tokenizer=SortRuleTeacher().tokenizer)
+
+
 def test_prompt_longer_than_teacher_context(weak_student_dir):
     model, tok = load(weak_student_dir)
     teacher = SortRuleTeacher()
