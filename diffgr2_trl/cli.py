@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("diffgr2_trl.commands.generate", "Decode a prompt with the block-diffusion sampler."),
     "bench-decode": ("diffgr2_trl.commands.bench_decode", "Block sampler vs AR generate, side by side."),
     "bench-train": ("diffgr2_trl.commands.bench_train", "CFT step time vs plain SFT step time."),
+    "bench-copy": ("diffgr2_trl.commands.bench_copy", "Copy learning as a curve: held-out exact/valid vs lists and minutes."),
     "serve-teacher": ("diffgr2_trl.commands.serve_teacher", "Serve an AR teacher with vLLM's OpenAI server, set up for scoring."),
     "bench-teacher": ("diffgr2_trl.commands.bench_teacher", "Teacher scoring tokens/s: HF in-process vs vLLM server vs vLLM in-process."),
     "opd": ("diffgr2_trl.commands.opd", "On-policy distillation of a block-diffusion student from an AR teacher."),

@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from datasets import load_from_disk
 
 from diffgr2_trl.cli import main
@@ -185,3 +186,117 @@ def test_rows_on_real_beauty_examples():
     sids = SemanticIds(codes, max(codes) + 1, data.item_attributes)
     rows = build_rows(examples, sids)
     assert rows and all(parse_ranking(r["completion"], r["candidates"]).ranking[0] == r["target"] for r in rows)
+
+
+# --- bench-copy: copy learning as a curve --------------------------------------------------------------------------
+def _copy_inputs(prepared: Path, id_line: bool = True, n: int = 6):
+    from diffgr2_trl.bench.copy import make_heldout
+    from diffgr2_trl.rerank.candidates import load_train_sequences
+    from diffgr2_trl.rerank.pipeline_data import load_tokenizer
+    from diffgr2_trl.rerank.semantic_ids import SemanticIds
+
+    tok = load_tokenizer(prepared)
+    sids = SemanticIds.load(prepared / "semantic_ids.json")
+    seqs = load_train_sequences(prepared)
+    return tok, sids, seqs, make_heldout(seqs, sids, tok, n=n, id_line=id_line, n_candidates=5)
+
+
+def test_id_line_holds_the_answer_tokens_in_order(prepared):
+    """The ID line is the answer list token for token, so copying needs no skipping over attribute tokens; without it
+    the prompt is the same but for that line (same items, same order)."""
+    from diffgr2_trl.rerank.ar import encode_prompt_completion
+    from diffgr2_trl.rerank.midtrain import build_midtraining_rows
+    from diffgr2_trl.rerank.prompts import CLOSE, RECOMMENDATIONS_OPEN
+
+    tok, sids, seqs, _ = _copy_inputs(prepared)
+    opener, close = tok.convert_tokens_to_ids([RECOMMENDATIONS_OPEN, CLOSE])
+    repeat = build_midtraining_rows(seqs, sids, 6, n_candidates=5, mix="repeat=1", seed=2, with_id_line=True)
+    ids, masks = encode_prompt_completion([r["prompt"] for r in repeat], [r["completion"] for r in repeat], tok)
+    for row, mask in zip(ids, masks):
+        prompt, completion = row[: mask.index(1)], row[mask.index(1) :]
+        inner = completion[completion.index(opener) + 1 : completion.index(close)]  # SIDs and separators
+        assert len(inner) == 5 * 4 + 4
+        assert any(prompt[i : i + len(inner)] == inner for i in range(len(prompt) - len(inner) + 1))
+    with_ids = build_midtraining_rows(seqs, sids, 20, n_candidates=5, seed=4, with_id_line=True)
+    without = build_midtraining_rows(seqs, sids, 20, n_candidates=5, seed=4)
+    for a, b in zip(with_ids, without):
+        assert a["completion"] == b["completion"] and a["task"] == b["task"]
+        if a["task"] in ("front", "repeat", "drop"):
+            assert a["prompt"].startswith(b["prompt"] + '\nIDs: ["')
+        else:
+            assert a["prompt"] == b["prompt"]
+
+
+class _Oracle(torch.nn.Module):
+    """Teacher forcing's perfect model: position i predicts the token at i + 1 (``wrong`` flips one answer token)."""
+
+    def __init__(self, vocab: int, wrong: tuple[int, int] | None = None):
+        super().__init__()
+        self.vocab, self.wrong = vocab, wrong
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        nxt = torch.roll(input_ids, -1, dims=1)
+        if self.wrong is not None:
+            row, pos = self.wrong
+            nxt[row, pos - 1] = (nxt[row, pos - 1] + 1) % self.vocab
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(nxt, self.vocab).float()})()
+
+
+def test_teacher_forced_exact_counts_every_answer_token(prepared):
+    from diffgr2_trl.bench.copy import teacher_forced_exact
+
+    tok, _, _, held = _copy_inputs(prepared)
+    assert teacher_forced_exact(_Oracle(len(tok)), held, tok.pad_token_id, batch_size=4) == [True] * 6
+    last = len(held.input_ids[2]) - 1  # the EOS of list 2 counts
+    got = teacher_forced_exact(_Oracle(len(tok), wrong=(2, last)), held, tok.pad_token_id)
+    assert got == [True, True, False, True, True, True]
+    # a wrong token before the answer (in the explanation) does not count
+    got = teacher_forced_exact(_Oracle(len(tok), wrong=(0, held.answer_starts[0] - 1)), held, tok.pad_token_id)
+    assert got == [True] * 6
+
+
+def test_completion_loss_equals_full_logits_cross_entropy(prepared):
+    from diffgr2_trl.bench.copy import _batch, _completion_loss
+    from diffgr2_trl.modeling import build_model
+    from diffgr2_trl.rerank.midtrain import build_midtraining_rows
+
+    tok, sids, seqs, _ = _copy_inputs(prepared)
+    rows = build_midtraining_rows(seqs, sids, 5, n_candidates=5, seed=1)
+    ids, attention, targets, n_tokens = _batch(rows, tok, tok.pad_token_id)
+    model = build_model("qwen3", tokenizer=tok, shape="tiny", seed=0)
+    logits = model(input_ids=ids, attention_mask=attention).logits
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    torch.testing.assert_close(_completion_loss(model, ids, attention, targets), ref, rtol=1e-5, atol=1e-5)
+    assert n_tokens == int(attention.sum()) and (targets != -100).sum() < n_tokens
+
+
+def test_learning_rate_schedule():
+    from diffgr2_trl.bench.copy import CopyRecipe, lr_at
+
+    r = CopyRecipe(learning_rate=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, r) == pytest.approx(0.1) and lr_at(9, r) == pytest.approx(1.0)
+    assert lr_at(10, r) == pytest.approx(1.0) and lr_at(60, r) == pytest.approx(0.55)
+    assert lr_at(110, r) == pytest.approx(0.1) and lr_at(500, r) == pytest.approx(0.1)
+    assert lr_at(80, CopyRecipe(learning_rate=2.0, schedule="constant", warmup_steps=10)) == 2.0
+    with pytest.raises(ValueError, match="schedule must be constant or cosine"):
+        CopyRecipe(schedule="linear")
+
+
+def test_bench_copy_writes_a_curve(prepared, tmp_path, capsys):
+    out = tmp_path / "copy"
+    argv = ["bench-copy", "--dataset_name", str(prepared), "--output_dir", str(out), "--shape", "tiny",
+            "--n_candidates", "5", "--batch_size", "8", "--max_steps", "6", "--eval_steps", "3", "--eval_lists", "4",
+            "--warmup_steps", "1", "--learning_rate", "0.01", "--id_line", "--threads", "1"]
+    assert main(argv) == 0
+    result = json.loads((out / "curve.json").read_text())
+    points = result["points"]
+    assert [p["step"] for p in points] == [0, 3, 6] and [p["lists"] for p in points] == [0, 24, 48]
+    assert points[0]["loss"] is None and points[2]["loss"] < points[1]["loss"]  # fresh lists, and it learns
+    assert all(0 <= p[k] <= 1 for p in points for k in ("exact", "valid", "correct"))
+    assert result["recipe"]["id_line"] is True and result["params"] > 0 and "exact>=0.9" in result["reached"]
+    assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert "90% exact" in capsys.readouterr().out
+    assert main([*argv[:4], str(tmp_path / "copy2"), *argv[5:], "--max_steps", "3", "--compare",
+                 str(out / "curve.json")]) == 0
+    with pytest.raises(ValueError, match="no semantic_ids.json"):
+        main(["bench-copy", "--dataset_name", str(tmp_path), "--output_dir", str(out)])

@@ -1,0 +1,298 @@
+"""Copy learning: how fast a model shape learns to copy candidate IDs from its prompt, under a given recipe.
+
+Why this exists: a small re-ranker trained from scratch writes frequent IDs instead of the row's candidates until it
+has seen tens of thousands of diverse lists (a phase change; :mod:`diffgr2_trl.rerank.midtrain`). Until it copies,
+every row of the pipeline's report sits on the pre-rank floor. This loop measures the levers that move the phase
+change (prompt format, task mix, shape, optimiser, step cost) as curves on one fixed held-out set, so recipes can be
+compared at equal lists and equal minutes.
+
+The loop is plain PyTorch on purpose: AdamW, warm-up, constant or cosine decay, gradient clipping, completion-only
+cross-entropy with the output layer applied to completion positions only (the prompt's logits are never needed), and
+fresh seeded lists every step from :func:`~diffgr2_trl.rerank.midtrain.build_midtraining_rows`, so no list repeats.
+
+Held-out metrics (``front`` task: move a named candidate to the front, keep the rest in order):
+
+- ``exact``: share of lists whose every answer token (from the recommendations opener to EOS) is the argmax under
+  teacher forcing;
+- ``valid``: share of greedy decodes that parse as a permutation of the candidates;
+- ``correct``: share of greedy decodes whose ranking is the expected one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..rerank.ar import encode_prompt_completion
+from ..rerank.midtrain import build_midtraining_rows
+from ..rerank.parsing import parse_ranking
+from ..rerank.prompts import RECOMMENDATIONS_OPEN, SID_RE
+from ..rerank.semantic_ids import SemanticIds
+
+__all__ = ["CopyRecipe", "HeldOut", "evaluate_copying", "first_reaching", "greedy_answers", "lr_at", "make_heldout",
+           "teacher_forced_exact", "train_copying"]
+
+# Held-out lists are drawn with this seed offset, far from any training step's seed (seed + step).
+_HELDOUT_SEED = 10**7
+
+
+@dataclass(frozen=True)
+class CopyRecipe:
+    """What a copy-learning run varies (the model shape is chosen by the caller).
+
+    Parameters:
+        id_line: end list prompts with the candidate IDs as the answer writes them (``IDs: ["<sid>", ...]``).
+        mix: task weights (:func:`~diffgr2_trl.rerank.midtrain.parse_task_mix`; ``None``: the default mix).
+        batch_size: fresh lists per step.
+        learning_rate / betas / weight_decay / clip: AdamW and gradient-norm clipping.
+        warmup_steps: linear warm-up from 0.
+        schedule: ``constant`` or ``cosine`` (decays to ``min_lr_ratio`` x the learning rate at ``max_steps``).
+        max_steps: training steps (also the cosine horizon).
+    """
+
+    id_line: bool = False
+    mix: str | None = None
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    warmup_steps: int = 50
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.02
+    max_steps: int = 1300
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be constant or cosine, got {self.schedule!r}.")
+        for name in ("batch_size", "max_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
+
+
+def lr_at(step: int, recipe: CopyRecipe) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): linear warm-up, then constant or cosine decay."""
+    if step < recipe.warmup_steps:
+        return recipe.learning_rate * (step + 1) / recipe.warmup_steps
+    if recipe.schedule == "constant":
+        return recipe.learning_rate
+    span = max(1, recipe.max_steps - recipe.warmup_steps)
+    progress = min(1.0, (step - recipe.warmup_steps) / span)
+    floor = recipe.min_lr_ratio
+    return recipe.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class HeldOut:
+    """Fixed ``front`` lists: token ids, where the answer starts, and what a decode must produce."""
+
+    input_ids: list[list[int]]
+    prompt_lengths: list[int]
+    answer_starts: list[int]  # index of the recommendations opener token in input_ids
+    candidates: list[list[str]]
+    expected: list[list[str]]
+    prompts: list[str]
+
+
+def _answer_of(completion: str) -> list[str]:
+    return SID_RE.findall(completion.split(RECOMMENDATIONS_OPEN, 1)[1])
+
+
+def make_heldout(train_sequences: Mapping[int, Sequence[int]], sids: SemanticIds, tokenizer, n: int = 64,
+                 seed: int = 0, id_line: bool = False, n_candidates: int = 10) -> HeldOut:
+    """``n`` seeded ``front`` lists, the same items and order for every recipe (the ID line only adds a line)."""
+    rows = build_midtraining_rows(train_sequences, sids, n, n_candidates=n_candidates, mix="front=1",
+                                  seed=seed + _HELDOUT_SEED, with_id_line=id_line)
+    ids, masks = encode_prompt_completion([r["prompt"] for r in rows], [r["completion"] for r in rows], tokenizer)
+    opener = tokenizer.convert_tokens_to_ids(RECOMMENDATIONS_OPEN)
+    prompt_lengths = [m.index(1) for m in masks]
+    starts = []
+    for row_ids, p in zip(ids, prompt_lengths):
+        if opener not in row_ids[p:]:
+            raise ValueError(f"the tokenizer does not keep {RECOMMENDATIONS_OPEN!r} as one token; copy learning "
+                             "needs the prepared tokenizer (diffgr2 prepare).")
+        starts.append(p + row_ids[p:].index(opener))
+    expected = [_answer_of(r["completion"]) for r in rows]
+    return HeldOut(ids, prompt_lengths, starts, [sorted(e) for e in expected], expected, [r["prompt"] for r in rows])
+
+
+def _pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([list(s) + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
+def _completion_loss(model, ids: torch.Tensor, attention: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over positions whose next token is a completion token (``targets`` != -100).
+
+    The decoder runs once; the output layer is applied to those positions only.
+    """
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+    keep = targets != -100
+    logits = model.get_output_embeddings()(hidden[keep])
+    return F.cross_entropy(logits.float(), targets[keep])
+
+
+def _batch(rows: list[dict], tokenizer, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    ids, masks = encode_prompt_completion([r["prompt"] for r in rows], [r["completion"] for r in rows], tokenizer)
+    input_ids = _pad(ids, pad_id)
+    attention = _pad([[1] * len(s) for s in ids], 0)
+    comp = _pad(masks, 0).bool()
+    targets = input_ids[:, 1:].masked_fill(~comp[:, 1:], -100)  # position i predicts token i + 1
+    targets = F.pad(targets, (0, 1), value=-100)
+    return input_ids, attention, targets, sum(len(s) for s in ids)
+
+
+def _rows(heldout: HeldOut, batch_size: int):
+    n = len(heldout.input_ids)
+    return [range(lo, min(n, lo + batch_size)) for lo in range(0, n, batch_size)]
+
+
+@torch.no_grad()
+def teacher_forced_exact(model, heldout: HeldOut, pad_token_id: int, batch_size: int = 64) -> list[bool]:
+    """Per list: is every answer token (recommendations opener ... EOS) the argmax given the true prefix?"""
+    out = []
+    for rows in _rows(heldout, batch_size):
+        ids = _pad([heldout.input_ids[r] for r in rows], pad_token_id)
+        attention = _pad([[1] * len(heldout.input_ids[r]) for r in rows], 0)
+        pred = model(input_ids=ids, attention_mask=attention, use_cache=False).logits.argmax(-1)
+        for i, r in enumerate(rows):
+            row = heldout.input_ids[r]
+            out.append(all(int(pred[i, p - 1]) == row[p] for p in range(heldout.answer_starts[r], len(row))))
+    return out
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, heldout: HeldOut, batch_size: int = 64) -> list[list[str] | None]:
+    """Per list: the greedy decode's ranking when it is a valid permutation of the candidates, else ``None``."""
+    pad = tokenizer.pad_token_id
+    out: list[list[str] | None] = []
+    for rows in _rows(heldout, batch_size):
+        prompts = [heldout.input_ids[r][: heldout.prompt_lengths[r]] for r in rows]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left-padded for generate
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        budget = max(len(heldout.input_ids[r]) - heldout.prompt_lengths[r] for r in rows) + 8
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=budget, do_sample=False,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        for text, r in zip(tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True), rows):
+            out.append(parse_ranking(text, heldout.candidates[r]).ranking)  # None unless a valid permutation
+    return out
+
+
+def evaluate_copying(model, tokenizer, heldout: HeldOut, batch_size: int = 64) -> dict[str, float]:
+    """Held-out ``exact`` (teacher forcing), ``valid`` and ``correct`` (greedy decoding) shares."""
+    was_training = model.training
+    model.eval()
+    try:
+        exact = teacher_forced_exact(model, heldout, tokenizer.pad_token_id, batch_size)
+        answers = greedy_answers(model, tokenizer, heldout, batch_size)
+    finally:
+        model.train(was_training)
+    n = len(exact)
+    return {"exact": sum(exact) / n, "valid": sum(a is not None for a in answers) / n,
+            "correct": sum(a == e for a, e in zip(answers, heldout.expected)) / n}
+
+
+def train_copying(
+    model,
+    tokenizer,
+    train_sequences: Mapping[int, Sequence[int]],
+    sids: SemanticIds,
+    recipe: CopyRecipe,
+    heldout: HeldOut,
+    *,
+    eval_steps: int = 100,
+    seed: int = 0,
+    n_candidates: int = 10,
+    max_minutes: float | None = None,
+    stop_at_exact: float | None = None,
+    on_point: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train ``model`` on fresh lists with ``recipe``; return the curve (a point at step 0 and every ``eval_steps``).
+
+    Each point: ``step``, ``lists`` (seen so far), ``train_minutes`` (training time only, evaluations excluded),
+    ``loss`` (mean over the steps since the last point), ``lr``, ``s_per_step``, ``lists_per_s``, ``tokens_per_s``
+    (non-pad tokens), and the held-out ``exact`` / ``valid`` / ``correct``. ``on_point`` is called with each point as
+    it is made (write it out there: a long run keeps its curve if interrupted).
+
+    Stops at ``recipe.max_steps``, after ``max_minutes`` of training time, or once held-out exact reaches
+    ``stop_at_exact``.
+    """
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.learning_rate, betas=recipe.betas)
+    pad = tokenizer.pad_token_id
+    points: list[dict[str, Any]] = []
+    train_s = 0.0
+    window = {"loss": 0.0, "steps": 0, "seconds": 0.0, "tokens": 0}
+
+    def point(step: int) -> dict[str, Any]:
+        steps = max(1, window["steps"])
+        p = {"step": step, "lists": step * recipe.batch_size, "train_minutes": round(train_s / 60, 3),
+             "loss": window["loss"] / steps if window["steps"] else None, "lr": lr_at(max(0, step - 1), recipe),
+             "s_per_step": window["seconds"] / steps if window["steps"] else None,
+             "lists_per_s": recipe.batch_size * window["steps"] / window["seconds"] if window["seconds"] else None,
+             "tokens_per_s": window["tokens"] / window["seconds"] if window["seconds"] else None,
+             **evaluate_copying(model, tokenizer, heldout)}
+        window.update(loss=0.0, steps=0, seconds=0.0, tokens=0)
+        points.append(p)
+        if on_point is not None:
+            on_point(p)
+        return p
+
+    point(0)
+    model.train()
+    bar = tqdm(range(recipe.max_steps), desc="copy", disable=not progress, mininterval=5)
+    for step in bar:
+        rows = build_midtraining_rows(train_sequences, sids, recipe.batch_size, n_candidates=n_candidates,
+                                      mix=recipe.mix, seed=seed + step, with_id_line=recipe.id_line)
+        t0 = time.perf_counter()
+        ids, attention, targets, n_tokens = _batch(rows, tokenizer, pad)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, recipe)
+        loss = _completion_loss(model, ids, attention, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+        train_s += seconds
+        window["loss"] += float(loss.detach())
+        window["steps"] += 1
+        window["seconds"] += seconds
+        window["tokens"] += n_tokens
+        done = step + 1 == recipe.max_steps or (max_minutes is not None and train_s >= 60 * max_minutes)
+        if (step + 1) % eval_steps == 0 or done:
+            p = point(step + 1)
+            bar.set_postfix(exact=p["exact"], valid=p["valid"], loss=round(p["loss"], 3))
+            if stop_at_exact is not None and p["exact"] >= stop_at_exact:
+                break
+        if done:
+            break
+    bar.close()
+    return points
+
+
+def first_reaching(points: Sequence[Mapping[str, Any]], key: str, level: float) -> dict[str, Any] | None:
+    """The first point whose ``key`` is >= ``level`` (lists and minutes to a target), or ``None``."""
+    return next((dict(p) for p in points if p.get(key) is not None and p[key] >= level), None)
+
+
+def recipe_dict(recipe: CopyRecipe) -> dict[str, Any]:
+    return asdict(recipe)
