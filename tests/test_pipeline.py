@@ -63,7 +63,9 @@ def test_smoke_pipeline_runs_every_stage_resumes_and_reports(tmp_path):
     cis = report["confidence_intervals"]
     assert {"baseline", "eval_ar", "eval_rl"} <= set(cis) and "vs_teacher" in cis["eval_rl"]
     assert all(c["vs_floor"]["lo"] <= c["vs_floor"]["diff"] <= c["vs_floor"]["hi"] for c in cis.values())
-    assert report["stages"]["ar_mid"]["rows"] == load_preset("smoke")["prepare"]["mid_rows"]
+    mid = load_preset("smoke")["ar_mid"]
+    assert report["stages"]["ar_mid"]["lists"] == mid["mid_max_steps"] * mid["mid_batch_size"]  # fresh lists
+    assert 0 <= report["stages"]["ar_mid"]["heldout"]["exact"] <= 1
     assert "```json" not in md  # raw JSON only in report.json
     assert (out / "accuracy_vs_speed.png").exists() and (out / "curve_cft.png").exists()
 

@@ -125,6 +125,10 @@ def make_heldout(train_sequences: Mapping[int, Sequence[int]], sids: SemanticIds
     return HeldOut(ids, prompt_lengths, starts, [sorted(e) for e in expected], expected, [r["prompt"] for r in rows])
 
 
+def _device(model) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def _pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     width = max(len(s) for s in seqs)
     return torch.tensor([list(s) + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
@@ -161,8 +165,9 @@ def teacher_forced_exact(model, heldout: HeldOut, pad_token_id: int, batch_size:
     """Per list: is every answer token (recommendations opener ... EOS) the argmax given the true prefix?"""
     out = []
     for rows in _rows(heldout, batch_size):
-        ids = _pad([heldout.input_ids[r] for r in rows], pad_token_id)
-        attention = _pad([[1] * len(heldout.input_ids[r]) for r in rows], 0)
+        device = _device(model)
+        ids = _pad([heldout.input_ids[r] for r in rows], pad_token_id).to(device)
+        attention = _pad([[1] * len(heldout.input_ids[r]) for r in rows], 0).to(device)
         pred = model(input_ids=ids, attention_mask=attention, use_cache=False).logits.argmax(-1)
         for i, r in enumerate(rows):
             row = heldout.input_ids[r]
@@ -181,7 +186,8 @@ def greedy_answers(model, tokenizer, heldout: HeldOut, batch_size: int = 64) -> 
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left-padded for generate
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         budget = max(len(heldout.input_ids[r]) - heldout.prompt_lengths[r] for r in rows) + 8
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=budget, do_sample=False,
+        device = _device(model)
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=budget, do_sample=False,
                              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         for text, r in zip(tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True), rows):
             out.append(parse_ranking(text, heldout.candidates[r]).ranking)  # None unless a valid permutation
@@ -208,7 +214,7 @@ def train_copying(
     train_sequences: Mapping[int, Sequence[int]],
     sids: SemanticIds,
     recipe: CopyRecipe,
-    heldout: HeldOut,
+    heldout: HeldOut | None,
     *,
     eval_steps: int = 100,
     seed: int = 0,
@@ -217,6 +223,8 @@ def train_copying(
     stop_at_exact: float | None = None,
     on_point: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
+    evaluate_first: bool = True,
+    log_steps: int = 0,
 ) -> list[dict[str, Any]]:
     """Train ``model`` on fresh lists with ``recipe``; return the curve (a point at step 0 and every ``eval_steps``).
 
@@ -226,7 +234,9 @@ def train_copying(
     it is made (write it out there: a long run keeps its curve if interrupted).
 
     Stops at ``recipe.max_steps``, after ``max_minutes`` of training time, or once held-out exact reaches
-    ``stop_at_exact``.
+    ``stop_at_exact``. ``evaluate_first=False`` skips the step-0 point (a training run that only needs the last one);
+    ``heldout=None`` makes points without held-out metrics; ``log_steps > 0`` prints the training loss that often.
+    The model may sit on any device; batches follow it.
     """
     from tqdm.auto import tqdm
 
@@ -249,21 +259,24 @@ def train_copying(
              "s_per_step": window["seconds"] / steps if window["steps"] else None,
              "lists_per_s": recipe.batch_size * window["steps"] / window["seconds"] if window["seconds"] else None,
              "tokens_per_s": window["tokens"] / window["seconds"] if window["seconds"] else None,
-             **evaluate_copying(model, tokenizer, heldout)}
+             **(evaluate_copying(model, tokenizer, heldout) if heldout is not None else {})}
         window.update(loss=0.0, steps=0, seconds=0.0, tokens=0)
         points.append(p)
         if on_point is not None:
             on_point(p)
         return p
 
-    point(0)
+    if evaluate_first:
+        point(0)
+    device = _device(model)
     model.train()
     bar = tqdm(range(recipe.max_steps), desc="copy", disable=not progress, mininterval=5)
     for step in bar:
         rows = build_midtraining_rows(train_sequences, sids, recipe.batch_size, n_candidates=n_candidates,
                                       mix=recipe.mix, seed=seed + step, with_id_line=recipe.id_line)
         t0 = time.perf_counter()
-        ids, attention, targets, n_tokens = _batch(rows, tokenizer, pad)
+        ids, attention, targets, n_tokens = (t.to(device) if torch.is_tensor(t) else t
+                                             for t in _batch(rows, tokenizer, pad))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, recipe)
         loss = _completion_loss(model, ids, attention, targets)
@@ -277,11 +290,14 @@ def train_copying(
         window["steps"] += 1
         window["seconds"] += seconds
         window["tokens"] += n_tokens
+        if log_steps > 0 and (step + 1) % log_steps == 0:
+            print(f"copy step {step + 1}/{recipe.max_steps}: loss {float(loss.detach()):.4f}, lr {lr_at(step, recipe):.2e}, "
+                  f"{train_s / (step + 1):.3f} s/step", flush=True)
         done = step + 1 == recipe.max_steps or (max_minutes is not None and train_s >= 60 * max_minutes)
         if (step + 1) % eval_steps == 0 or done:
             p = point(step + 1)
-            bar.set_postfix(exact=p["exact"], valid=p["valid"], loss=round(p["loss"], 3))
-            if stop_at_exact is not None and p["exact"] >= stop_at_exact:
+            bar.set_postfix(exact=p.get("exact"), valid=p.get("valid"), loss=round(p["loss"], 3))
+            if stop_at_exact is not None and p.get("exact", 0.0) >= stop_at_exact:
                 break
         if done:
             break

@@ -38,6 +38,8 @@ class PrepareArguments:
             (SASRec adds ~3 min on 2 CPU cores and is worse at that budget, see results/data_prerank.md).
         max_train_examples: subsample the train split (seeded) to this many rows.
         max_history: history items shown per prompt.
+        id_line: follow the candidates with their IDs written as the answer writes them
+            (:func:`diffgr2_trl.rerank.prompts.format_id_line`), in the re-ranking and mid-training prompts.
         match_positions: subsample train so the pre-rank position of the target follows this split's histogram
             (``none`` keeps the raw split; see :func:`diffgr2_trl.rerank.pipeline_data.match_target_positions`).
         codebook_size: semantic-ID codes per level (small catalogues need fewer).
@@ -58,6 +60,7 @@ class PrepareArguments:
     prerankers: str = field(default="transition", metadata={"help": "Comma-separated: transition, sasrec, popularity."})
     max_train_examples: int | None = field(default=None, metadata={"help": "Subsample the train split to N rows."})
     max_history: int = field(default=20, metadata={"help": "History items shown per prompt."})
+    id_line: bool = field(default=True, metadata={"help": "Add a line with the candidate IDs as the answer writes them."})
     match_positions: str = field(
         default="none",
         metadata={"help": "Subsample train so target positions follow this split's histogram ('none': raw train)."},
@@ -134,6 +137,7 @@ def run(args: PrepareArguments) -> dict[str, Any]:
         seed=args.seed,
         mid_rows=args.mid_rows,
         mid_mix=args.mid_mix,
+        id_line=args.id_line,
         provenance=inputs,
     )
     _print_summary(summary, time.perf_counter() - t0)

@@ -34,7 +34,7 @@ def parse(argv: list[str] | None = None, values: Mapping[str, Any] | None = None
 
 def run(args) -> dict[str, dict]:
     """Train the stages ``args.stage`` names into ``args.output_dir``; returns ``{stage: its train_{stage}.json}``."""
-    from diffgr2_trl.rerank.ar import ar_model_and_tokenizer, run_grpo, run_sft
+    from diffgr2_trl.rerank.ar import ar_model_and_tokenizer, run_grpo, run_mid, run_sft
     from diffgr2_trl.utils import set_threads
 
     set_threads(args.threads)
@@ -54,7 +54,8 @@ def run(args) -> dict[str, dict]:
             model, tokenizer = ar_model_and_tokenizer(args, start=start)
             n = sum(p.numel() for p in model.parameters())
             print(f"train-ar {stage}: {type(model).__name__} {n / 1e6:.2f}M params, vocab {len(tokenizer)}")
-            info = run_sft(args, model, tokenizer, str(out / stage), stage=stage)
+            run_stage = run_mid if stage == "mid" else run_sft
+            info = run_stage(args, model, tokenizer, str(out / stage))
         else:
             start = None if args.model_name_or_path and args.stage == "rl" else str(out / "sft")
             if start is not None and not (Path(start) / "config.json").is_file():

@@ -13,7 +13,7 @@ alone, in the prompt and answer template the re-ranker uses, as SID-based LLM re
 - ``next``: next-item prediction over a user's training history, answered with one SID;
 - ``attributes``: an item's brand/category tokens from its SID.
 
-With ``id_line=True`` the list tasks' prompts end with the candidate IDs written exactly as the answer writes them
+With ``with_id_line=True`` the list tasks' prompts end with the candidate IDs written exactly as the answer writes them
 (``IDs: ["<sid>", "<sid>", ...]``): the answer list can then be copied token after token from one line, without
 skipping over attribute tokens (``results/copy_learning.md`` measures what it buys).
 
@@ -27,10 +27,10 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .prompts import CANDIDATES_HEADER, HISTORY_HEADER, SEPARATOR, format_completion, to_items
+from .prompts import CANDIDATES_HEADER, HISTORY_HEADER, format_completion, format_id_line, to_items
 from .semantic_ids import SemanticIds
 
-__all__ = ["MID_TASKS", "build_midtraining_rows", "id_line", "parse_task_mix"]
+__all__ = ["MID_TASKS", "build_midtraining_rows", "parse_task_mix"]
 
 MID_TASKS = ("front", "repeat", "drop", "next", "attributes")
 DEFAULT_MIX = {"front": 0.5, "repeat": 0.15, "drop": 0.15, "next": 0.15, "attributes": 0.05}
@@ -59,15 +59,10 @@ def parse_task_mix(spec: str | Mapping[str, float] | None) -> dict[str, float]:
     return {k: v / total for k, v in mix.items() if v > 0}
 
 
-def id_line(sids: Sequence[str]) -> str:
-    """``IDs: ["<sid>", "<sid>", ...]``: the IDs joined by the answer's own separator token."""
-    return 'IDs: ["' + SEPARATOR.join(sids) + '"]'
-
-
 def _list_prompt(instruction: str, items: Sequence[Any], with_ids: bool = False) -> str:
     # No system line or output spec: they are constant, and every token costs compute that copying needs more.
     lines = [instruction, CANDIDATES_HEADER, *(it.render() for it in items)]
-    return "\n".join([*lines, id_line([it.sid for it in items])] if with_ids else lines)
+    return "\n".join([*lines, format_id_line([it.sid for it in items])] if with_ids else lines)
 
 
 def build_midtraining_rows(
@@ -88,7 +83,7 @@ def build_midtraining_rows(
         n_candidates: list length of the list tasks (the re-ranker's candidate count).
         max_history: history items shown by the ``next`` task.
         mix: task weights (:func:`parse_task_mix`).
-        with_id_line: end the list tasks' prompts with :func:`id_line` of the candidates.
+        with_id_line: end the list tasks' prompts with the candidates' ID line (:func:`~.prompts.format_id_line`).
     """
     weights = parse_task_mix(mix)
     rng = random.Random(seed)

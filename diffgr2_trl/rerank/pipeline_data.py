@@ -55,12 +55,14 @@ SUMMARY = "summary.json"
 
 
 def build_rows(
-    examples: Sequence[dict], sids: SemanticIds, max_history: int | None = 20, progress: bool = False, desc: str = ""
+    examples: Sequence[dict], sids: SemanticIds, max_history: int | None = 20, progress: bool = False, desc: str = "",
+    id_line: bool = True,
 ) -> list[dict[str, Any]]:
     """Dataset rows (see the module docstring) for ``{"user_id", "history", "candidates", "target"}`` examples."""
     rows = []
     for ex in tqdm(examples, desc=desc or "rows", disable=not progress, leave=False):
-        row = build_rerank_row(ex, sids.encode, sids.attribute_tokens, max_history, explanation=offline_explanation)
+        row = build_rerank_row(ex, sids.encode, sids.attribute_tokens, max_history, explanation=offline_explanation,
+                               id_line=id_line)
         row["answer_start"] = row["completion"].index(RECOMMENDATIONS_OPEN)
         row["user_id"] = int(ex["user_id"])
         rows.append({k: row[k] for k in COLUMNS})
@@ -123,6 +125,7 @@ def build_pipeline_data(
     progress: bool = True,
     mid_rows: int = 0,
     mid_mix: str | None = None,
+    id_line: bool = True,
     provenance: dict | None = None,
 ) -> dict[str, Any]:
     """Write datasets, JSONL copies, the tokenizer and ``summary.json`` into ``prepared.out_dir`` (atomically).
@@ -137,6 +140,7 @@ def build_pipeline_data(
         mid_rows: also write a ``mid`` dataset of this many SID mid-training rows
             (:func:`~diffgr2_trl.rerank.midtrain.build_midtraining_rows`, from training sequences only); 0: none.
         mid_mix: task weights of the mid-training rows (``"front=0.5,repeat=0.15,..."``; default mix if ``None``).
+        id_line: prompts follow the candidates with their ID line (:func:`~diffgr2_trl.rerank.prompts.format_id_line`).
         provenance: what produced the directory, recorded in ``summary.json`` as ``inputs`` (``diffgr2 prepare``
             refuses to reuse a directory whose recorded inputs differ from its own).
 
@@ -158,7 +162,7 @@ def build_pipeline_data(
             examples = match_target_positions(examples, prepared.examples[match_positions], seed)
         if split == "train" and max_train_examples is not None and len(examples) > max_train_examples:
             examples = random.Random(seed).sample(examples, max_train_examples)
-        rows[split] = build_rows(examples, sids, max_history, progress, desc=f"{split} rows")
+        rows[split] = build_rows(examples, sids, max_history, progress, desc=f"{split} rows", id_line=id_line)
 
     mid: list[dict] = []
     if mid_rows > 0:
@@ -167,7 +171,7 @@ def build_pipeline_data(
 
         mid = build_midtraining_rows(
             load_train_sequences(out_dir), sids, mid_rows, n_candidates=prepared.prerank.get("n_candidates", 10),
-            max_history=min(max_history or 10, 10), mix=mid_mix, seed=seed,
+            max_history=min(max_history or 10, 10), mix=mid_mix, seed=seed, with_id_line=id_line,
         )
 
     corpus = [r["prompt"] + r["completion"] for s in SPLITS for r in rows[s]][:tokenizer_texts]
@@ -201,6 +205,7 @@ def build_pipeline_data(
             "max_train_examples": max_train_examples,
             "match_positions": match_positions,
             "mid_rows": mid_rows,
+            "id_line": id_line,
             **({"inputs": provenance} if provenance is not None else {}),
             "train_floor_after_matching": summarize_ranks(
                 r["candidates"].index(r["target"]) for r in rows["train"]

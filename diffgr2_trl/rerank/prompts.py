@@ -4,6 +4,11 @@ A prompt holds an instruction, the user's history (oldest first) and the 10 cand
 written as its semantic ID followed by its attribute tokens, e.g. ``<a_12><b_7><c_190><d_3><attr_4><attr_31>``. No
 titles exist offline, so attribute tokens (brand / category ids) are the only readable evidence an item carries.
 
+With ``id_line=True`` (the default) the candidates are followed by one more line that writes their IDs exactly as the
+answer writes them, ``IDs: ["<a_1><b_2><c_3><d_4>", "<a_5><b_6><c_7><d_8>", ...]``: the answer list can then be
+copied token after token, without skipping over attribute tokens. A small model trained from scratch learns to copy
+candidates several times sooner with it (``results/copy_learning.md``).
+
 The completion is one JSON object with a fixed key order, explanation first so the reasoning precedes the answer::
 
     {"explanation": "...", "recommendations": ["<a_1><b_2><c_3><d_4>", "<a_5><b_6><c_7><d_8>", ...]}
@@ -41,6 +46,7 @@ INSTRUCTION = (
     "Rank the candidates by how likely the user buys each next. Items: semantic ID, then brand/category tokens."
 )
 HISTORY_HEADER = "History (oldest first):"
+ID_LINE_PREFIX = 'IDs: ["'
 CANDIDATES_HEADER = "Candidates (pre-rank order):"
 # Shows the exact answer template, separator included, in as few tokens as possible.
 OUTPUT_SPEC = (
@@ -83,27 +89,36 @@ def _shown(history: Sequence[ItemText], max_history: int | None) -> list[ItemTex
     return list(history)[-max_history:] if max_history > 0 else []
 
 
-def build_prompt(history: Sequence[ItemText], candidates: Sequence[ItemText], max_history: int | None = 20) -> str:
+def format_id_line(sids: Sequence[str]) -> str:
+    """``IDs: ["<sid>", "<sid>", ...]``: the IDs joined by the answer's own separator token (module docstring)."""
+    return ID_LINE_PREFIX + SEPARATOR.join(sids) + '"]'
+
+
+def build_prompt(history: Sequence[ItemText], candidates: Sequence[ItemText], max_history: int | None = 20,
+                 id_line: bool = True) -> str:
     """The plain-text prompt (GR2 layout: role, instruction, history oldest first, candidates, output format).
 
     Args:
         history: the user's items, oldest first; only the last ``max_history`` are shown (``None``: all).
         candidates: the items to re-rank, in pre-rank order (best first).
+        id_line: follow the candidates with :func:`format_id_line` of their IDs.
     """
     history = _shown(history, max_history)
     lines = [SYSTEM_PROMPT, INSTRUCTION, HISTORY_HEADER]
     lines += [item.render() for item in history]
     lines.append(CANDIDATES_HEADER)
     lines += [item.render() for item in candidates]
+    if id_line:
+        lines.append(format_id_line([item.sid for item in candidates]))
     lines.append(OUTPUT_SPEC.replace("{n}", str(len(candidates))))
     return "\n".join(lines)
 
 
 def build_messages(
-    history: Sequence[ItemText], candidates: Sequence[ItemText], max_history: int | None = 20
+    history: Sequence[ItemText], candidates: Sequence[ItemText], max_history: int | None = 20, id_line: bool = True
 ) -> list[dict[str, str]]:
     """The conversational form of :func:`build_prompt` (a system and a user message), as TRL expects it."""
-    user = build_prompt(history, candidates, max_history).split("\n", 1)[1]
+    user = build_prompt(history, candidates, max_history, id_line).split("\n", 1)[1]
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
@@ -155,22 +170,23 @@ def build_rerank_row(
     max_history: int | None = 20,
     conversational: bool = False,
     explanation: str | Callable[..., str] | None = None,
+    id_line: bool = True,
 ) -> dict[str, Any]:
     """Turn a ``{"user_id", "history", "candidates", "target"}`` example into dataset columns.
 
     Returns ``prompt`` (str, or messages when ``conversational``), ``candidates`` (SIDs in pre-rank order) and
     ``target`` (SID): the columns the ``rewards`` functions read. With ``explanation`` (a string, or a callable
     ``f(history_items, candidate_items, ranking) -> str`` such as ``traces.offline_explanation``) it also adds a
-    ``completion`` for SFT/CFT in the same form as the prompt.
+    ``completion`` for SFT/CFT in the same form as the prompt. ``id_line``: see :func:`build_prompt`.
     """
     history = to_items(example["history"], sid_of, attrs_of)
     cands = to_items(example["candidates"], sid_of, attrs_of)
     cand_sids = [c.sid for c in cands]
     target = _lookup(sid_of, example["target"])
     row: dict[str, Any] = {
-        "prompt": build_messages(history, cands, max_history)
+        "prompt": build_messages(history, cands, max_history, id_line)
         if conversational
-        else build_prompt(history, cands, max_history),
+        else build_prompt(history, cands, max_history, id_line),
         "candidates": cand_sids,
         "target": target,
     }

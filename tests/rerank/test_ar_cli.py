@@ -95,7 +95,7 @@ def test_match_target_positions_follows_reference():
 def test_train_ar_sft_rl_then_evaluate(prepared, tmp_path):
     out = tmp_path / "model"
     argv = ["train-ar", "--dataset_name", str(prepared), "--output_dir", str(out), "--stage", "all", "--preset", "cpu",
-            "--shape", "tiny", "--threads", "0", "--mid_max_steps", "2", "--mid_batch_size", "4",
+            "--shape", "tiny", "--threads", "0", "--mid_max_steps", "2", "--mid_batch_size", "4", "--mid_eval_lists", "4",
             "--sft_max_steps", "4", "--sft_batch_size", "4", "--rl_max_steps", "1",
             "--rl_prompts_per_step", "2", "--rl_num_generations", "2", "--rl_max_completion_length", "16",
             "--logging_steps", "1"]
@@ -104,7 +104,13 @@ def test_train_ar_sft_rl_then_evaluate(prepared, tmp_path):
         assert (out / stage / "config.json").is_file() and (out / stage / "tokenizer.json").is_file()
         info = json.loads((out / f"train_{stage}.json").read_text())
         assert info["global_step"] if "global_step" in info else info["log_history"]
-    assert json.loads((out / "train_mid.json").read_text())["rows"] == 40
+    mid = json.loads((out / "train_mid.json").read_text())
+    assert mid["lists"] == 2 * 4 and mid["id_line"] is True and 0 <= mid["heldout"]["exact"] <= 1  # fresh lists
+    # the prepared source trains on the `mid` split with TRL's SFTTrainer
+    assert main(["train-ar", "--dataset_name", str(prepared), "--output_dir", str(tmp_path / "prepared-mid"),
+                 "--stage", "mid", "--mid_source", "prepared", "--shape", "tiny", "--mid_max_steps", "2",
+                 "--mid_batch_size", "4"]) == 0
+    assert json.loads((tmp_path / "prepared-mid" / "train_mid.json").read_text())["rows"] == 40
     assert json.loads((out / "train_sft.json").read_text())["args"]["shape"] == "tiny"  # CLI beats preset
 
     result = tmp_path / "eval.json"

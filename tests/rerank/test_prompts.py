@@ -32,6 +32,11 @@ def test_prompt_layout_orders_and_truncation():
     assert "all 10 candidate IDs" in prompt
     assert parse_prompt(prompt) == (hist[5:], cands)
     assert parse_prompt(build_prompt(hist, cands, max_history=0))[0] == []
+    # the ID line: the candidates' IDs joined exactly as the answer joins them, right after the candidates
+    ids = '\nIDs: ["' + '", "'.join(SID[i] for i in range(25, 35)) + '"]\n'
+    assert ids in prompt and prompt.index(ids) > prompt.index(f"{SID[34]}<attr_1>")
+    plain = build_prompt(hist, cands, max_history=20, id_line=False)
+    assert "IDs:" not in plain and plain == prompt.replace(ids, "\n") and parse_prompt(plain) == parse_prompt(prompt)
     with pytest.raises(ValueError):
         parse_prompt("hello")
 

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The copy-learning lever study (results/copy_learning.md): one bench-copy run per variant, one at a time, same seed,
+# same held-out lists. Usage: bash scripts/copy_study.sh PREPARED_DIR OUT_DIR [VARIANT ...]
+# Time it on a quiet machine: nothing else running (the load average at each start is recorded in curve.json).
+set -euo pipefail
+prepared=${1:?usage: copy_study.sh PREPARED_DIR OUT_DIR [VARIANT ...]}
+out=${2:?usage: copy_study.sh PREPARED_DIR OUT_DIR [VARIANT ...]}
+shift 2
+variants=("$@")
+[ ${#variants[@]} -gt 0 ] || variants=(baseline id_line id_line_front constant_lr)
+common=(--dataset_name "$prepared" --shape mini --threads 2 --batch_size 32 --max_steps 1300 --eval_steps 100
+        --eval_lists 64 --stop_at_exact 0.97 --seed 0)
+for v in "${variants[@]}"; do
+  case $v in
+    baseline)      extra=() ;;                                        # (a) today's prompt and task mix
+    id_line)       extra=(--id_line) ;;                               # (b) + the ID line
+    id_line_front) extra=(--id_line --mix front=0.7,repeat=0.1,drop=0.1,next=0.1) ;;  # (b) + more front lists
+    constant_lr)   extra=(--id_line --schedule constant) ;;           # (e) no decay
+    wide)          extra=(--id_line --shape small) ;;                 # (e) shape: 4x the compute per token
+    batch64)       extra=(--id_line --batch_size 64 --max_steps 650 --eval_steps 50 --learning_rate 0.004) ;;  # (e)
+    *) echo "unknown variant $v" >&2; exit 2 ;;
+  esac
+  echo "== $v (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
+  diffgr2 bench-copy "${common[@]}" "${extra[@]}" --output_dir "$out/$v" --label "$v"
+done
