@@ -8,7 +8,8 @@ out=${2:?usage: copy_study.sh PREPARED_DIR OUT_DIR [VARIANT ...]}
 shift 2
 variants=("$@")
 [ ${#variants[@]} -gt 0 ] || variants=(baseline id_line id_line_front constant_lr)
-common=(--dataset_name "$prepared" --shape mini --threads 2 --batch_size 32 --max_steps 1300 --eval_steps 100
+# EVAL_STEPS: a held-out evaluation (64 greedy decodes) costs ~30-60 s on 2 cores, so 200 keeps runs short
+common=(--dataset_name "$prepared" --shape mini --threads 2 --batch_size 32 --max_steps 1300 --eval_steps "${EVAL_STEPS:-200}"
         --eval_lists 64 --stop_at_exact 0.97 --seed 0)
 for v in "${variants[@]}"; do
   case $v in

@@ -145,7 +145,7 @@ def run(args: BenchCopyArguments) -> dict:
         raise UserError(f"bench-copy: {e}") from None
     load = os.getloadavg()[0]
     cores = os.cpu_count() or 1
-    if load > 0.5 * cores:
+    if load > 0.75 * cores:
         print(f"bench-copy: warning: load average {load:.2f} on {cores} cores; timings beside another job are "
               "not comparable (run one job at a time).")
     out = Path(args.output_dir)

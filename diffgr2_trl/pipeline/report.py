@@ -135,10 +135,12 @@ def _fmt_ci(ci: dict | None) -> str:
     return f"{ci['diff'] * 100:+.1f} [{ci['lo'] * 100:+.1f}, {ci['hi'] * 100:+.1f}]"
 
 
-def _targets(evals: dict, floor: dict | None, decode_rows: list[dict], cis: dict, wanted: dict | None) -> list[dict]:
+def _targets(evals: dict, floor: dict | None, decode_rows: list[dict], cis: dict, wanted: dict | None,
+             wall_s: dict[str, float] | None = None) -> list[dict]:
     """The preset's acceptance targets (its ``targets`` section), each with the measured value and whether it holds.
 
-    A target that holds only because every row sits on the floor (no valid ranking anywhere) says so.
+    A target that holds only because every row sits on the floor (no valid ranking anywhere) says so. A target key
+    set to ``null`` in the preset is left out.
     """
     wanted = {**DEFAULT_TARGETS, **(wanted or {})}
     final = (evals.get("eval_rl") or {}).get("metrics")
@@ -160,6 +162,24 @@ def _targets(evals: dict, floor: dict | None, decode_rows: list[dict], cis: dict
         met = gain * 100 >= wanted["teacher_gain_points"] and bool(ci) and ci["lo"] > 0
         add(f"AR teacher R@1 >= floor + {wanted['teacher_gain_points']} points, 95% CI excluding 0",
             f"{gain * 100:+.2f} points, CI {_fmt_ci(ci)}", met)
+    if teacher and floor and wanted.get("teacher_r1_ci_lo_points") is not None:
+        ci = (cis.get("eval_ar") or {}).get("vs_floor")
+        lo = wanted["teacher_r1_ci_lo_points"]
+        met = teacher["R@1"] >= floor["R@1"] and bool(ci) and ci["lo"] * 100 >= lo
+        add(f"AR teacher R@1 >= floor, lower end of its 95% CI >= {lo:+.1f} point", f"CI {_fmt_ci(ci)}", met,
+            vacuous=not teacher.get("valid_rate"))
+    if teacher and floor and wanted.get("teacher_r3_gain_points") is not None and "R@3" in floor:
+        gain3 = (teacher["R@3"] - floor["R@3"]) * 100
+        add(f"AR teacher R@3 >= floor + {wanted['teacher_r3_gain_points']} point", f"{gain3:+.2f} points",
+            gain3 >= wanted["teacher_r3_gain_points"])
+    cft = (evals.get("eval_cft") or {}).get("metrics")
+    if cft and wanted.get("cft_valid") is not None:
+        add(f"+ CFT valid >= {wanted['cft_valid']:.0%} at tau=0.9", f"{cft['valid_rate']:.1%}",
+            cft["valid_rate"] >= wanted["cft_valid"])
+    if cft and wanted.get("cft_tokens_per_forward") is not None:
+        tpf = cft.get("tokens_per_forward") or 0.0
+        add(f"+ CFT tokens per forward >= {wanted['cft_tokens_per_forward']} at tau=0.9", f"{tpf:.2f}",
+            tpf >= wanted["cft_tokens_per_forward"])
     if final and teacher and wanted.get("final_vs_teacher") is not None:
         ratio = final["R@1"] / teacher["R@1"] if teacher["R@1"] else float("nan")
         add(f"final R@1 >= {wanted['final_vs_teacher']:.0%} of the AR teacher's", f"{ratio:.1%}",
@@ -180,6 +200,23 @@ def _targets(evals: dict, floor: dict | None, decode_rows: list[dict], cis: dict
         add(f"constrained decode time <= {wanted['constrained_overhead']:.2f}x unconstrained (both decoders)",
             f"highest {worst_row['time_vs_unconstrained']:.2f}x ({name})",
             worst_row["time_vs_unconstrained"] <= wanted["constrained_overhead"])
+    drop = wanted.get("constrained_r1_drop_points")
+    if drop is not None:
+        pairs = {s: (e["metrics"]["R@1"], e["constrained"]["metrics"]["R@1"]) for s, e in evals.items()
+                 if e and e.get("constrained") and s != "baseline"}
+        if pairs:
+            worst = min(pairs, key=lambda s: pairs[s][1] - pairs[s][0])
+            delta = (pairs[worst][1] - pairs[worst][0]) * 100
+            add(f"constrained R@1 >= unconstrained R@1 - {drop} point, every model", f"worst {delta:+.2f} points "
+                f"({worst})", delta >= -drop)
+    minutes = {k: v / 60 for k, v in (wall_s or {}).items()}
+    if minutes and wanted.get("teacher_minutes") is not None:
+        teacher_min = sum(minutes.get(k, 0.0) for k in ("ar_mid", "ar_sft"))
+        add(f"AR teacher (mid-training + SFT) <= {wanted['teacher_minutes']} min", f"{teacher_min:.1f} min",
+            teacher_min <= wanted["teacher_minutes"])
+    if minutes and wanted.get("total_minutes") is not None:
+        total = sum(minutes.values())
+        add(f"whole pipeline <= {wanted['total_minutes']} min", f"{total:.1f} min", total <= wanted["total_minutes"])
     tau09 = next((r for r in decode_rows if r.get("tau") == 0.9 and not r.get("constrained")), None)
     # speedup_vs_ar is against the faster AR row (compiled when the decode section measured it)
     if tau09 and wanted.get("speedup") is not None:
@@ -250,7 +287,8 @@ def write_report(run: str | Path, preset: str, config: dict[str, Any]) -> dict:
                          f"{_fmt(r.get('tokens_per_forward'), 2)} | {_fmt(r.get('speedup_vs_ar'), 2)}x | "
                          f"{_fmt(r.get('R@1'))} | {_fmt(r.get('valid_rate'), 3)} | {_fmt(r.get('mean_completion_tokens'), 1)} | "
                          f"{_fmt(ratio, 2) + 'x' if ratio else '-'} |")
-    targets = _targets(evals, floor, decode_rows, cis, config.get("targets"))
+    targets = _targets(evals, floor, decode_rows, cis, config.get("targets"),
+                       {k: v["wall_s"] for k, v in records.items() if v and v.get("wall_s") is not None})
     if targets:
         lines += ["", f"## Targets (preset `{preset}`)", "", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'}"

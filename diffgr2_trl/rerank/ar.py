@@ -320,9 +320,12 @@ def run_mid(args: ARTrainArguments, model, tokenizer, output_dir: str) -> dict[s
                         schedule=args.mid_schedule, min_lr_ratio=args.mid_min_lr_ratio, max_steps=args.mid_max_steps)
     heldout = (make_heldout(sequences, sids, tokenizer, n=args.mid_eval_lists, seed=args.seed, id_line=id_line,
                             n_candidates=n_candidates) if args.mid_eval_lists > 0 else None)
-    points = train_copying(model, tokenizer, sequences, sids, recipe, heldout, eval_steps=args.mid_max_steps,
-                           seed=args.seed, n_candidates=n_candidates, evaluate_first=False, progress=False,
-                           log_steps=args.logging_steps)
+    device = "cpu" if args.use_cpu else "cuda"
+    model.to(device)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
+        points = train_copying(model, tokenizer, sequences, sids, recipe, heldout, eval_steps=args.mid_max_steps,
+                               seed=args.seed, n_candidates=n_candidates, evaluate_first=False, progress=False,
+                               log_steps=args.logging_steps)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     last = points[-1] if points else {}
