@@ -34,10 +34,10 @@ def main() -> None:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from diffgr2_trl.bench.copy import CopyRecipe, train_copying
     from diffgr2_trl.modeling import build_model
     from diffgr2_trl.rerank.ar import tokenize_prompt_completion
     from diffgr2_trl.rerank.candidates import load_train_sequences
+    from diffgr2_trl.rerank.copying import CopyRecipe, train_copying
     from diffgr2_trl.rerank.midtrain import build_midtraining_rows
     from diffgr2_trl.rerank.pipeline_data import load_tokenizer
     from diffgr2_trl.rerank.semantic_ids import SemanticIds

@@ -4,7 +4,7 @@
         [--shape mini] [--id_line] [--mix front=1] [--batch_size 32] [--learning_rate 3e-3] \\
         [--schedule cosine --max_steps 1300] [--eval_steps 100] [--threads 2] [--compare runs/copy/base/curve.json]
 
-Trains on fresh SID mid-training lists every step (:mod:`diffgr2_trl.bench.copy`) and, every ``--eval_steps``, scores
+Trains on fresh SID mid-training lists every step (:mod:`diffgr2_trl.rerank.copying`) and, every ``--eval_steps``, scores
 one fixed held-out set of ``front`` lists (teacher-forced exact answers, greedy-decode validity). Writes
 ``output_dir/curve.json`` after every point (an interrupted run keeps its curve) and ``output_dir/curve.png``
 (held-out exact and valid against lists seen and training minutes; ``--compare`` overlays other runs' curves).
@@ -33,7 +33,7 @@ class BenchCopyArguments:
         arch / shape: the model built from a config with the prepared tokenizer
             (:data:`diffgr2_trl.modeling.MODEL_SHAPES`).
         id_line / mix / batch_size / learning_rate / beta1 / beta2 / weight_decay / clip / warmup_steps / schedule /
-            min_lr_ratio / max_steps: the recipe (:class:`diffgr2_trl.bench.copy.CopyRecipe`).
+            min_lr_ratio / max_steps: the recipe (:class:`diffgr2_trl.rerank.copying.CopyRecipe`).
         eval_steps: steps between held-out evaluations.
         eval_lists: held-out ``front`` lists (the same lists for every recipe with the same seed).
         n_candidates: candidates per list.
@@ -127,10 +127,10 @@ def run(args: BenchCopyArguments) -> dict:
     _check(args)
     import torch
 
-    from ..bench.copy import CopyRecipe, first_reaching, make_heldout, recipe_dict, train_copying
     from ..errors import UserError
     from ..modeling import build_model
     from ..rerank.candidates import load_train_sequences
+    from ..rerank.copying import CopyRecipe, first_reaching, make_heldout, recipe_dict, rerank_rows_for, train_copying
     from ..rerank.pipeline_data import load_tokenizer
     from ..rerank.semantic_ids import SemanticIds
     from ..utils import atomic_write_text, set_threads
@@ -180,7 +180,8 @@ def run(args: BenchCopyArguments) -> dict:
     # each evaluation prints a line: that is the progress report, a bar would interleave with it
     train_copying(model, tokenizer, sequences, sids, recipe, heldout, eval_steps=args.eval_steps, seed=args.seed,
                   n_candidates=args.n_candidates, max_minutes=args.max_minutes or None,
-                  stop_at_exact=args.stop_at_exact or None, on_point=on_point, progress=False)
+                  stop_at_exact=args.stop_at_exact or None, on_point=on_point, progress=False,
+                  rerank_rows=rerank_rows_for(args.mix, args.dataset_name))
     points = result["points"]
     result["reached"] = {f"{key}>={level}": first_reaching(points, key, level)
                          for key in ("exact", "valid") for level in (0.5, 0.9, 0.95)}

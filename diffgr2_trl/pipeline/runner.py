@@ -351,7 +351,7 @@ def check_stage_inputs(ctx: Context, planned: list[str], inputs: dict[str, dict]
     if stale and not ctx.args.overwrite:
         raise UserError(
             f"{ctx.run} holds stages built from other inputs:\n" + "\n".join(reasons)
-            + f"\nRe-run with --overwrite to rebuild {', '.join(stale)} (and what depends on them), or use a new --out."
+            + f"\nRe-run with --overwrite to rebuild {', '.join(stale)} (and what depends on them), or use a new --output_dir."
         )
     return stale
 

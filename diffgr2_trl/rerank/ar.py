@@ -23,6 +23,7 @@ import torch
 from .pipeline_data import load_split, load_tokenizer
 from .prompts import FORMAT_PIECES
 from .semantic_ids import SemanticIds
+from .tokenizer import encode_prompt_completion
 
 __all__ = ["ARTrainArguments", "ar_model_and_tokenizer", "make_grpo_config", "make_sft_config", "run_grpo",
            "run_mid", "run_sft"]
@@ -49,7 +50,7 @@ class ARTrainArguments:
         threads: torch intra-op CPU threads (0: torch's default; :func:`diffgr2_trl.utils.set_threads`).
         max_length: SFT sequence cap (prompt + completion tokens).
         mid_source: where mid-training lists come from: ``fresh`` (new seeded lists every step from the training
-            sequences, trained by the copy-learning loop of :mod:`diffgr2_trl.bench.copy`: no list repeats, the output
+            sequences, trained by the copy-learning loop of :mod:`diffgr2_trl.rerank.copying`: no list repeats, the output
             layer runs on completion positions only, ~3x fewer seconds per list than SFTTrainer at CPU scale) or
             ``prepared`` (the ``mid`` split that ``prepare --mid_rows`` wrote, with TRL's SFTTrainer).
         mid_*: mid-training steps, batch size (lists per step), learning rate, sequence cap (``prepared``), task mix,
@@ -219,40 +220,6 @@ def _save(trainer, tokenizer, output_dir: str) -> None:
     tokenizer.save_pretrained(output_dir)
 
 
-def encode_prompt_completion(prompts: list[str], completions: list[str], tokenizer) -> tuple[list[list[int]], list[list[int]]]:
-    """``(input_ids, completion_mask)`` of prompt + completion + EOS rows, as TRL's SFTTrainer would tokenise them.
-
-    A completion that opens with an added token (the answer template, a SID) cannot merge with the prompt's last
-    token, so prompt and completion are tokenised apart and concatenated; other rows take the joint tokenisation,
-    the completion starting where the tokenised prompt and prompt + completion diverge.
-    """
-    eos = tokenizer.eos_token or ""
-    atoms = tuple(t for t in tokenizer.get_added_vocab() if len(t) > 1)
-    completions = [c if c.endswith(eos) else c + eos for c in completions]
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    split = [c.startswith(atoms) for c in completions]
-
-    def ids_of(texts: list[str]) -> list[list[int]]:
-        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-
-    tails = iter(ids_of([c for c, ok in zip(completions, split) if ok]))
-    joint = iter(ids_of([p + c for p, c, ok in zip(prompts, completions, split) if not ok]))
-    ids, masks = [], []
-    for p_ids, ok in zip(prompt_ids, split):
-        if ok:
-            t = next(tails)
-            ids.append(p_ids + t)
-            masks.append([0] * len(p_ids) + [1] * len(t))
-            continue
-        f_ids = next(joint)
-        n = 0
-        while n < min(len(p_ids), len(f_ids)) and p_ids[n] == f_ids[n]:
-            n += 1
-        ids.append(f_ids)
-        masks.append([0] * n + [1] * (len(f_ids) - n))
-    return ids, masks
-
-
 def tokenize_prompt_completion(ds, tokenizer, batch_size: int = 1000):
     """``prompt``/``completion`` rows -> ``input_ids`` + ``completion_mask`` as TRL's SFTTrainer would make them.
 
@@ -305,8 +272,8 @@ def run_mid(args: ARTrainArguments, model, tokenizer, output_dir: str) -> dict[s
         return run_sft(args, model, tokenizer, output_dir, stage="mid")
     import json
 
-    from ..bench.copy import CopyRecipe, make_heldout, train_copying
     from .candidates import load_train_sequences
+    from .copying import CopyRecipe, make_heldout, rerank_rows_for, train_copying
 
     summary_path = Path(args.dataset_name) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
@@ -325,7 +292,7 @@ def run_mid(args: ARTrainArguments, model, tokenizer, output_dir: str) -> dict[s
     with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
         points = train_copying(model, tokenizer, sequences, sids, recipe, heldout, eval_steps=args.mid_max_steps,
                                seed=args.seed, n_candidates=n_candidates, evaluate_first=False, progress=False,
-                               log_steps=args.logging_steps)
+                               log_steps=args.logging_steps, rerank_rows=rerank_rows_for(args.mid_mix, args.dataset_name))
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     last = points[-1] if points else {}

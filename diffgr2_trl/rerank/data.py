@@ -85,9 +85,11 @@ def infer_dataset_name(data_dir: str | os.PathLike) -> str:
     if not names:
         raise FileNotFoundError(
             f"No dataset in {d}: expected one NAME.txt with its NAME_item2attributes.json; found {found}. "
-            "Pass --name NAME for a NAME.txt without attributes."
+            "For a NAME.txt without attributes pass `diffgr2 prepare --name NAME` (in the pipeline: "
+            "`prepare: {name: NAME}` in the --overrides file)."
         )
-    raise FileNotFoundError(f"Several datasets in {d}: {names}; pass --name to choose one.")
+    raise FileNotFoundError(f"Several datasets in {d}: {names}; choose one with `diffgr2 prepare --name NAME` (in the "
+                            "pipeline: `prepare: {name: NAME}` in the --overrides file).")
 
 
 def locate_data_dir(path: str | os.PathLike | None = None, name: str | None = "Beauty") -> Path:

@@ -11,7 +11,9 @@ alone, in the prompt and answer template the re-ranker uses, as SID-based LLM re
 - ``repeat``: repeat the candidate list;
 - ``drop``: list the candidates without a named one;
 - ``next``: next-item prediction over a user's training history, answered with one SID;
-- ``attributes``: an item's brand/category tokens from its SID.
+- ``attributes``: an item's brand/category tokens from its SID;
+- ``rerank``: a re-ranking training row itself (prompt and offline-trace completion, from the prepared train split),
+  so that copying is learnt in the full prompt too, not only in bare lists (a row can be drawn more than once).
 
 With ``with_id_line=True`` the list tasks' prompts end with the candidate IDs written exactly as the answer writes them
 (``IDs: ["<sid>", "<sid>", ...]``): the answer list can then be copied token after token from one line, without
@@ -32,7 +34,7 @@ from .semantic_ids import SemanticIds
 
 __all__ = ["MID_TASKS", "build_midtraining_rows", "parse_task_mix"]
 
-MID_TASKS = ("front", "repeat", "drop", "next", "attributes")
+MID_TASKS = ("front", "repeat", "drop", "next", "attributes", "rerank")
 DEFAULT_MIX = {"front": 0.5, "repeat": 0.15, "drop": 0.15, "next": 0.15, "attributes": 0.05}
 
 
@@ -74,6 +76,7 @@ def build_midtraining_rows(
     mix: str | Mapping[str, float] | None = None,
     seed: int = 0,
     with_id_line: bool = False,
+    rerank_rows: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """``n_rows`` seeded ``{"prompt", "completion", "task"}`` rows of the mid-training tasks (module docstring).
 
@@ -84,8 +87,11 @@ def build_midtraining_rows(
         max_history: history items shown by the ``next`` task.
         mix: task weights (:func:`parse_task_mix`).
         with_id_line: end the list tasks' prompts with the candidates' ID line (:func:`~.prompts.format_id_line`).
+        rerank_rows: ``{"prompt", "completion"}`` re-ranking training rows the ``rerank`` task draws from.
     """
     weights = parse_task_mix(mix)
+    if "rerank" in weights and not rerank_rows:
+        raise ValueError("mid-training mix: the 'rerank' task needs rerank_rows (the prepared train split's rows).")
     rng = random.Random(seed)
     seqs = [[i for i in s if i in sids] for s in train_sequences.values()]
     seqs = [s for s in seqs if len(s) >= 2]
@@ -113,6 +119,9 @@ def build_midtraining_rows(
                 else:
                     prompt = _list_prompt(f"Drop {named}.", items, with_id_line)
                     completion = format_completion(f"Without {named}.", rest)
+        elif task == "rerank":
+            row = rerank_rows[rng.randrange(len(rerank_rows))]
+            prompt, completion = row["prompt"], row["completion"]
         elif task == "next":
             seq = rng.choice(seqs)
             cut = rng.randrange(1, len(seq))

@@ -11,6 +11,9 @@ Layout of the vocabulary:
   tokenises as ``open, 4 x SID, sep, 4 x SID, ..., close``: a fixed template a block-diffusion model can fill in
   parallel (10 candidates -> 10*4 + 9 + 2 = 51 tokens);
 - byte-level BPE for the rest (instruction and explanation text), so nothing is ever unknown.
+
+:func:`encode_prompt_completion` turns prompt/completion rows into training ids as TRL's SFTTrainer would (used by the
+SFT data preparation and by the copy-learning loop).
 """
 
 from __future__ import annotations
@@ -90,3 +93,37 @@ def train_rerank_tokenizer(
     if out_dir is not None:
         tokenizer.save_pretrained(str(out_dir))
     return tokenizer
+
+
+def encode_prompt_completion(prompts: list[str], completions: list[str], tokenizer) -> tuple[list[list[int]], list[list[int]]]:
+    """``(input_ids, completion_mask)`` of prompt + completion + EOS rows, as TRL's SFTTrainer would tokenise them.
+
+    A completion that opens with an added token (the answer template, a SID) cannot merge with the prompt's last
+    token, so prompt and completion are tokenised apart and concatenated; other rows take the joint tokenisation,
+    the completion starting where the tokenised prompt and prompt + completion diverge.
+    """
+    eos = tokenizer.eos_token or ""
+    atoms = tuple(t for t in tokenizer.get_added_vocab() if len(t) > 1)
+    completions = [c if c.endswith(eos) else c + eos for c in completions]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    split = [c.startswith(atoms) for c in completions]
+
+    def ids_of(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+    tails = iter(ids_of([c for c, ok in zip(completions, split) if ok]))
+    joint = iter(ids_of([p + c for p, c, ok in zip(prompts, completions, split) if not ok]))
+    ids, masks = [], []
+    for p_ids, ok in zip(prompt_ids, split):
+        if ok:
+            t = next(tails)
+            ids.append(p_ids + t)
+            masks.append([0] * len(p_ids) + [1] * len(t))
+            continue
+        f_ids = next(joint)
+        n = 0
+        while n < min(len(p_ids), len(f_ids)) and p_ids[n] == f_ids[n]:
+            n += 1
+        ids.append(f_ids)
+        masks.append([0] * n + [1] * (len(f_ids) - n))
+    return ids, masks

@@ -162,6 +162,16 @@ class BlockDiffusionTrainer(SFTTrainer):
             set_spec(base, spec)
         self.spec = spec
         self.segment_weights = (args.reasoning_weight, args.answer_weight)
+        if self.segment_weights != (1.0, 1.0):  # weights without segments would be dropped without a word
+            for name, ds in (("train", self.train_dataset), ("eval", self.eval_dataset)):
+                cols = getattr(ds, "column_names", None)
+                if cols is not None and "segment_ids" not in cols:
+                    raise ValueError(
+                        f"reasoning_weight={args.reasoning_weight} / answer_weight={args.answer_weight} need to know "
+                        f"where the answer starts, but the prepared {name} dataset has no 'segment_ids' (columns: "
+                        f"{cols}). Give the raw dataset an '{args.answer_start_column}' column (the character offset "
+                        "of the answer in each plain-text completion) or a token-level 'segment_ids' column, or leave "
+                        "both weights at 1.0.")
         # The loss is a per-micro-batch mean: let Trainer divide it by the accumulation steps.
         self.loss_is_scaled_for_ga = False
 

@@ -196,8 +196,8 @@ def test_rows_on_real_beauty_examples():
 
 # --- bench-copy: copy learning as a curve --------------------------------------------------------------------------
 def _copy_inputs(prepared: Path, id_line: bool = True, n: int = 6):
-    from diffgr2_trl.bench.copy import make_heldout
     from diffgr2_trl.rerank.candidates import load_train_sequences
+    from diffgr2_trl.rerank.copying import make_heldout
     from diffgr2_trl.rerank.pipeline_data import load_tokenizer
     from diffgr2_trl.rerank.semantic_ids import SemanticIds
 
@@ -249,7 +249,7 @@ class _Oracle(torch.nn.Module):
 
 
 def test_teacher_forced_exact_counts_every_answer_token(prepared):
-    from diffgr2_trl.bench.copy import teacher_forced_exact
+    from diffgr2_trl.rerank.copying import teacher_forced_exact
 
     tok, _, _, held = _copy_inputs(prepared)
     assert teacher_forced_exact(_Oracle(len(tok)), held, tok.pad_token_id, batch_size=4) == [True] * 6
@@ -262,8 +262,8 @@ def test_teacher_forced_exact_counts_every_answer_token(prepared):
 
 
 def test_completion_loss_equals_full_logits_cross_entropy(prepared):
-    from diffgr2_trl.bench.copy import _batch, _completion_loss
     from diffgr2_trl.modeling import build_model
+    from diffgr2_trl.rerank.copying import _batch, _completion_loss
     from diffgr2_trl.rerank.midtrain import build_midtraining_rows
 
     tok, sids, seqs, _ = _copy_inputs(prepared)
@@ -274,10 +274,15 @@ def test_completion_loss_equals_full_logits_cross_entropy(prepared):
     ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
     torch.testing.assert_close(_completion_loss(model, ids, attention, targets), ref, rtol=1e-5, atol=1e-5)
     assert n_tokens == int(attention.sum()) and (targets != -100).sum() < n_tokens
+    # rows run apart by length class (as train_copying does for re-ranking rows): same mean over all tokens
+    parts = [_batch(rows[:2], tok, tok.pad_token_id), _batch(rows[2:], tok, tok.pad_token_id)]
+    total = sum(int((p[2] != -100).sum()) for p in parts)
+    split = sum(_completion_loss(model, *p[:3], reduction="sum") for p in parts) / total
+    torch.testing.assert_close(split, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_learning_rate_schedule():
-    from diffgr2_trl.bench.copy import CopyRecipe, lr_at
+    from diffgr2_trl.rerank.copying import CopyRecipe, lr_at
 
     r = CopyRecipe(learning_rate=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert lr_at(0, r) == pytest.approx(0.1) and lr_at(9, r) == pytest.approx(1.0)

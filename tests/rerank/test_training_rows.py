@@ -98,6 +98,24 @@ def test_midtraining_rows_are_correct_seeded_and_diverse():
             assert SID_RE.fullmatch(r["completion"])
     lists = [r["prompt"] for r in rows if r["task"] in ("front", "repeat", "drop")]
     assert len(set(lists)) == len(lists)  # no list repeats: nothing to memorise
+    # with the ID line the list prompts end with the shown IDs in order; other tasks are unchanged
+    with_ids = build_midtraining_rows(train, _Sids(), 300, seed=3, with_id_line=True)
+    for a, b in zip(with_ids, rows):
+        shown = SID_RE.findall(b["prompt"].split("Candidates (pre-rank order):")[-1])
+        assert a["prompt"] == (b["prompt"] + '\nIDs: ["' + '", "'.join(shown) + '"]'
+                               if b["task"] in ("front", "repeat", "drop") else b["prompt"])
+
+
+def test_midtraining_rerank_task_draws_training_rows():
+    train = _sequences(n_items=60)
+    pool = [{"prompt": f"p{i}", "completion": f"c{i}", "extra": i} for i in range(5)]
+    rows = build_midtraining_rows(train, _Sids(), 200, mix="front=0.5,rerank=0.5", seed=1, rerank_rows=pool)
+    drawn = [r for r in rows if r["task"] == "rerank"]
+    assert 60 < len(drawn) < 140 and {r["task"] for r in rows} == {"front", "rerank"}
+    assert all({"prompt": r["prompt"], "completion": r["completion"]} in
+               [{"prompt": p["prompt"], "completion": p["completion"]} for p in pool] for r in drawn)
+    with pytest.raises(ValueError, match="'rerank' task needs rerank_rows"):
+        build_midtraining_rows(train, _Sids(), 10, mix="rerank=1", seed=1)
 
 
 def test_task_mix_parsing():

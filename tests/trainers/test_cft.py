@@ -54,6 +54,22 @@ def test_cft_logs_segment_losses_and_mask_ratio(sort_cft_model_dir):
     assert json.dumps(logs)  # plain numbers
 
 
+def test_answer_weight_without_segments_is_an_error(sort_cft_model_dir, tmp_path):
+    """answer_weight != 1 on rows that say nothing of where the answer starts used to be dropped silently."""
+    import pytest
+
+    from diffgr2_trl.trainers import BlockDiffusionConfig, BlockDiffusionTrainer
+
+    tok = PreTrainedTokenizerFast.from_pretrained(sort_cft_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(sort_cft_model_dir)
+    rows = sort_dataset(8).remove_columns("answer_start")
+    args = BlockDiffusionConfig(str(tmp_path), use_cpu=True, bf16=False, max_steps=1, report_to=[], answer_weight=2.0)
+    with pytest.raises(ValueError, match=r"answer_weight=2.0 need to know where the answer starts.*'answer_start'"):
+        BlockDiffusionTrainer(model, args=args, train_dataset=rows, processing_class=tok)
+    args = BlockDiffusionConfig(str(tmp_path), use_cpu=True, bf16=False, max_steps=1, report_to=[])
+    BlockDiffusionTrainer(model, args=args, train_dataset=rows, processing_class=tok)  # weights 1: nothing to split
+
+
 def test_cft_reduces_loss_with_grad_accumulation_and_resumes(tmp_path):
     from diffgr2_trl.block_diffusion import convert_to_block_diffusion
     from diffgr2_trl.trainers import BlockDiffusionConfig, BlockDiffusionTrainer

@@ -6,6 +6,7 @@ every row of the pipeline's report sits on the pre-rank floor. This loop measure
 change (prompt format, task mix, shape, optimiser, step cost) as curves on one fixed held-out set, so recipes can be
 compared at equal lists and equal minutes.
 
+``diffgr2 bench-copy`` draws the curves; ``train-ar``'s mid stage (``mid_source="fresh"``) trains with the same loop.
 The loop is plain PyTorch on purpose: AdamW, warm-up, constant or cosine decay, gradient clipping, completion-only
 cross-entropy with the output layer applied to completion positions only (the prompt's logits are never needed), and
 fresh seeded lists every step from :func:`~diffgr2_trl.rerank.midtrain.build_midtraining_rows`, so no list repeats.
@@ -30,14 +31,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..rerank.ar import encode_prompt_completion
-from ..rerank.midtrain import build_midtraining_rows
-from ..rerank.parsing import parse_ranking
-from ..rerank.prompts import RECOMMENDATIONS_OPEN, SID_RE
-from ..rerank.semantic_ids import SemanticIds
+from .midtrain import build_midtraining_rows
+from .parsing import parse_ranking
+from .prompts import RECOMMENDATIONS_OPEN, SID_RE
+from .semantic_ids import SemanticIds
+from .tokenizer import encode_prompt_completion
 
 __all__ = ["CopyRecipe", "HeldOut", "evaluate_copying", "first_reaching", "greedy_answers", "lr_at", "make_heldout",
-           "teacher_forced_exact", "train_copying"]
+           "rerank_rows_for", "teacher_forced_exact", "train_copying"]
 
 # Held-out lists are drawn with this seed offset, far from any training step's seed (seed + step).
 _HELDOUT_SEED = 10**7
@@ -125,6 +126,16 @@ def make_heldout(train_sequences: Mapping[int, Sequence[int]], sids: SemanticIds
     return HeldOut(ids, prompt_lengths, starts, [sorted(e) for e in expected], expected, [r["prompt"] for r in rows])
 
 
+def rerank_rows_for(mix: str | Mapping[str, float] | None, prepared_dir) -> list[dict[str, str]] | None:
+    """The prepared train split's ``{"prompt", "completion"}`` rows when ``mix`` has a ``rerank`` task, else None."""
+    from .midtrain import parse_task_mix
+    from .pipeline_data import load_split
+
+    if "rerank" not in parse_task_mix(mix):
+        return None
+    return load_split(prepared_dir, "train").select_columns(["prompt", "completion"]).to_list()
+
+
 def _device(model) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
@@ -134,15 +145,16 @@ def _pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     return torch.tensor([list(s) + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
 
 
-def _completion_loss(model, ids: torch.Tensor, attention: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over positions whose next token is a completion token (``targets`` != -100).
+def _completion_loss(model, ids: torch.Tensor, attention: torch.Tensor, targets: torch.Tensor,
+                     reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy (mean, or ``sum``) over positions whose next token is a completion token (``targets`` != -100).
 
     The decoder runs once; the output layer is applied to those positions only.
     """
     hidden = model.get_decoder()(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
     keep = targets != -100
     logits = model.get_output_embeddings()(hidden[keep])
-    return F.cross_entropy(logits.float(), targets[keep])
+    return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
 
 
 def _batch(rows: list[dict], tokenizer, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -225,6 +237,7 @@ def train_copying(
     progress: bool = True,
     evaluate_first: bool = True,
     log_steps: int = 0,
+    rerank_rows: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` on fresh lists with ``recipe``; return the curve (a point at step 0 and every ``eval_steps``).
 
@@ -236,6 +249,8 @@ def train_copying(
     Stops at ``recipe.max_steps``, after ``max_minutes`` of training time, or once held-out exact reaches
     ``stop_at_exact``. ``evaluate_first=False`` skips the step-0 point (a training run that only needs the last one);
     ``heldout=None`` makes points without held-out metrics; ``log_steps > 0`` prints the training loss that often.
+    ``rerank_rows`` feed a ``rerank`` task in ``recipe.mix``; such rows (~4x longer than a list) are padded and run
+    apart from the short rows in the same step, the loss being the mean over all completion tokens of the step.
     The model may sit on any device; batches follow it.
     """
     from tqdm.auto import tqdm
@@ -273,14 +288,21 @@ def train_copying(
     bar = tqdm(range(recipe.max_steps), desc="copy", disable=not progress, mininterval=5)
     for step in bar:
         rows = build_midtraining_rows(train_sequences, sids, recipe.batch_size, n_candidates=n_candidates,
-                                      mix=recipe.mix, seed=seed + step, with_id_line=recipe.id_line)
+                                      mix=recipe.mix, seed=seed + step, with_id_line=recipe.id_line,
+                                      rerank_rows=rerank_rows)
         t0 = time.perf_counter()
-        ids, attention, targets, n_tokens = (t.to(device) if torch.is_tensor(t) else t
-                                             for t in _batch(rows, tokenizer, pad))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, recipe)
-        loss = _completion_loss(model, ids, attention, targets)
-        loss.backward()
+        groups = [g for g in ([r for r in rows if r["task"] != "rerank"], [r for r in rows if r["task"] == "rerank"])
+                  if g]
+        batches = [tuple(t.to(device) if torch.is_tensor(t) else t for t in _batch(g, tokenizer, pad)) for g in groups]
+        n_tokens = sum(b[3] for b in batches)
+        n_targets = sum(int((b[2] != -100).sum()) for b in batches)
+        loss = torch.zeros((), device=device)
+        for ids, attention, targets, _ in batches:  # one backward per length class: short lists are not padded long
+            part = _completion_loss(model, ids, attention, targets, reduction="sum") / n_targets
+            part.backward()
+            loss = loss + part.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
