@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +130,7 @@ def run(args: BenchCopyArguments) -> dict:
     from ..errors import UserError
     from ..modeling import build_model
     from ..rerank.candidates import load_train_sequences
-    from ..rerank.copying import CopyRecipe, first_reaching, make_heldout, recipe_dict, rerank_rows_for, train_copying
+    from ..rerank.copying import CopyRecipe, first_reaching, make_heldout, rerank_rows_for, train_copying
     from ..rerank.pipeline_data import load_tokenizer
     from ..rerank.semantic_ids import SemanticIds
     from ..utils import atomic_write_text, set_threads
@@ -160,7 +160,7 @@ def run(args: BenchCopyArguments) -> dict:
     label = args.label or out.name
     result: dict[str, Any] = {
         "label": label, "dataset": str(args.dataset_name), "arch": args.arch, "shape": args.shape,
-        "params": sum(p.numel() for p in model.parameters()), "recipe": recipe_dict(recipe),
+        "params": sum(p.numel() for p in model.parameters()), "recipe": asdict(recipe),
         "threads": torch.get_num_threads(), "load_average_at_start": round(load, 2), "seed": args.seed,
         "eval_lists": args.eval_lists, "points": [],
     }

@@ -25,7 +25,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -330,7 +330,3 @@ def train_copying(
 def first_reaching(points: Sequence[Mapping[str, Any]], key: str, level: float) -> dict[str, Any] | None:
     """The first point whose ``key`` is >= ``level`` (lists and minutes to a target), or ``None``."""
     return next((dict(p) for p in points if p.get(key) is not None and p[key] >= level), None)
-
-
-def recipe_dict(recipe: CopyRecipe) -> dict[str, Any]:
-    return asdict(recipe)
