@@ -38,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-opd": ("diffgr2_trl.commands.bench_opd", "OPD step time: rollout / teacher / student forward-backward shares."),
     "grpo": ("diffgr2_trl.commands.grpo", "Diffusion GRPO/DAPO: block-sampler rollouts, trajectory-replay likelihood."),
     "bench-rl": ("diffgr2_trl.commands.bench_rl", "RL step time (rollout / likelihood / update) per estimator vs TRL AR GRPO."),
-    "pipeline": ("diffgr2_trl.pipeline.command", "The whole recipe on Amazon Beauty, resumable, with a report."),
+    "pipeline": ("diffgr2_trl.pipeline.command", "The whole recipe on the Amazon data it finds (Beauty by default), resumable, with a report."),
 }
 
 
@@ -98,6 +98,10 @@ def console_main(argv: list[str] | None = None) -> int:
         msg = str(e).strip() or type(e).__name__
         print(f"diffgr2 {cmd}: error: {msg}\n(run with --debug for the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (the pipeline's says what was saved and how to resume)
+        cmd = argv[0] if argv else ""
+        print(f"\ndiffgr2 {cmd}: {str(e).strip() or 'interrupted.'}", file=sys.stderr)
+        return 130
     except SystemExit as e:  # argparse and explicit exits already print their message
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)

@@ -67,6 +67,7 @@ def test_smoke_pipeline_runs_every_stage_resumes_and_reports(tmp_path):
     assert report["stages"]["ar_mid"]["lists"] == mid["mid_max_steps"] * mid["mid_batch_size"]  # fresh lists
     assert 0 <= report["stages"]["ar_mid"]["heldout"]["exact"] <= 1
     assert "```json" not in md  # raw JSON only in report.json
+    assert "| dataset | Beauty (" in md and report["dataset"] == "Beauty"
     assert (out / "accuracy_vs_speed.png").exists() and (out / "curve_cft.png").exists()
 
     # each stage's args.yaml re-runs it alone, model and data paths inside: the evaluation reproduces its numbers
@@ -119,6 +120,94 @@ def test_overrides_are_validated_key_by_key_before_anything_runs(tmp_path):
     ok.write_text("cft: {learning_rate: 0.1}\ndecode: {taus: [0.9]}\ntargets: {teacher_valid: 0.5}\n")
     preset = load_preset("smoke", str(ok))
     assert preset["cft"]["learning_rate"] == 0.1 and preset["cft"]["max_steps"] == 20  # merged, not replaced
+
+
+def test_override_values_are_parsed_before_anything_runs(tmp_path):
+    """A wrong type fails up front, naming the file, section, key, value and expected type, one line per problem
+    (it used to pass the key check and stop the run at the cft stage, minutes in)."""
+    from diffgr2_trl.errors import UserError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cft: {learning_rate: fast, max_steps: 2.5, bf16: maybe}\nevaluate: {split: tst}\n"
+                   "decode: {taus: [0.9, x]}\ntargets: {speedup: quick}\n")
+    with pytest.raises(UserError) as e:
+        load_preset("smoke", str(bad))
+    lines = str(e.value).splitlines()
+    assert lines[0] == f"{bad}: 6 problems:"
+    assert f"  {bad}: cft.learning_rate = 'fast': expected a number." in lines
+    assert f"  {bad}: cft.max_steps = 2.5: expected an integer." in lines
+    assert f"  {bad}: cft.bf16 = 'maybe': expected a boolean (true or false)." in lines
+    assert f"  {bad}: evaluate.split = 'tst': expected one of train, valid, test." in lines
+    assert any(line.startswith(f"  {bad}: decode.taus = [0.9, 'x']") for line in lines)
+    assert any(line.startswith(f"  {bad}: targets.speedup = 'quick'") for line in lines)
+    # YAML reads 1e-3 as a string: the option's own parser accepts it, as the stage will
+    (tmp_path / "ok.yaml").write_text("cft: {learning_rate: 1e-3, max_steps: 3, bf16: false}\n")
+    assert load_preset("smoke", str(tmp_path / "ok.yaml"))["cft"]["learning_rate"] == "1e-3"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("block_size: eight\n")
+    with pytest.raises(UserError, match=r"--config .*c.yaml: block_size = 'eight': expected an integer"):
+        main(["convert", "--config", str(cfg)])
+
+
+def test_report_names_its_dataset_model_preset_and_rows(tmp_path):
+    """A run on another Amazon dataset says so, and each figure says which rows it is computed on."""
+    from diffgr2_trl.pipeline.report import write_report
+
+    prepare = {"rows": {"train": 160, "valid": 40, "test": 1500},
+               "stats": {"users": 1600, "items": 900, "interactions": 12000},
+               "floor": {"train": {"R@1": 0.3, "R@3": 0.6, "n": 5000}, "test": {"R@1": 0.31, "R@3": 0.61, "n": 1500}},
+               "inputs": {"data": {"dataset": "Toys_and_Games", "files": []}}}
+    metrics = {"R@1": 0.32, "R@3": 0.62, "R@5": 0.8, "N@3": 0.5, "N@5": 0.55, "valid_rate": 1.0, "errors": {}}
+    for name, m in (("prepare", prepare), ("eval_ar", {"n": 200, "metrics": metrics, "prerank": metrics})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "stage.json").write_text(json.dumps({"stage": name, "wall_s": 1.0, "metrics": m}))
+    config = {"ar_sft": {"shape": "mini"}, "targets": {}}
+    write_report(tmp_path, "cpu", config)
+    md = (tmp_path / "report.md").read_text()
+    assert md.splitlines()[0].startswith("# Diffusion-GR2 pipeline report: Toys_and_Games, preset `cpu`")
+    assert "Beauty" not in md
+    assert "| dataset | Toys_and_Games (1,600 users, 900 items, 12,000 interactions) |" in md
+    assert "| AR teacher model | qwen3 `mini`, built from a config (no pretrained weights) |" in md
+    assert "| accuracy table rows | 200 test rows of 1,500 |" in md
+    assert "| train | 160 | 0.3000 | 0.6000 | 5000 |" in md  # the floor's own row count beside the prepared rows
+    assert json.loads((tmp_path / "report.json").read_text())["dataset"] == "Toys_and_Games"
+    write_report(tmp_path, "gpu", {"ar_mid": {"model_name_or_path": "Qwen/Qwen3-0.6B"}})
+    assert "| AR teacher model | `Qwen/Qwen3-0.6B` (pretrained) |" in (tmp_path / "report.md").read_text()
+
+
+def test_ctrl_c_says_what_was_saved_and_the_resumed_stage_counts_all_its_time(tmp_path, monkeypatch, capsys):
+    from diffgr2_trl.cli import console_main
+    from diffgr2_trl.pipeline import runner
+
+    calls = []
+
+    def prepare(ctx, d):
+        return {}
+
+    def cft(ctx, d):
+        calls.append(d)
+        time.sleep(0.3)
+        if len(calls) == 1:
+            (d / "model" / "checkpoint-40").mkdir(parents=True)
+            raise KeyboardInterrupt
+        return {}
+
+    monkeypatch.setattr(runner, "PIPELINE_STAGES", [("prepare", prepare), ("cft", cft)])
+    monkeypatch.setattr(runner, "stage_inputs", lambda ctx: {})
+    out = tmp_path / "run"
+    argv = ["pipeline", "--preset", "smoke", "--output_dir", str(out)]
+    assert console_main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert err[0].startswith("diffgr2 pipeline: interrupted during stage cft after 0 s. 1 finished stage(s) kept "
+                             "(last: prepare); cft resumes from checkpoint-40.")
+    assert err[0].endswith(f"Resume with: diffgr2 pipeline --preset smoke --output_dir {out}")
+    assert not (out / "cft" / "stage.json").exists()
+    assert console_main(argv) == 0
+    assert "cft ... (run time so far 0.0 min; resuming: 1 earlier attempt(s), 0 s)" in capsys.readouterr().out
+    record = json.loads((out / "cft" / "stage.json").read_text())
+    assert record["attempts"] == 2 and record["wall_s"] >= 0.6  # both attempts' time
+    assert not (out / "cft" / runner.ATTEMPTS).exists()
 
 
 def test_changed_inputs_are_never_reused_silently(tmp_path, monkeypatch):

@@ -53,9 +53,12 @@ class EvaluateArguments:
 
     model_name_or_path: str = field(metadata={"help": "Model directory."})
     dataset_name: str = field(metadata={"help": "diffgr2 prepare output directory."})
-    split: str = field(default="test", metadata={"help": "train, valid or test."})
+    split: str = field(default="test", metadata={"help": "Which split to decode.", "choices": ["train", "valid", "test"]})
     limit: int | None = field(default=None, metadata={"help": "Evaluate the first N rows only."})
-    decoder: str = field(default="ar", metadata={"help": "ar or block."})
+    decoder: str = field(
+        default="ar",
+        metadata={"help": "ar (HF greedy generate), ar_compiled (the same, torch.compile'd) or block (the block sampler)."},
+    )
     batch_size: int = field(default=32, metadata={"help": "Prompts per decoding batch."})
     constrained: bool = field(default=False, metadata={"help": "Decode only valid rankings of the candidates."})
     threads: int = field(default=0, metadata={"help": "torch intra-op CPU threads (0: torch's default)."})

@@ -73,6 +73,10 @@ class PrepareArguments:
     vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size of the local tokenizer."})
     seed: int = field(default=0, metadata={"help": "Seed (pre-rankers, semantic IDs, subsampling)."})
     overwrite: bool = field(default=False, metadata={"help": "Rebuild even if the output is complete."})
+    allow_truncated: bool = field(
+        default=False,
+        metadata={"help": "Accept a sequences file whose last line has no newline (cut short?); drop that line."},
+    )
     threads: int = field(default=1, metadata={"help": "torch intra-op CPU threads (0: torch's default)."})
 
 
@@ -127,6 +131,7 @@ def run(args: PrepareArguments) -> dict[str, Any]:
         prepared = prepare_data(
             args.data_dir, args.output_dir, seed=args.seed, name=args.name, prerankers=prerankers, history_len=args.max_history,
             codebook_size=args.codebook_size, train_rows=args.train_rows, progress=True, provenance=inputs,
+            allow_truncated=args.allow_truncated,
         )
     summary = build_pipeline_data(
         prepared,

@@ -228,6 +228,40 @@ def _targets(evals: dict, floor: dict | None, decode_rows: list[dict], cis: dict
     return out
 
 
+def _dataset_name(data: dict) -> str:
+    """The dataset the run prepared (its file stem, e.g. ``Beauty``), from the prepare stage's record."""
+    return (((data.get("inputs") or {}).get("data") or {}).get("dataset")) or "dataset not recorded"
+
+
+def _teacher_model(config: dict[str, Any]) -> str:
+    """What the AR teacher started from: a named checkpoint, or an architecture and shape built from a config."""
+    for stage in ("ar_mid", "ar_sft"):
+        section = config.get(stage) or {}
+        if section.get("model_name_or_path"):
+            return f"`{section['model_name_or_path']}` (pretrained)"
+    section = {**(config.get("ar_mid") or {}), **(config.get("ar_sft") or {})}
+    return f"{section.get('arch', 'qwen3')} `{section.get('shape', 'mini')}`, built from a config (no pretrained weights)"
+
+
+def _run_table(dataset: str, preset: str, config: dict[str, Any], data: dict, n: int | None,
+               decode_rows: list[dict]) -> list[str]:
+    """What the run is: dataset, preset, teacher model and the rows each kind of figure is computed on."""
+    stats, rows = data.get("stats") or {}, data.get("rows") or {}
+    size = (f" ({stats['users']:,} users, {stats['items']:,} items, {stats['interactions']:,} interactions)"
+            if {"users", "items", "interactions"} <= set(stats) else "")
+    n_test = rows.get("test")
+    n_decode = next((r.get("n") for r in decode_rows if r.get("n")), None)
+    out = ["| run | |", "|---|---|", f"| dataset | {dataset}{size} |", f"| preset | `{preset}` |",
+           f"| AR teacher model | {_teacher_model(config)} |"]
+    if rows.get("train") is not None:
+        out.append(f"| training rows (re-ranking) | {rows['train']:,} prepared train rows |")
+    if n is not None:
+        out.append(f"| accuracy table rows | {n:,} test rows" + (f" of {n_test:,}" if n_test else "") + " |")
+    if n_decode is not None:
+        out.append(f"| accuracy-vs-speed rows | {n_decode:,} test rows (the first of those above) |")
+    return out + [""]
+
+
 def write_report(run: str | Path, preset: str, config: dict[str, Any]) -> dict:
     """Write ``report.md``, ``report.json`` and the plots into the run directory ``run``, from its stage records
     (:func:`~diffgr2_trl.pipeline.stages.stage_record`); ``preset`` is the preset's name and ``config`` the resolved
@@ -241,10 +275,12 @@ def write_report(run: str | Path, preset: str, config: dict[str, Any]) -> dict:
     data = (records.get("prepare") or {}).get("metrics") or {}
 
     cis = _confidence_intervals(run, [stage for _, stage in TABLE_ROWS])
-    lines = [f"# Diffusion-GR2 pipeline report: `{run}` (preset `{preset}`)", ""]
+    dataset = _dataset_name(data)
+    lines = [f"# Diffusion-GR2 pipeline report: {dataset}, preset `{preset}` (`{run}`)", ""]
     if preset == "smoke":
         lines += ["**Smoke run: a plumbing check only.** Tiny models trained for seconds on a tiny slice; the numbers "
                   "below say the stages run end to end, nothing about the method.", ""]
+    lines += _run_table(dataset, preset, config, data, n, decode_rows)
     lines += [f"Test rows evaluated: {n} (the same rows for every row of the table). Invalid outputs fall back to the "
               "pre-rank order for the ranking metrics and are counted in the validity columns.", "",
               "Glossary: *floor* = the pre-ranker's own order of the 10 candidates (what a re-ranker must beat); "
@@ -301,14 +337,18 @@ def write_report(run: str | Path, preset: str, config: dict[str, Any]) -> dict:
     lines += ["", "## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in wall.items()]
     if data:
-        lines += ["", "## Data (full details in report.json)", "", "| split | rows | floor R@1 | floor R@3 |", "|---|---|---|---|"]
+        lines += ["", f"## Data: {dataset} (full details in report.json)", "",
+                  "| split | prepared rows | floor R@1 | floor R@3 | floor computed on (rows) |", "|---|---|---|---|---|"]
         for split, rows in (data.get("rows") or {}).items():
             fl = (data.get("floor") or {}).get(split) or {}
-            lines.append(f"| {split} | {rows} | {_fmt(fl.get('R@1'))} | {_fmt(fl.get('R@3'))} |")
+            lines.append(f"| {split} | {rows} | {_fmt(fl.get('R@1'))} | {_fmt(fl.get('R@3'))} | {fl.get('n', '-')} |")
+        lines += ["", "The floor of a split is computed on all of its rows; `prepared rows` can be fewer where the preset "
+                  "subsamples the training rows (`prepare.max_train_examples`)."]
     report = {
         "stages": {k: (v or {}).get("metrics") for k, v in records.items() if v and k != "report"},
         "decode": decode_rows,
         "config": config,
+        "dataset": dataset,
         "data": data,
         "wall_s": wall,
         "floor": floor,

@@ -95,6 +95,42 @@ def _has_checkpoint(stage_dir: Path) -> bool:
     return bool(glob.glob(str(stage_dir / "checkpoint-*")))
 
 
+class PipelineInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a stage; its message says what was saved and the command that resumes the run."""
+
+
+# Seconds spent in interrupted attempts of a stage (RUN/<stage>/ATTEMPTS), added to its wall time when it finishes.
+ATTEMPTS = "attempts.json"
+
+
+def _earlier_attempts(d: Path) -> list[float]:
+    p = d / ATTEMPTS
+    return json.loads(p.read_text()) if p.exists() else []
+
+
+def resume_command(args: PipelineArguments) -> str:
+    """The ``diffgr2 pipeline`` command line that resumes the run ``args`` describes."""
+    parts = ["diffgr2", "pipeline", "--preset", args.preset, "--output_dir", str(args.output_dir)]
+    for name in ("data_dir", "teacher_url", "overrides"):
+        if getattr(args, name):
+            parts += [f"--{name}", str(getattr(args, name))]
+    if args.stages:
+        parts += ["--stages", *args.stages]
+    return " ".join(parts)
+
+
+def _interrupted_message(ctx: Context, name: str, seconds: float, finished: list[str]) -> str:
+    d = ctx.run / name
+    checkpoints = sorted(glob.glob(str(d / "model" / "checkpoint-*")), key=lambda p: int(p.rsplit("-", 1)[1]))
+    saved = f"{len(finished)} finished stage(s) kept" + (f" (last: {finished[-1]})" if finished else "")
+    if checkpoints:
+        saved += f"; {name} resumes from {Path(checkpoints[-1]).name}"
+    else:
+        saved += f"; {name} starts over (no checkpoint saved)"
+    return (f"interrupted during stage {name} after {seconds:.0f} s. {saved}. "
+            f"Resume with: {resume_command(ctx.args)}")
+
+
 class Context:
     """Paths and settings shared by the stages of one run."""
 
@@ -189,6 +225,10 @@ def _train_stage(ctx: Context, d: Path, command, **paths: Any) -> dict:
         from transformers.trainer_utils import get_last_checkpoint
 
         values["resume_from_checkpoint"] = get_last_checkpoint(str(d / "model"))
+        step = values["resume_from_checkpoint"].rsplit("-", 1)[1]
+        total = values.get("max_steps")
+        print(f"{d.name}: resuming from {Path(values['resume_from_checkpoint']).name} (step {step}"
+              + (f" of {total})" if total else ")"), flush=True)
     command.run(*command.parse(values=values))
     history = d / "model" / "log_history.json"
     return {"log_history": json.loads(history.read_text())} if history.exists() else {}
@@ -387,16 +427,29 @@ def run_pipeline(args: PipelineArguments) -> dict:
             print(f"[{i + 1:2d}/{len(PIPELINE_STAGES)}] {name}: done earlier ({done['wall_s']:.0f} s), skipped")
             records[name] = done
             continue
-        print(f"[{i + 1:2d}/{len(PIPELINE_STAGES)}] {name} ... (run time so far {(time.time() - t_run) / 60:.1f} min)",
-              flush=True)
-        t0 = time.time()
         d = ctx.dir(name)
+        earlier = _earlier_attempts(d)
+        again = f"; resuming: {len(earlier)} earlier attempt(s), {sum(earlier):.0f} s" if earlier else ""
+        print(f"[{i + 1:2d}/{len(PIPELINE_STAGES)}] {name} ... (run time so far {(time.time() - t_run) / 60:.1f} min"
+              f"{again})", flush=True)
+        t0 = time.time()
         provenance = {"fingerprint": fingerprint(inputs[name]), "inputs": inputs[name]} if name in inputs else {}
         if provenance:  # an interrupted stage leaves this behind, so its checkpoints are never resumed blindly
             atomic_write_text(d / "inputs.json", json.dumps(provenance, indent=2, default=str))
-        metrics = fn(ctx, d)
-        record = {"stage": name, "status": "done", "wall_s": time.time() - t0, **provenance, "metrics": metrics}
+        try:
+            metrics = fn(ctx, d)
+        except KeyboardInterrupt:
+            seconds = time.time() - t0
+            atomic_write_text(d / ATTEMPTS, json.dumps([*earlier, round(seconds, 1)]))
+            finished = [n for n, _ in PIPELINE_STAGES if n != name and stage_record(ctx.run, n) is not None]
+            raise PipelineInterrupted(_interrupted_message(ctx, name, seconds, finished)) from None
+        # wall time adds up across attempts: an interrupted-then-resumed stage reports all the time it took
+        record = {"stage": name, "status": "done", "wall_s": time.time() - t0 + sum(earlier), **provenance,
+                  "metrics": metrics}
+        if earlier:
+            record["attempts"] = len(earlier) + 1
         atomic_write_text(d / "stage.json", json.dumps(record, indent=2, default=str))
+        (d / ATTEMPTS).unlink(missing_ok=True)
         records[name] = record
         print(f"[{i + 1:2d}/{len(PIPELINE_STAGES)}] {name}: {summary_line(name, metrics)} ({record['wall_s']:.0f} s)",
               flush=True)

@@ -1,10 +1,13 @@
 """Check a pipeline configuration in full before anything runs: every key of every stage section must be an option
-of the subcommand that section feeds, so a misspelling fails in a second, not half an hour into the run."""
+of the subcommand that section feeds, and every value must parse as that option's type (with the parser the stage
+will use), so a misspelling or a wrong value fails in a second, not half an hour into the run."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import functools
 import importlib
 from typing import Any
 
@@ -56,6 +59,97 @@ def _section_keys(section: str) -> set[str]:
     return keys
 
 
+@functools.cache
+def _section_actions(section: str) -> dict[str, argparse.Action]:
+    """Option name -> the argparse action that parses it, from the ``TrlParser`` the section's subcommand builds."""
+    from trl import TrlParser
+
+    types = tuple(getattr(importlib.import_module(spec.split(":")[0]), spec.split(":")[1])
+                  for spec in SECTION_ARGUMENTS[section])
+    parser = TrlParser(types)
+    return {a.dest: a for a in parser._actions if a.option_strings}
+
+
+def _type_name(action: argparse.Action) -> str:
+    kind = getattr(action.type, "__name__", None) or "a value"
+    kind = {"string_to_bool": "a boolean (true or false)", "float": "a number", "int": "an integer",
+            "str": "a string"}.get(kind, kind)
+    if action.choices:
+        kind = "one of " + ", ".join(map(str, action.choices))
+    return kind
+
+
+def value_problem(action: argparse.Action, value: Any) -> str | None:
+    """Why ``value`` (from YAML or Python) would not parse for ``action``, or ``None`` when it would.
+
+    A string goes through the option's own type, as argparse converts a string default; other scalars must already
+    be of that type (an integer counts as a number); a list is checked element by element where the option takes
+    several values. ``None`` is left to the stage (an optional field's default).
+    """
+    if value is None:
+        return None
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    if isinstance(value, (list, tuple)):
+        if not many:
+            return f"expected {_type_name(action)}, got a list"
+        for item in value:
+            problem = value_problem(argparse.Action(action.option_strings, action.dest, type=action.type,
+                                                    choices=action.choices), item)
+            if problem:
+                return problem
+        return None
+    if isinstance(value, dict):
+        return None if action.type in (None, str) or getattr(action.type, "__name__", "") != "float" else (
+            f"expected {_type_name(action)}, got a mapping")
+    kind = getattr(action.type, "__name__", None)
+    converted = value
+    if isinstance(value, str) and action.type is not None:
+        try:
+            converted = action.type(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            return f"expected {_type_name(action)}"
+    elif kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        return f"expected {_type_name(action)}"
+    elif kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        return f"expected {_type_name(action)}"
+    elif kind == "string_to_bool" and not isinstance(value, bool):
+        return f"expected {_type_name(action)}"
+    if action.choices and converted not in action.choices and str(converted) not in map(str, action.choices):
+        return f"expected {_type_name(action)}"
+    return None
+
+
+def _bad_values(section: str, values: dict, describe) -> list[str]:
+    """One message per value of ``values`` that its option's parser would reject (unknown keys are skipped)."""
+    actions = _section_actions(section)
+    problems = []
+    for key, value in values.items():
+        action = actions.get(key)
+        if action is None:
+            continue
+        problem = value_problem(action, value)
+        if problem:
+            problems.append(f"{describe(key)} = {value!r}: {problem}")
+    return problems
+
+
+def _check_pipeline_keys(section: str, values: dict) -> list[str]:
+    """The keys the pipeline reads itself: ``taus`` (a list of numbers in (0, 1]) and ``compiled_ar`` (a boolean)."""
+    problems = []
+    taus = values.get("taus")
+    if taus is not None and (not isinstance(taus, list) or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= 1 for t in taus)):
+        problems.append(f"{section}.taus = {taus!r}: expected a list of numbers in (0, 1]")
+    if "compiled_ar" in values and not isinstance(values["compiled_ar"], bool):
+        problems.append(f"{section}.compiled_ar = {values['compiled_ar']!r}: expected a boolean (true or false)")
+    return problems
+
+
+def _check_targets(values: dict) -> list[str]:
+    return [f"targets.{k} = {v!r}: expected a number or null" for k, v in values.items()
+            if k in DEFAULT_TARGETS and v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))]
+
+
 def _unknown_keys(values: dict, keys: set[str], describe) -> list[str]:
     """One message per key of ``values`` not in ``keys``, with the closest valid key when there is one."""
     problems = []
@@ -81,8 +175,20 @@ def validate_preset(preset: dict[str, Any], source: str) -> None:
             problems.append(f"{section}: expected a mapping of options, got {type(values).__name__}")
             continue
         problems += _unknown_keys(values, _section_keys(section), lambda key, s=section: f"{s}.{key} is not an option")
+        if section == "targets":
+            problems += _check_targets(values)
+        else:
+            problems += _bad_values(section, values, lambda key, s=section: f"{s}.{key}")
+            problems += _check_pipeline_keys(section, values)
+    _raise(source, problems)
+
+
+def _raise(source: str, problems: list[str]) -> None:
+    """One :class:`UserError` listing every problem, one per line, each prefixed by where it comes from."""
+    if len(problems) == 1:
+        raise UserError(f"{source}: {problems[0]}.")
     if problems:
-        raise UserError(f"{source}: " + "; ".join(problems) + ".")
+        raise UserError(f"{source}: {len(problems)} problems:\n" + "\n".join(f"  {source}: {p}." for p in problems))
 
 
 def validate_config_file(command: str, path: str) -> None:
@@ -105,5 +211,5 @@ def validate_config_file(command: str, path: str) -> None:
     if command == "train-ar":
         keys.add("preset")
     problems = _unknown_keys(values, keys, lambda key: f"{key} is not an option of diffgr2 {command}")
-    if problems:
-        raise UserError(f"--config {path}: " + "; ".join(problems) + ".")
+    problems += _bad_values(section, values, str)
+    _raise(f"--config {path}", problems)

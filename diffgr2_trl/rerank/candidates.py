@@ -155,6 +155,7 @@ def prepare_data(
     train_rows: str = "all_prefixes",
     progress: bool = True,
     provenance: dict | None = None,
+    allow_truncated: bool = False,
 ) -> PreparedData:
     """Load, split, fit pre-rankers, build candidates / examples and semantic IDs; save to ``out_dir``.
 
@@ -172,6 +173,8 @@ def prepare_data(
         train_rows: ``"all_prefixes"`` (every prefix of every user's training items, scored leave-one-out) or
             ``"last"`` (one row per user, its last training item).
         progress: tqdm bars for SASRec training.
+        allow_truncated: accept a sequences file whose last line was cut (see
+            :func:`~diffgr2_trl.rerank.data.load_sequences`).
         provenance: what produced this directory (options, data digests), recorded in ``prerank.json`` as ``inputs``.
 
     Returns:
@@ -184,7 +187,7 @@ def prepare_data(
         timings[key] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
-    data = load_sequence_data(data_dir, name)
+    data = load_sequence_data(data_dir, name, allow_truncated=allow_truncated)
     split = leave_one_out(data.sequences)
     stats = dataset_stats(data.sequences, data.item_attributes)
     print(f"prepare: loaded {stats['users']} users, {stats['items']} items ({time.perf_counter() - t0:.0f} s)", flush=True)

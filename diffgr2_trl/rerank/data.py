@@ -181,9 +181,15 @@ def _parse_id(tok: str, where: str) -> int:
 
 
 def load_sequences(
-    path: str | os.PathLike, min_items: int = MIN_ITEMS_PER_USER, report: LoadReport | None = None
+    path: str | os.PathLike, min_items: int = MIN_ITEMS_PER_USER, report: LoadReport | None = None,
+    allow_truncated: bool = False,
 ) -> dict[int, list[int]]:
-    """Read ``user item item ...`` lines. Users with fewer than ``min_items`` items are skipped and counted."""
+    """Read ``user item item ...`` lines. Users with fewer than ``min_items`` items are skipped and counted.
+
+    A last line without its newline means the file was most likely cut mid-write (an interrupted download or copy):
+    that raises :class:`DataFormatError`, since a run built on part of the users looks complete and is not.
+    ``allow_truncated=True`` accepts such a file with a warning and drops its last (possibly partial) line.
+    """
     path = Path(path)
     report = report if report is not None else LoadReport()
     seqs: dict[int, list[int]] = {}
@@ -207,8 +213,16 @@ def load_sequences(
             seqs[user] = items
     if line and not line.endswith("\n"):
         report.unterminated_last_line = True
-        logger.warning("%s:%d: the last line has no newline at its end: the file may have been cut short "
-                       "(%d users read); check it against its source.", path, lineno, len(seqs))
+        last_user = int(line.split()[0]) if line.split() else None
+        complete = len(seqs) - (last_user in seqs)
+        if not allow_truncated:
+            raise DataFormatError(
+                f"{path}:{lineno}: the last line has no newline at its end: the file looks cut short ({complete} "
+                "users on complete lines). Fetch it again, or pass --allow_truncated to use it without its last line."
+            )
+        seqs.pop(last_user, None)
+        logger.warning("%s:%d: the last line has no newline at its end (the file may have been cut short); "
+                       "--allow_truncated: dropped that line, %d users read.", path, lineno, len(seqs))
     if report.empty_lines or report.short_users:
         logger.warning(
             "%s: skipped %d empty lines and %d users with < %d items",
@@ -247,17 +261,19 @@ def load_item_attributes(path: str | os.PathLike) -> dict[int, list[int]]:
     return out
 
 
-def load_sequence_data(data_dir: str | os.PathLike | None = None, name: str | None = "Beauty") -> SequenceData:
+def load_sequence_data(data_dir: str | os.PathLike | None = None, name: str | None = "Beauty",
+                       allow_truncated: bool = False) -> SequenceData:
     """Locate (see :func:`locate_data_dir`) and load ``{name}.txt`` plus ``{name}_item2attributes.json``.
 
     ``name=None`` infers the stem from the directory (:func:`infer_dataset_name`). A missing attributes file is
-    allowed when ``name`` is given (every item gets no attributes, counted in the report).
+    allowed when ``name`` is given (every item gets no attributes, counted in the report). ``allow_truncated``: see
+    :func:`load_sequences`.
     """
     d = locate_data_dir(data_dir, name)
     if name is None:
         name = infer_dataset_name(d)
     report = LoadReport()
-    seqs = load_sequences(d / f"{name}.txt", report=report)
+    seqs = load_sequences(d / f"{name}.txt", report=report, allow_truncated=allow_truncated)
     attr_path = d / f"{name}_item2attributes.json"
     attrs = load_item_attributes(attr_path) if attr_path.is_file() else {}
     items = sorted({i for s in seqs.values() for i in s})

@@ -150,13 +150,15 @@ def test_beauty_statistics():
     assert time.perf_counter() - t0 < 60
 
 
-def test_a_file_cut_mid_line_is_warned_about(tmp_path, caplog):
+def test_a_file_cut_mid_line_is_refused_unless_allowed(tmp_path, caplog):
     path = tmp_path / "Toy.txt"
-    path.write_text("1 1 2 3\n2 4 5 6\n3 7 8 9")  # cut before the last newline
+    path.write_text("1 1 2 3\n2 4 5 6\n3 7 8 9")  # cut before the last newline (and maybe mid-line)
+    with pytest.raises(DataFormatError, match=r"Toy.txt:3: the last line has no newline.*\(2 users on complete.*--allow_truncated"):
+        load_sequences(path, report=LoadReport())
     report = LoadReport()
     with caplog.at_level("WARNING"):
-        seqs = load_sequences(path, report=report)
-    assert report.unterminated_last_line and len(seqs) == 3
+        seqs = load_sequences(path, report=report, allow_truncated=True)
+    assert report.unterminated_last_line and seqs == {1: [1, 2, 3], 2: [4, 5, 6]}  # the cut line is dropped
     assert "Toy.txt:3: the last line has no newline" in caplog.text
     path.write_text("1 1 2 3\n")
     assert not load_sequences(path, report=(r := LoadReport())) or not r.unterminated_last_line
