@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"diffgr2: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
         return 2
+    from .commands._spec import precheck
+
+    if precheck(name, rest):  # --help answered from the parsers' snapshot; bad options fail here, before imports
+        return 0
     config = _config_path(rest)
     if config is not None:
         from .pipeline.validate import validate_config_file

@@ -125,8 +125,7 @@ def test_every_subcommand_parses_with_trl_and_the_shared_names():
     for name, (module, _) in COMMANDS.items():
         mod = importlib.import_module(module)
         assert callable(getattr(mod, "main", None)), name
-        if name != "bench-opd":
-            assert callable(getattr(mod, "parse", None)) and callable(getattr(mod, "run", None)), name
+        assert callable(getattr(mod, "parse", None)) and callable(getattr(mod, "run", None)), name
     for command, renames in DEPRECATED_OPTIONS.items():
         assert command in COMMANDS
         assert set(renames.values()) <= {"model_name_or_path", "dataset_name", "output_dir", "max_completion_length"}

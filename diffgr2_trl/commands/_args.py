@@ -12,6 +12,7 @@ threads everywhere (:func:`diffgr2_trl.utils.set_threads`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Iterable, Mapping
@@ -113,6 +114,26 @@ def _cpu_defaults(values: dict[str, Any], argv: list[str]) -> None:
         values.update(use_cpu=True, bf16=False)
 
 
+class _Captured(Exception):
+    """Raised by :func:`parse_command` inside :func:`capture_parsers`, once the parser is built."""
+
+
+_CAPTURE: list | None = None
+
+
+@contextlib.contextmanager
+def capture_parsers():
+    """Within this block, :func:`parse_command` builds its parser, appends ``(command, parser, trainer)`` to the
+    yielded list and raises ``_Captured`` instead of parsing: how :mod:`._spec` snapshots every subcommand's options
+    (machine-dependent defaults, such as CPU training where there is no CUDA, are left out)."""
+    global _CAPTURE
+    previous, _CAPTURE = _CAPTURE, []
+    try:
+        yield _CAPTURE
+    finally:
+        _CAPTURE = previous
+
+
 def parse_command(
     command: str,
     dataclass_types: tuple[type, ...],
@@ -149,9 +170,13 @@ def parse_command(
             merged["preset"] = name
     merged.update(config)
     merged.update(values)
-    if trainer:
+    if trainer and _CAPTURE is None:
         _cpu_defaults(merged, argv)
     parser = TrlParser(dataclass_types, prog=f"diffgr2 {command}")
+    if _CAPTURE is not None:
+        parser.set_defaults_with_config(**merged)
+        _CAPTURE.append((command, parser, trainer))
+        raise _Captured(command)
     unknown = parser.set_defaults_with_config(**merged)
     if unknown:
         where = f"config file {config_path}" if config_path else "options"

@@ -13,10 +13,11 @@ from __future__ import annotations
 import copy
 import json
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
-import torch
-from trl import TrlParser
+from ._args import parse_command
 
 
 @dataclass
@@ -51,6 +52,7 @@ class BenchOPDArguments:
 
 
 def _run(student, tok, teacher, teacher_tok, args: BenchOPDArguments, out_dir: str) -> dict:
+    import torch
     from datasets import Dataset
 
     from ..trainers.opd import OnPolicyDistillationConfig, OnPolicyDistillationTrainer
@@ -79,8 +81,17 @@ def _run(student, tok, teacher, teacher_tok, args: BenchOPDArguments, out_dir: s
     }
 
 
+def parse(argv: list[str] | None = None, values: Mapping[str, Any] | None = None) -> tuple[BenchOPDArguments]:
+    return parse_command("bench-opd", (BenchOPDArguments,), argv, values)
+
+
 def main(argv: list[str] | None = None) -> int:
-    (args,) = TrlParser((BenchOPDArguments,)).parse_args_and_config(args=argv)
+    return run(*parse(argv))
+
+
+def run(args: BenchOPDArguments) -> int:
+    """Time OPD steps per teacher backend; print and (``args.json``) write the phase shares."""
+    import torch
     from transformers import AutoTokenizer
 
     from ..block_diffusion import convert_to_block_diffusion
