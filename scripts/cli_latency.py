@@ -36,7 +36,7 @@ def main() -> int:
     rows, missed = [], 0
     for name in COMMANDS:
         # a word where the command's first integer (else boolean) option expects a number
-        option = next((o for kind in ("int", "string_to_bool") for o in spec[name]["options"] if o["type"] == kind))
+        option = next(o for kind in ("int", "string_to_bool") for o in spec[name]["options"] if o["type"] == kind)
         bad_value = [option["flags"][0], "two"]
         help_s, help_rc = _time([name, "--help"])
         bad_s, bad_rc = _time([name, *bad_value])
