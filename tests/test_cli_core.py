@@ -74,18 +74,18 @@ def test_console_errors_are_one_line_with_a_debug_escape(tmp_path, capsys, monke
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    for model, expected in ((empty, "no model here (no config.json"), (tmp_path / "nope", "no such directory")):
+    for model, expected in ((empty, "no model here (no config.json"), (tmp_path / "nope", "no such file or directory")):
         assert console_main(["evaluate", "--model_name_or_path", str(model), "--dataset_name", str(tmp_path)]) == 2
         err = capsys.readouterr().err
         assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 2
     assert console_main(["cft", "--model_name_or_path", str(empty), "--dataset_name", str(tmp_path),
                          "--output_dir", str(tmp_path / "o")]) == 2
     assert "no model here" in capsys.readouterr().err
-    # bad values are refused before any model loads (the model path here does not even exist)
-    assert console_main(["evaluate", "--model_name_or_path", str(tmp_path / "nope"), "--dataset_name", str(tmp_path),
+    # bad values are refused before any model loads (the model directory here holds no model)
+    assert console_main(["evaluate", "--model_name_or_path", str(empty), "--dataset_name", str(tmp_path),
                          "--tau", "2"]) == 2
     assert "--tau must be in (0, 1]" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="no such directory"):  # --debug: the exception itself, traceback and all
+    with pytest.raises(ValueError, match="no such file or directory"):  # --debug: the exception itself, traceback and all
         console_main(["evaluate", "--model_name_or_path", str(tmp_path / "nope"), "--dataset_name", str(tmp_path),
                       "--debug"])
     monkeypatch.setenv("DIFFGR2_DEBUG", "1")
@@ -128,7 +128,8 @@ def test_every_subcommand_parses_with_trl_and_the_shared_names():
         assert callable(getattr(mod, "parse", None)) and callable(getattr(mod, "run", None)), name
     for command, renames in DEPRECATED_OPTIONS.items():
         assert command in COMMANDS
-        assert set(renames.values()) <= {"model_name_or_path", "dataset_name", "output_dir", "max_completion_length"}
+        assert set(renames.values()) <= {"model_name_or_path", "dataset_name", "output_dir", "max_completion_length",
+                                         "teacher"}
     from diffgr2_trl.commands import evaluate
 
     with warnings.catch_warnings():
@@ -186,3 +187,27 @@ def test_bench_decode_compiled_rows_and_flex_loss_check(tmp_path):
     assert eager.config._attn_implementation == "eager"  # restored
     with pytest.raises(ValueError, match="needs a GPU"):
         main(["bench-train", "--shape", "tiny", "--attn_implementation", "flex_attention", "--device", "cpu"])
+
+
+def test_one_teacher_flag_and_one_form_of_use_cpu():
+    """opd: --teacher is the flag; the config field's and TRL's spellings are deprecated aliases of it. train-ar's
+    --use_cpu is a bare flag like the trainers' (it took a value before)."""
+    from diffgr2_trl.commands import opd, train_ar
+
+    base = ["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", "o"]
+    for old in ("--teacher_model", "--teacher_model_name_or_path"):
+        with pytest.warns(FutureWarning, match=f"{old} is deprecated; use --teacher"):
+            script, args, _ = opd.parse([*base, old, "http://127.0.0.1:1"])
+        assert script.teacher == "http://127.0.0.1:1" and args.teacher_model_name_or_path is None
+    (ar_args,) = train_ar.parse(["--dataset_name", "d", "--output_dir", "o", "--use_cpu"])
+    assert ar_args.use_cpu is True
+
+
+def test_the_decode_summary_labels_constrained_rows():
+    from diffgr2_trl.pipeline.runner import summary_line
+
+    rows = [{"method": "ar", "tau": None, "tokens_per_s": 400.0, "constrained": False},
+            {"method": "ar", "tau": None, "tokens_per_s": 300.0, "constrained": True},
+            {"method": "block", "tau": 0.9, "tokens_per_s": 500.0, "constrained": True}]
+    assert summary_line("decode", {"rows": rows}) == ("ar: 400.0 tok/s | ar, constrained: 300.0 tok/s | "
+                                                     "block tau=0.9, constrained: 500.0 tok/s")

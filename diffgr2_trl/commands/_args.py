@@ -25,7 +25,10 @@ DEPRECATED_OPTIONS: dict[str, dict[str, str]] = {
     "evaluate": {"model": "model_name_or_path", "prepared": "dataset_name", "max_new_tokens": "max_completion_length"},
     "generate": {"model": "model_name_or_path", "max_new_tokens": "max_completion_length"},
     "convert": {"model": "model_name_or_path", "output": "output_dir"},
-    "opd": {"model": "model_name_or_path", "dataset": "dataset_name"},
+    # one teacher flag on the command line: --teacher (the config field teacher_model, TRL's unused
+    # teacher_model_name_or_path)
+    "opd": {"model": "model_name_or_path", "dataset": "dataset_name", "teacher_model": "teacher",
+            "teacher_model_name_or_path": "teacher"},
     "grpo": {"model": "model_name_or_path", "dataset": "dataset_name"},
     "bench-decode": {"model": "model_name_or_path"},
     "bench-rl": {"model": "model_name_or_path"},

@@ -35,7 +35,11 @@ class ConvertArguments:
     output_dir: str = field(metadata={"help": "Output directory."})
     block_size: int = field(default=32, metadata={"help": "Tokens per block."})
     mask_token: str | None = field(default=None, metadata={"help": "Mask token string."})
-    token_shift: bool = field(default=True, metadata={"help": "AR token shift."})
+    token_shift: bool = field(
+        default=True,
+        metadata={"help": "Predict each token from the position before it, as the AR model did (keep it on when "
+                  "converting an AR model; --no_token_shift turns it off)."},
+    )
     clean_block_causal: bool = field(default=True, metadata={"help": "Block-causal committed context."})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16 or auto."})
 

@@ -45,11 +45,14 @@ class PrepareArguments:
         codebook_size: semantic-ID codes per level (small catalogues need fewer).
         vocab_size: BPE size of the local tokenizer.
         overwrite: rebuild even if ``output_dir`` is complete.
-        threads: torch intra-op CPU threads (1 is often faster on a contended CPU); 0 keeps torch's default.
+        threads: torch intra-op CPU threads (0: torch's default), as in every subcommand.
     """
 
     output_dir: str = field(metadata={"help": "Output directory."})
-    data_dir: str | None = field(default=None, metadata={"help": "Dataset directory (default: located automatically)."})
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "Dataset directory; when not given, $DIFFGR2_DATA_DIR or ../shared/data/amazon-beauty."},
+    )
     name: str | None = field(
         default=None, metadata={"help": "Dataset file stem ({name}.txt; default: inferred from data_dir)."}
     )
@@ -77,7 +80,7 @@ class PrepareArguments:
         default=False,
         metadata={"help": "Accept a sequences file whose last line has no newline (cut short?); drop that line."},
     )
-    threads: int = field(default=1, metadata={"help": "torch intra-op CPU threads (0: torch's default)."})
+    threads: int = field(default=0, metadata={"help": "torch intra-op CPU threads (0: torch's default)."})
 
 
 def _print_summary(summary: dict, seconds: float | None) -> None:

@@ -461,6 +461,7 @@ def summary_line(name: str, metrics: dict) -> str:
     if m and "R@1" in m:
         return f"R@1 {m['R@1']:.4f} R@3 {m.get('R@3', float('nan')):.4f} valid {m.get('valid_rate', float('nan')):.3f}"
     if name == "decode":
-        return " | ".join(f"{r['method']}{'' if r['tau'] is None else ' tau=' + str(r['tau'])}: "
-                          f"{(r['tokens_per_s'] or 0):.1f} tok/s" for r in metrics.get("rows", []))
+        return " | ".join(f"{r['method']}{'' if r['tau'] is None else ' tau=' + str(r['tau'])}"
+                          f"{', constrained' if r.get('constrained') else ''}: {(r['tokens_per_s'] or 0):.1f} tok/s"
+                          for r in metrics.get("rows", []))
     return "ok"

@@ -65,14 +65,17 @@ class ARTrainArguments:
     dataset_name: str = field(metadata={"help": "diffgr2 prepare output directory."})
     output_dir: str = field(metadata={"help": "Output directory (output_dir/sft, output_dir/rl)."})
     stage: str = field(default="all", metadata={"help": "mid, sft, rl or all."})
-    preset: str | None = field(default=None, metadata={"help": "cpu or gpu (defaults from diffgr2_trl/presets)."})
+    preset: str | None = field(
+        default=None,
+        metadata={"help": "train-ar's defaults: cpu or gpu (diffgr2_trl/presets/ar_*.yaml; the pipeline has its own)."},
+    )
     model_name_or_path: str | None = field(default=None, metadata={"help": "Checkpoint to start from."})
     arch: str = field(default="qwen3", metadata={"help": "Architecture of a config-built model."})
     shape: str = field(default="small", metadata={"help": "Shape of a config-built model."})
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    use_cpu: bool | None = field(default=None, metadata={"help": "Force CPU (default: when no CUDA)."})
+    use_cpu: bool = field(default=False, metadata={"help": "Train on CPU (chosen anyway when CUDA is not available)."})
     bf16: bool = field(default=False, metadata={"help": "bf16 training (GPU only)."})
     threads: int = field(default=0, metadata={"help": "torch threads on CPU (0: default)."})
     seed: int = field(default=0, metadata={"help": "Seed."})
@@ -110,8 +113,7 @@ class ARTrainArguments:
             raise ValueError(f"--mid_source must be fresh or prepared, got {self.mid_source!r}.")
         if self.mid_schedule not in {"cosine", "constant"}:
             raise ValueError(f"--mid_schedule must be cosine or constant, got {self.mid_schedule!r}.")
-        if self.use_cpu is None:
-            self.use_cpu = not torch.cuda.is_available()
+        self.use_cpu = bool(self.use_cpu) or not torch.cuda.is_available()
         if self.use_cpu and self.bf16:
             raise ValueError("bf16 needs a GPU; drop --bf16 on CPU.")
 
