@@ -55,7 +55,7 @@ def _type_name(action) -> str | None:
 
 def build_spec() -> dict[str, Any]:
     """Snapshot every subcommand's parser: ``{"versions": ..., "commands": {name: {"help", "trainer", "options"}}}``."""
-    from ..cli import COMMANDS
+    from . import COMMANDS
     from ._args import _Captured, capture_parsers
 
     commands: dict[str, Any] = {}

@@ -11,6 +11,7 @@ model (then ``--block_size`` converts it first).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from trl import ModelConfig, ScriptArguments, get_peft_config
@@ -20,15 +21,30 @@ from ._args import parse_command
 from ._common import load_any_dataset, load_for_training, train_and_save
 
 
+@dataclass
+class CFTScriptArguments(ScriptArguments):
+    """TRL's script arguments (``--dataset_name``, ``--dataset_train_split``, ...), plus ``allow_other_data``: train a
+    model that was trained on other prepared data (other semantic IDs or tokenizer) anyway."""
+
+    allow_other_data: bool = field(
+        default=False,
+        metadata={"help": "Use a model trained on other prepared data (other semantic IDs/tokenizer) anyway."},
+    )
+
+
 def parse(argv: list[str] | None = None, values: Mapping[str, Any] | None = None):
-    """``(ScriptArguments, BlockDiffusionConfig, ModelConfig)``; CPU training by default on a machine without CUDA."""
-    return parse_command("cft", (ScriptArguments, BlockDiffusionConfig, ModelConfig), argv, values, trainer=True)
+    """``(CFTScriptArguments, BlockDiffusionConfig, ModelConfig)``; CPU training by default on a machine without
+    CUDA."""
+    return parse_command("cft", (CFTScriptArguments, BlockDiffusionConfig, ModelConfig), argv, values, trainer=True)
 
 
-def run(script_args: ScriptArguments, training_args: BlockDiffusionConfig, model_args: ModelConfig) -> None:
+def run(script_args: CFTScriptArguments, training_args: BlockDiffusionConfig, model_args: ModelConfig) -> None:
     """Train and save to ``training_args.output_dir``."""
     if not model_args.model_name_or_path or not script_args.dataset_name:
         raise SystemExit("diffgr2 cft needs --model_name_or_path and --dataset_name.")
+    from ..rerank.pipeline_data import check_model_data, record_training_data
+
+    check_model_data(model_args.model_name_or_path, script_args.dataset_name, script_args.allow_other_data)
     model, tokenizer = load_for_training(model_args.model_name_or_path, model_args)
     train = load_any_dataset(script_args.dataset_name, script_args.dataset_train_split)
     trainer = BlockDiffusionTrainer(
@@ -36,6 +52,7 @@ def run(script_args: ScriptArguments, training_args: BlockDiffusionConfig, model
         peft_config=get_peft_config(model_args),
     )
     train_and_save(trainer, tokenizer, training_args.output_dir, training_args.resume_from_checkpoint)
+    record_training_data(training_args.output_dir, script_args.dataset_name)
 
 
 def main(argv: list[str] | None = None) -> int:

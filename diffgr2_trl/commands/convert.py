@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..block_diffusion import convert_to_block_diffusion, get_spec
@@ -57,6 +59,10 @@ def run(args: ConvertArguments) -> dict[str, Any]:
                                token_shift=args.token_shift, clean_block_causal=args.clean_block_causal)
     model.save_pretrained(args.output_dir)
     tok.save_pretrained(args.output_dir)
+    from ..rerank.pipeline_data import DATA_RECORD
+
+    if (Path(args.model_name_or_path) / DATA_RECORD).is_file():  # the converted model knows the same items
+        shutil.copyfile(Path(args.model_name_or_path) / DATA_RECORD, Path(args.output_dir) / DATA_RECORD)
     spec = get_spec(model)
     print(f"converted {args.model_name_or_path} -> {args.output_dir}: block_size={spec.block_size} "
           f"mask_token_id={spec.mask_token_id} token_shift={spec.token_shift}")

@@ -64,6 +64,10 @@ class EvaluateArguments:
     threads: int = field(default=0, metadata={"help": "torch intra-op CPU threads (0: torch's default)."})
     json: str | None = field(default=None, metadata={"help": "Write the results JSON here."})
     outputs: str | None = field(default=None, metadata={"help": "Write decoded completions (JSON list) here."})
+    allow_other_data: bool = field(
+        default=False,
+        metadata={"help": "Use a model trained on other prepared data (other semantic IDs/tokenizer) anyway."},
+    )
 
     def __post_init__(self) -> None:
         # Checked here, before any model loads: a bad value should cost a second, not a model load.
@@ -87,12 +91,13 @@ def run(args: EvaluateArguments, decoding: BlockDecodingConfig) -> dict[str, Any
 
     from ..rerank.evaluate import DECODERS, evaluate_model
     from ..rerank.parsing import parse_ranking
-    from ..rerank.pipeline_data import load_split
+    from ..rerank.pipeline_data import check_model_data, load_split
     from ..utils import set_threads, write_json_atomic
 
     if args.decoder not in DECODERS:
         raise UserError(f"unknown decoder {args.decoder!r}; choose from {sorted(DECODERS)}.")
     check_model_dir(args.model_name_or_path)
+    check_model_data(args.model_name_or_path, args.dataset_name, args.allow_other_data)
     set_threads(args.threads)
     ds = load_split(args.dataset_name, args.split)
     if args.limit is not None:

@@ -44,6 +44,10 @@ class GRPOScriptArguments:
     dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
     reward_funcs: list[str] | None = field(default=None, metadata={"help": "Reward functions (dotted import paths)."})
     validity_func: str | None = field(default=None, metadata={"help": "Validity function (dotted import path)."})
+    allow_other_data: bool = field(
+        default=False,
+        metadata={"help": "Use a model trained on other prepared data (other semantic IDs/tokenizer) anyway."},
+    )
 
 
 def resolve_function(path: str) -> Callable:
@@ -85,6 +89,9 @@ def run(script_args: GRPOScriptArguments, training_args: DiffusionGRPOConfig, mo
         raise SystemExit("diffgr2 grpo needs --model_name_or_path, --dataset_name and --reward_funcs.")
     reward_funcs = [resolve_function(p) for p in script_args.reward_funcs]
     validity = resolve_function(script_args.validity_func) if script_args.validity_func else None
+    from ..rerank.pipeline_data import check_model_data, record_training_data
+
+    check_model_data(model_args.model_name_or_path, script_args.dataset_name, script_args.allow_other_data)
     model, tokenizer = load_for_training(model_args.model_name_or_path, model_args)
     trainer = DiffusionGRPOTrainer(
         model, reward_funcs=reward_funcs, args=training_args, processing_class=tokenizer,
@@ -92,6 +99,7 @@ def run(script_args: GRPOScriptArguments, training_args: DiffusionGRPOConfig, mo
         peft_config=get_peft_config(model_args), validity_fn=validity,
     )
     train_and_save(trainer, tokenizer, training_args.output_dir, training_args.resume_from_checkpoint)
+    record_training_data(training_args.output_dir, script_args.dataset_name)
 
 
 def main(argv: list[str] | None = None) -> int:

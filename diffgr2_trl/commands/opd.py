@@ -40,6 +40,10 @@ class OPDScriptArguments:
     dataset_name: str | None = field(default=None, metadata={"help": "Prompt dataset: directory, file or hub name."})
     dataset_split: str = field(default="train", metadata={"help": "Training split."})
     eval_split: str | None = field(default=None, metadata={"help": "Evaluation split (optional)."})
+    allow_other_data: bool = field(
+        default=False,
+        metadata={"help": "Use a model trained on other prepared data (other semantic IDs/tokenizer) anyway."},
+    )
 
 
 def parse(argv: list[str] | None = None, values: Mapping[str, Any] | None = None):
@@ -57,6 +61,9 @@ def run(script: OPDScriptArguments, args: OnPolicyDistillationConfig, model_args
         args.teacher_model = script.teacher
     if not args.teacher_model:
         raise SystemExit("diffgr2 opd needs --teacher (a path, http://host:port or vllm:PATH).")
+    from ..rerank.pipeline_data import check_model_data, record_training_data
+
+    check_model_data(model_path, script.dataset_name, script.allow_other_data)
     model, tokenizer = load_for_training(model_path, model_args)
     train = load_any_dataset(script.dataset_name, script.dataset_split)
     evaluation = load_any_dataset(script.dataset_name, script.eval_split) if script.eval_split else None
@@ -65,6 +72,7 @@ def run(script: OPDScriptArguments, args: OnPolicyDistillationConfig, model_args
         peft_config=get_peft_config(model_args),
     )
     train_and_save(trainer, tokenizer, args.output_dir, args.resume_from_checkpoint)
+    record_training_data(args.output_dir, script.dataset_name)
 
 
 def main(argv: list[str] | None = None) -> int:

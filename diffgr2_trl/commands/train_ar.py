@@ -46,6 +46,10 @@ def run(args) -> dict[str, dict]:
         stages = [args.stage]
     if "mid" in stages and args.mid_max_steps <= 0:
         raise SystemExit("diffgr2 train-ar: --stage mid needs --mid_max_steps > 0.")
+    from diffgr2_trl.rerank.pipeline_data import check_model_data, record_training_data
+
+    if args.model_name_or_path:
+        check_model_data(args.model_name_or_path, args.dataset_name, args.allow_other_data)
     infos = {}
     for stage in stages:
         t0 = time.perf_counter()
@@ -62,6 +66,7 @@ def run(args) -> dict[str, dict]:
                 raise SystemExit(f"diffgr2 train-ar: no SFT model at {start}; run --stage sft first.")
             model, tokenizer = ar_model_and_tokenizer(args, start=start)
             info = run_grpo(args, model, tokenizer, str(out / "rl"))
+        record_training_data(out / stage, args.dataset_name)
         info["wall_s"] = round(time.perf_counter() - t0, 1)
         info["args"] = vars(args)
         (out / f"train_{stage}.json").write_text(json.dumps(info, indent=2, default=str) + "\n")

@@ -79,6 +79,10 @@ class ARTrainArguments:
     bf16: bool = field(default=False, metadata={"help": "bf16 training (GPU only)."})
     threads: int = field(default=0, metadata={"help": "torch threads on CPU (0: default)."})
     seed: int = field(default=0, metadata={"help": "Seed."})
+    allow_other_data: bool = field(
+        default=False,
+        metadata={"help": "Start from a model trained on other prepared data (other semantic IDs/tokenizer) anyway."},
+    )
     logging_steps: int = field(default=10, metadata={"help": "Log every N steps."})
     max_length: int = field(default=640, metadata={"help": "SFT sequence cap (tokens)."})
     mid_max_steps: int = field(default=0, metadata={"help": "SID mid-training steps (0: no mid stage in 'all')."})

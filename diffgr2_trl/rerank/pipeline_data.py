@@ -254,3 +254,59 @@ def load_summary(prepared_dir: str | os.PathLike) -> dict:
 def load_all(prepared_dir: str | os.PathLike) -> PreparedData:
     """Convenience re-export of :func:`~diffgr2_trl.rerank.candidates.load_prepared`."""
     return load_prepared(prepared_dir)
+
+
+# ------------------------------------------------------------------------------- which data a model was trained on
+
+# Written into every model directory trained on a prepared directory: evaluating or training that model on prepared
+# data with other semantic IDs or another tokenizer is refused (its IDs would mean other items, its tokens others).
+DATA_RECORD = "diffgr2_data.json"
+
+
+def data_identity(prepared_dir: str | os.PathLike) -> dict | None:
+    """What a model trained on ``prepared_dir`` depends on: the dataset's name, and digests of its semantic IDs and
+    tokenizer (other preparation options, such as a subsampled train split, do not change what the IDs mean).
+    ``None`` when ``prepared_dir`` is not a ``diffgr2 prepare`` output directory."""
+    import hashlib
+
+    d = Path(prepared_dir)
+    sids, tok = d / "semantic_ids.json", d / "tokenizer" / "tokenizer.json"
+    if not (d / SUMMARY).is_file() or not sids.is_file() or not tok.is_file():
+        return None
+    summary = load_summary(d)
+    dataset = (((summary.get("inputs") or {}).get("data") or {}).get("dataset")) or "unknown"
+    digest = hashlib.sha256(sids.read_bytes() + b"\0" + tok.read_bytes()).hexdigest()[:16]
+    return {"dataset": dataset, "prepared_dir": str(d.resolve()), "sids_and_tokenizer": digest}
+
+
+def record_training_data(model_dir: str | os.PathLike, prepared_dir: str | os.PathLike | None) -> None:
+    """Write :data:`DATA_RECORD` into ``model_dir`` (nothing when ``prepared_dir`` is not a prepare directory)."""
+    from ..utils import atomic_write_text
+
+    identity = data_identity(prepared_dir) if prepared_dir else None
+    if identity is not None and Path(model_dir).is_dir():
+        atomic_write_text(Path(model_dir) / DATA_RECORD, json.dumps(identity, indent=2))
+
+
+def check_model_data(model_dir: str | os.PathLike, prepared_dir: str | os.PathLike | None,
+                     allow_other_data: bool = False) -> None:
+    """Refuse to use the model in ``model_dir`` on ``prepared_dir`` when it was trained on data with other semantic IDs
+    or another tokenizer (:data:`DATA_RECORD`); ``allow_other_data=True`` (deliberate transfer) only warns.
+    A model without a record (not trained here) or data that is not a prepare directory is not checked."""
+    import logging
+
+    from ..errors import UserError
+
+    record_path = Path(model_dir) / DATA_RECORD
+    identity = data_identity(prepared_dir) if prepared_dir else None
+    if identity is None or not record_path.is_file():
+        return
+    trained = json.loads(record_path.read_text())
+    if trained.get("sids_and_tokenizer") == identity["sids_and_tokenizer"]:
+        return
+    message = (f"the model in {model_dir} was trained on {trained.get('dataset')} ({trained.get('prepared_dir')}, "
+               f"IDs+tokenizer {trained.get('sids_and_tokenizer')}), not on {identity['dataset']} ({prepared_dir}, "
+               f"IDs+tokenizer {identity['sids_and_tokenizer']}): its semantic IDs name other items there")
+    if not allow_other_data:
+        raise UserError(message + "; pass --allow_other_data to use it anyway (a deliberate transfer).")
+    logging.getLogger(__name__).warning("--allow_other_data: %s.", message)

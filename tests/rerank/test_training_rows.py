@@ -215,3 +215,36 @@ def test_candidates_come_from_a_leave_one_out_pre_ranker(tmp_path):
         prepare_data(d, tmp_path / "b", prerankers=("popularity",), codebook_size=4, progress=False)
     last = prepare_data(d, tmp_path / "c", prerankers=("popularity",), codebook_size=4, train_rows="last", progress=False)
     assert last.prerank["chosen"] == "popularity"
+
+
+def test_a_model_is_refused_on_prepared_data_with_other_ids_unless_allowed(tmp_path, caplog):
+    """A model records the prepared data it was trained on; other semantic IDs or another tokenizer (another Amazon
+    dataset, say) are refused, naming both, unless --allow_other_data; other preparation options are not."""
+    import json
+
+    from diffgr2_trl.errors import UserError
+    from diffgr2_trl.rerank.pipeline_data import DATA_RECORD, check_model_data, record_training_data
+
+    def prepared(name: str, dataset: str, sids: str, max_train: int | None = None):
+        d = tmp_path / name
+        (d / "tokenizer").mkdir(parents=True)
+        (d / "tokenizer" / "tokenizer.json").write_text('{"vocab": 1}')
+        (d / "semantic_ids.json").write_text(sids)
+        (d / "summary.json").write_text(json.dumps({"inputs": {"data": {"dataset": dataset}},
+                                                    "max_train_examples": max_train}))
+        return d
+
+    beauty, beauty_small = prepared("beauty", "Beauty", '{"1": "a"}'), prepared("small", "Beauty", '{"1": "a"}', 160)
+    toys = prepared("toys", "Toys", '{"1": "b"}')
+    model = tmp_path / "model"
+    model.mkdir()
+    check_model_data(model, toys)  # no record: a model trained elsewhere is not checked
+    record_training_data(model, beauty)
+    assert json.loads((model / DATA_RECORD).read_text())["dataset"] == "Beauty"
+    check_model_data(model, beauty_small)  # same IDs and tokenizer, fewer train rows: fine
+    with pytest.raises(UserError, match=r"trained on Beauty .* not on Toys .*--allow_other_data"):
+        check_model_data(model, toys)
+    with caplog.at_level("WARNING"):
+        check_model_data(model, toys, allow_other_data=True)
+    assert "--allow_other_data" in caplog.text
+    check_model_data(model, tmp_path / "not-prepared")  # a plain dataset file or directory: nothing to compare
