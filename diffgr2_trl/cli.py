@@ -27,7 +27,8 @@ def _usage() -> str:
     width = max(len(n) for n in COMMANDS)
     lines = ["usage: diffgr2 <command> [--config file.yaml] [options]", "", "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Run `diffgr2 <command> --help` for a command's options."]
+    lines += ["", "Run `diffgr2 <command> --help` for a command's options. Anywhere on the command line, --debug shows "
+              "tracebacks and --verbose the libraries' progress bars."]
     return "\n".join(lines)
 
 
@@ -66,14 +67,30 @@ def _config_path(argv: list[str]) -> str | None:
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError)
 
 
+# Environment switches of the libraries' own progress bars (read when they are imported, hence set before that).
+QUIET_ENV = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def quiet_library_progress_bars() -> None:
+    """Turn off datasets/transformers/hub progress bars for this process, unless the user set those switches."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def console_main(argv: list[str] | None = None) -> int:
     """The ``diffgr2`` console script: :func:`main`, with user errors printed as one line instead of a traceback.
 
     ``--debug`` (anywhere on the command line) or ``DIFFGR2_DEBUG=1`` shows the full traceback instead.
+    Library progress bars (dataset saving and mapping, weight loading, downloads) are off unless ``--verbose``
+    (anywhere on the command line) or the user set the libraries' own switches; the bars of the work a subcommand
+    is there to do (training, decoding) always show.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("DIFFGR2_DEBUG", "") not in ("", "0")
-    argv = [a for a in argv if a != "--debug"]
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a not in ("--debug", "--verbose")]
+    if not verbose:
+        quiet_library_progress_bars()
     if debug:
         return main(argv)
     try:

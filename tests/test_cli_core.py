@@ -1,6 +1,7 @@
 """The core ``diffgr2`` subcommands, run through the real entry point."""
 
 import json
+import os
 
 import pytest
 from transformers import AutoConfig
@@ -211,3 +212,17 @@ def test_the_decode_summary_labels_constrained_rows():
             {"method": "block", "tau": 0.9, "tokens_per_s": 500.0, "constrained": True}]
     assert summary_line("decode", {"rows": rows}) == ("ar: 400.0 tok/s | ar, constrained: 300.0 tok/s | "
                                                      "block tau=0.9, constrained: 500.0 tok/s")
+
+
+def test_library_progress_bars_are_off_unless_verbose(monkeypatch, capsys):
+    from diffgr2_trl.cli import QUIET_ENV, console_main
+
+    for key in QUIET_ENV:
+        monkeypatch.delenv(key, raising=False)
+    assert console_main(["convert", "--help", "--verbose"]) == 0
+    assert not any(key in os.environ for key in QUIET_ENV)
+    assert console_main(["convert", "--help"]) == 0
+    assert all(os.environ[key] == "1" for key in QUIET_ENV)
+    monkeypatch.setenv("HF_DATASETS_DISABLE_PROGRESS_BARS", "0")  # the user's own switch wins
+    assert console_main(["convert", "--help"]) == 0
+    assert os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "0"

@@ -14,7 +14,7 @@ FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9_-]*)")
 # "diffgr2 CMD --flag ..." up to the end of the quoted command, clause or sentence
 COMMAND = re.compile(r"\bdiffgr2 ([a-z][a-z-]*[a-z])\b([^`;()]*)")
 # flags every subcommand takes outside its parser (cli.py and _args.py handle them)
-GLOBAL_FLAGS = {"help", "debug", "config"}
+GLOBAL_FLAGS = {"help", "debug", "verbose", "config"}
 # flags of other programs that messages may name (vLLM's server, accelerate, pip)
 OTHER_PROGRAMS = {"host", "port", "model", "num_processes", "no-deps", "index-url", "gpu-memory-utilization"}
 
