@@ -44,3 +44,18 @@ def test_cft_sort_runs_on_two_cpu_processes(tmp_path):
     assert ranks == [("0", "2"), ("1", "2")], res.stdout[-2000:]
     assert len(METRIC.findall(res.stdout)) == 1
     assert (tmp_path / "ddp" / "config.json").exists()
+
+
+def test_opd_grpo_sort_runs_as_the_readme_fragment_says(tmp_path, capsys):
+    """examples/opd_grpo_sort.py (the README's OPD/RL fragment) with its defaults: both phases train their steps and
+    print their first and last logged value (in-process: no second TRL import)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("opd_grpo_sort", REPO / "examples" / "opd_grpo_sort.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(["--output_dir", str(tmp_path / "run")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"opd: 2 steps, kl [0-9.]+ -> [0-9.]+", lines[-2]), lines[-2:]
+    assert re.fullmatch(r"grpo: 2 steps, reward [0-9.]+ -> [0-9.]+", lines[-1]), lines[-1:]
+    assert (tmp_path / "run" / "teacher" / "config.json").is_file()
