@@ -94,7 +94,7 @@ def test_cft_reduces_loss_with_grad_accumulation_and_resumes(tmp_path):
     assert trainer2.state.global_step == 30
 
 
-def test_rows_without_completion_are_rejected():
+def test_rows_without_completion_are_rejected(tmp_path):
     import pytest
     from datasets import Dataset
 
@@ -104,7 +104,7 @@ def test_rows_without_completion_are_rejected():
     model = build_model("qwen3", tokenizer=tok, shape=SMALL_SHAPE)
     ds = Dataset.from_list([{"prompt": "sort 1 2 : ", "completion": "think 1 2 answer 1 2"},
                             {"prompt": "sort 2 1 : ", "completion": ""}])
-    args = BlockDiffusionConfig("/tmp/unused", use_cpu=True, bf16=False, report_to=[], block_size=4)
+    args = BlockDiffusionConfig(str(tmp_path / "cft"), use_cpu=True, bf16=False, report_to=[], block_size=4)
     with pytest.raises(ValueError, match="Row 1 of the train dataset has an empty completion"):
         BlockDiffusionTrainer(model, args=args, train_dataset=ds, processing_class=tok)
     with pytest.raises(ValueError, match="prompt/completion data"):

@@ -72,11 +72,11 @@ def history(trainer, key):
     return [h[key] for h in trainer.state.log_history if key in h]
 
 
-def test_opd_lowers_kl_and_raises_agreement_with_teacher(weak_student_dir):
+def test_opd_lowers_kl_and_raises_agreement_with_teacher(tmp_path, weak_student_dir):
     model, tok = load(weak_student_dir)
     teacher = SortRuleTeacher()
     before = agreement(copy.deepcopy(model), tok, teacher)
-    args = OnPolicyDistillationConfig("/tmp/unused-opd", max_steps=50, per_device_train_batch_size=8,
+    args = OnPolicyDistillationConfig(str(tmp_path / "opd"), max_steps=50, per_device_train_batch_size=8,
                                       learning_rate=3e-3, max_completion_length=16, **FAST)
     trainer = OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=prompts(400),
                                           processing_class=tok, teacher_tokenizer=teacher.tokenizer)
@@ -95,10 +95,10 @@ def test_opd_lowers_kl_and_raises_agreement_with_teacher(weak_student_dir):
     assert 0 < logs["time/teacher_share"] < 1 and json.dumps(trainer.state.log_history)
 
 
-def test_one_state_per_block_with_topk_tail_teacher(weak_student_dir):
+def test_one_state_per_block_with_topk_tail_teacher(tmp_path, weak_student_dir):
     model, tok = load(weak_student_dir)
     teacher = SortRuleTeacher()
-    args = OnPolicyDistillationConfig("/tmp/unused-opd", max_steps=3, per_device_train_batch_size=4, max_completion_length=16,
+    args = OnPolicyDistillationConfig(str(tmp_path / "opd"), max_steps=3, per_device_train_batch_size=4, max_completion_length=16,
                                       replay="one_state_per_block", full_vocab=False, teacher_top_k=5, **FAST)
     trainer = OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=prompts(16),
                                           processing_class=tok, teacher_tokenizer=teacher.tokenizer)
@@ -165,7 +165,7 @@ class SameWeightsTeacher(Teacher):
 
 
 @pytest.mark.parametrize("block_size", [1, 4])
-def test_kl_is_zero_when_teacher_is_the_student(word_tokenizer, block_size):
+def test_kl_is_zero_when_teacher_is_the_student(tmp_path, word_tokenizer, block_size):
     """Block size 1 is exactly AR: a teacher with the student's weights gives KL 0 through the whole loss path
     (rollout, teacher alignment, replay, vocabulary cut). Block size 4 is not AR, so the same check must fail."""
     tok = copy.deepcopy(word_tokenizer)
@@ -173,7 +173,7 @@ def test_kl_is_zero_when_teacher_is_the_student(word_tokenizer, block_size):
     convert_to_block_diffusion(model, tok, block_size=block_size)
     teacher = SameWeightsTeacher(copy.deepcopy(model).eval(), len(word_tokenizer))
     data = Dataset.from_list([{"prompt": "sort 3 1 2 :"}, {"prompt": "copy 7 7 :"}])
-    args = OnPolicyDistillationConfig("/tmp/unused-opd", max_steps=1, per_device_train_batch_size=2, learning_rate=0.0,
+    args = OnPolicyDistillationConfig(str(tmp_path / "opd"), max_steps=1, per_device_train_batch_size=2, learning_rate=0.0,
                                       max_completion_length=8, beta=0.0, **FAST)
     trainer = OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=data,
                                           processing_class=tok, teacher_tokenizer=word_tokenizer)
@@ -182,13 +182,13 @@ def test_kl_is_zero_when_teacher_is_the_student(word_tokenizer, block_size):
     assert (kl < 1e-5) if block_size == 1 else (kl > 1e-3), kl
 
 
-def test_opd_with_vllm_server_teacher(vllm_server, word_tokenizer):
+def test_opd_with_vllm_server_teacher(tmp_path, vllm_server, word_tokenizer):
     url, model_dir = vllm_server
     tok = copy.deepcopy(word_tokenizer)
     model = build_model("qwen3", tokenizer=tok, shape=SMALL_SHAPE, seed=1)
     convert_to_block_diffusion(model, tok, block_size=4)
     data = Dataset.from_list([{"prompt": "sort 3 1 2 :"}, {"prompt": "copy 4 5 :"}])
-    args = OnPolicyDistillationConfig("/tmp/unused-opd", teacher_model=url, teacher_top_k=8, max_steps=2,
+    args = OnPolicyDistillationConfig(str(tmp_path / "opd"), teacher_model=url, teacher_top_k=8, max_steps=2,
                                       per_device_train_batch_size=2, max_completion_length=8, **FAST)
     trainer = OnPolicyDistillationTrainer(model, args=args, train_dataset=data, processing_class=tok)
     assert trainer.full_vocab is False
@@ -207,9 +207,9 @@ def tiny_student(word_tokenizer):
     return model, tok
 
 
-def test_unreachable_teacher_url_fails_at_start_up(word_tokenizer):
+def test_unreachable_teacher_url_fails_at_start_up(tmp_path, word_tokenizer):
     model, tok = tiny_student(word_tokenizer)
-    args = OnPolicyDistillationConfig("/tmp/unused-opd", teacher_model="http://127.0.0.1:9",
+    args = OnPolicyDistillationConfig(str(tmp_path / "opd"), teacher_model="http://127.0.0.1:9",
                                       teacher_kwargs={"retries": 0, "timeout": 2}, **FAST)
     with pytest.raises(TeacherUnavailableError, match="http://127.0.0.1:9"):
         OnPolicyDistillationTrainer(model, args=args, train_dataset=Dataset.from_list([{"prompt": "sort 1 :"}]),
@@ -223,26 +223,26 @@ class ShortTeacher(SortRuleTeacher):
         return out
 
 
-def test_teacher_returning_fewer_positions_is_an_error(weak_student_dir):
+def test_teacher_returning_fewer_positions_is_an_error(tmp_path, weak_student_dir):
     model, tok = load(weak_student_dir)
     teacher = ShortTeacher()
-    args = OnPolicyDistillationConfig("/tmp/unused-opd", max_steps=1, per_device_train_batch_size=2, max_completion_length=8, **FAST)
+    args = OnPolicyDistillationConfig(str(tmp_path / "opd"), max_steps=1, per_device_train_batch_size=2, max_completion_length=8, **FAST)
     trainer = OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=prompts(4),
                                           processing_class=tok, teacher_tokenizer=teacher.tokenizer)
     with pytest.raises(TeacherResponseError, match="completion positions for sequence 0"):
         trainer.train()
 
 
-def test_tokenizer_mismatch_and_bad_config(weak_student_dir, word_tokenizer):
+def test_tokenizer_mismatch_and_bad_config(tmp_path, weak_student_dir, word_tokenizer):
     model, tok = load(weak_student_dir)
-    args = OnPolicyDistillationConfig("/tmp/unused-opd", **FAST)
+    args = OnPolicyDistillationConfig(str(tmp_path / "opd"), **FAST)
     with pytest.raises(VocabMismatchError, match="incompatible"):
         OnPolicyDistillationTrainer(model, teacher=SortRuleTeacher(), args=args, train_dataset=prompts(4),
                                     processing_class=tok, teacher_tokenizer=word_tokenizer)
     with pytest.raises(ValueError, match="num_generations must be a positive integer"):
-        OnPolicyDistillationConfig("/tmp/unused-opd", num_generations=0, **FAST)
+        OnPolicyDistillationConfig(str(tmp_path / "opd"), num_generations=0, **FAST)
     with pytest.raises(ValueError, match="replay must be one of"):
-        OnPolicyDistillationConfig("/tmp/unused-opd", replay="some", **FAST)
+        OnPolicyDistillationConfig(str(tmp_path / "opd"), replay="some", **FAST)
     with pytest.raises(ValueError, match="needs a 'prompt' column"):
         OnPolicyDistillationTrainer(model, teacher=SortRuleTeacher(), args=args, processing_class=tok,
                                     train_dataset=Dataset.from_list([{"text": "sort 1 2 :"}]))
@@ -259,16 +259,16 @@ def test_student_attention_that_ignores_masks_is_refused(weak_student_dir, tmp_p
                                     processing_class=tok, teacher_tokenizer=SortRuleTeacher().tokenizer)
 
 
-def test_prompt_longer_than_teacher_context(weak_student_dir):
+def test_prompt_longer_than_teacher_context(tmp_path, weak_student_dir):
     model, tok = load(weak_student_dir)
     teacher = SortRuleTeacher()
     teacher.max_length = 20
-    args = OnPolicyDistillationConfig("/tmp/unused-opd", max_completion_length=16, **FAST)
+    args = OnPolicyDistillationConfig(str(tmp_path / "opd"), max_completion_length=16, **FAST)
     with pytest.raises(ValueError, match="more than the teacher's context of 20"):
         OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=prompts(4), processing_class=tok,
                                     teacher_tokenizer=teacher.tokenizer)
     # left truncation makes it fit; the teacher still refuses anything longer at scoring time
-    args = OnPolicyDistillationConfig("/tmp/unused-opd", max_completion_length=16, max_prompt_length=4, **FAST)
+    args = OnPolicyDistillationConfig(str(tmp_path / "opd"), max_completion_length=16, max_prompt_length=4, **FAST)
     OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=prompts(4), processing_class=tok,
                                 teacher_tokenizer=teacher.tokenizer)
     with pytest.raises(TeacherInputError, match="longer than the teacher's context"):
@@ -369,14 +369,14 @@ class CountingSampler(BlockDiffusionSampler):
         return super().generate(input_ids, attention_mask, model=model, **kw)
 
 
-def test_custom_sampler_is_the_one_used_and_config_fields(weak_student_dir):
+def test_custom_sampler_is_the_one_used_and_config_fields(tmp_path, weak_student_dir):
     from diffgr2_trl.block_diffusion import BlockDecodingConfig
 
     model, tok = load(weak_student_dir)
     teacher = SortRuleTeacher()
     sampler = CountingSampler(config=BlockDecodingConfig(max_completion_length=8, tau=0.5, temperature=1.0),
                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    args = OnPolicyDistillationConfig("/tmp/unused-opd", max_steps=2, per_device_train_batch_size=2, **FAST)
+    args = OnPolicyDistillationConfig(str(tmp_path / "opd"), max_steps=2, per_device_train_batch_size=2, **FAST)
     trainer = OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=prompts(8),
                                           processing_class=tok, teacher_tokenizer=teacher.tokenizer, sampler=sampler)
     assert trainer.sampler is sampler
@@ -384,15 +384,15 @@ def test_custom_sampler_is_the_one_used_and_config_fields(weak_student_dir):
     assert sampler.calls == 2 and all(m is trainer.model for m in sampler.models)
     assert max(history(trainer, "replay/max_logprob_error")) < 1e-4
     # the default sampler decodes with the config's decoding fields
-    args = OnPolicyDistillationConfig("/tmp/unused-opd", max_completion_length=12, tau=0.7, top_k=5, **FAST)
+    args = OnPolicyDistillationConfig(str(tmp_path / "opd"), max_completion_length=12, tau=0.7, top_k=5, **FAST)
     default = OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=prompts(4),
                                           processing_class=tok, teacher_tokenizer=teacher.tokenizer).sampler
     assert default.config == BlockDecodingConfig(max_completion_length=12, tau=0.7, temperature=1.0, top_k=5)
     # TRL's name for the length; the old one still works, with a deprecation warning
     with pytest.warns(FutureWarning, match="max_new_tokens is deprecated"):
-        old = OnPolicyDistillationConfig("/tmp/unused-opd", max_new_tokens=16, **FAST)
+        old = OnPolicyDistillationConfig(str(tmp_path / "opd"), max_new_tokens=16, **FAST)
     assert old.max_completion_length == 16
     with pytest.raises(ValueError, match="tau must be in"):
-        OnPolicyDistillationConfig("/tmp/unused-opd", tau=0.0, **FAST)
+        OnPolicyDistillationConfig(str(tmp_path / "opd"), tau=0.0, **FAST)
     with pytest.raises(ValueError, match="temperature and top_k only"):
-        OnPolicyDistillationConfig("/tmp/unused-opd", top_p=0.5, **FAST)
+        OnPolicyDistillationConfig(str(tmp_path / "opd"), top_p=0.5, **FAST)
