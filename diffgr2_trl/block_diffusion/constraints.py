@@ -25,7 +25,7 @@ from typing import Protocol
 
 import torch
 
-MASKED = -1
+MASKED = -1  # a canvas position not committed yet (constraints read canvases of token ids with these holes)
 
 
 class DecodingConstraint(Protocol):

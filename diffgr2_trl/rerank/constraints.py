@@ -35,9 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..block_diffusion.constraints import MASKED  # the core's "not committed yet" marker, defined there once
 from .prompts import CLOSE, EXPLANATION_OPEN, RECOMMENDATIONS_OPEN, SEPARATOR
-
-MASKED = -1
 
 
 @dataclass(frozen=True)
