@@ -13,12 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._warnings import filter_known_warnings
-
 __version__ = "0.2.0"
-
-# Before any submodule imports TRL / PEFT / vLLM, whose import-time notices these filters drop.
-filter_known_warnings()
 
 # public name -> submodule that defines it
 _LAZY: dict[str, str] = {

@@ -1,9 +1,9 @@
 """Silence the known-harmless notices that third-party imports print on every run, in one place.
 
-Importing ``diffgr2_trl`` calls :func:`filter_known_warnings` before TRL, PEFT or vLLM are imported, so every entry
-point (the ``diffgr2`` CLI, the trainers, the examples) is quiet; ``diffgr2_trl.trainers``, which imports TRL, calls it
-again, because code that imports the package inside ``warnings.catch_warnings()`` (pytest does, while collecting)
-loses the filters when that block exits. Each filter matches one message by its start:
+Importing ``diffgr2_trl`` installs nothing: the filters are installed by our entry points, before they import TRL,
+PEFT or vLLM: the ``diffgr2`` console script (first thing) and ``diffgr2_trl.trainers`` (the subpackage that imports
+TRL, so a user's own training script is quiet too). ``convert_to_block_diffusion`` drops transformers' resize notice
+only around its own resize. Each filter matches one message by its start:
 other warnings from the same libraries still show, and log records above WARNING always do. Set
 ``DIFFGR2_SHOW_ALL_WARNINGS=1`` to keep them all.
 """

@@ -85,6 +85,9 @@ def console_main(argv: list[str] | None = None) -> int:
     (anywhere on the command line) or the user set the libraries' own switches; the bars of the work a subcommand
     is there to do (training, decoding) always show.
     """
+    from ._warnings import filter_known_warnings
+
+    filter_known_warnings()  # the CLI's own output: known-harmless third-party notices dropped (see _warnings)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("DIFFGR2_DEBUG", "") not in ("", "0")
     verbose = "--verbose" in argv

@@ -6,6 +6,10 @@ block-diffusion model is how it is *used*: the spec saved in its config, the mas
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+
 import torch
 
 from .masks import dense_mask, to_model_mask
@@ -14,6 +18,24 @@ from .spec import BlockDiffusionSpec, set_spec
 DEFAULT_MASK_TOKEN = "<|mask|>"
 MASK_HONOURING_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
+
+
+@contextlib.contextmanager
+def _without_log_notice(logger_name: str, prefix: str):
+    """Within the block, drop ``logger_name``'s records of level <= WARNING whose message starts with ``prefix``."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno > logging.WARNING or not str(record.msg).startswith(prefix)
+
+    if os.environ.get("DIFFGR2_SHOW_ALL_WARNINGS"):  # the user asked for every notice
+        yield
+        return
+    logger = logging.getLogger(logger_name)
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 def _resolve_mask_token(tokenizer, mask_token: str | None) -> tuple[int, bool]:
     """Return ``(mask_token_id, added)``; refuse a mask token that is also an ordinary or special token."""
@@ -115,8 +137,10 @@ def convert_to_block_diffusion(
     mask_id, added = _resolve_mask_token(tokenizer, mask_token)
     rows = model.get_input_embeddings().weight.shape[0]
     if mask_id >= rows:
-        # Mean-initialise so the new row does not dominate early training; transformers does this by default.
-        model.resize_token_embeddings(mask_id + 1, mean_resizing=True)
+        # Mean-initialise so the new row does not dominate early training; transformers does this by default (and
+        # announces it on every call: dropped here, where it is the intended behaviour, and nowhere else).
+        with _without_log_notice("transformers.modeling_utils", "The new "):
+            model.resize_token_embeddings(mask_id + 1, mean_resizing=True)
     elif added:
         # A spare row (e.g. Qwen pads its vocabulary to a multiple of 64): give it the mean embedding too.
         with torch.no_grad():
