@@ -1,4 +1,5 @@
-"""``diffgr2 pipeline``: the whole Diffusion-GR2 recipe on Amazon Beauty, resumable, with a report.
+"""``diffgr2 pipeline``: the whole Diffusion-GR2 recipe on the Amazon data it finds (Beauty by default), resumable,
+with a report naming the dataset.
 
     diffgr2 pipeline --preset cpu --output_dir runs/cpu          # the main job (~40 min on a 2-core CPU)
     diffgr2 pipeline --preset smoke --output_dir runs/smoke      # minutes; what CI runs
