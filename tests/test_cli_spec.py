@@ -91,3 +91,24 @@ def test_a_snapshot_from_other_versions_is_not_used(monkeypatch):
         assert _spec.precheck("cft", ["--learning_rate", "fast"]) is False  # left to the real parser
     finally:
         _spec.load_spec.cache_clear()
+
+
+def test_help_texts_read_correctly_and_threads_means_one_thing():
+    """No option's help repeats a default ("(default: located automatically). (default: None)"); every --threads
+    defaults to 0 (torch's default) and says so; boolean options of our own take the bare form (--flag) too."""
+    import dataclasses
+    import importlib
+    import re
+
+    stored = json.loads(_spec.SPEC_PATH.read_text())["commands"]
+    for name, entry in stored.items():
+        assert not re.search(r"\(default: [^)]*\)\.? *\(default:", entry["help"]), name
+    for name, (module, _) in COMMANDS.items():
+        mod = importlib.import_module(module)
+        for obj in vars(mod).values():
+            if dataclasses.is_dataclass(obj) and obj.__module__ == mod.__name__:
+                for f in dataclasses.fields(obj):
+                    if f.name == "threads":
+                        assert f.default == 0, f"{name}: --threads defaults to {f.default}"
+                    # `bool | None` makes the parser demand a value (--use_cpu true); `bool` also takes --use_cpu
+                    assert str(f.type).replace(" ", "") not in ("bool|None", "Optional[bool]"), f"{name}: {f.name}"

@@ -49,7 +49,7 @@ class BenchCopyArguments:
     arch: str = field(default="qwen3", metadata={"help": "Architecture of the config-built model."})
     shape: str = field(default="mini", metadata={"help": "Model shape (tiny, mini, small, base, ...)."})
     id_line: bool = field(default=False, metadata={"help": "End list prompts with the IDs as the answer writes them."})
-    mix: str | None = field(default=None, metadata={"help": "Task weights, e.g. front=1 (default: prepare's mix)."})
+    mix: str | None = field(default=None, metadata={"help": "Task weights, e.g. front=1 (None: prepare's mix)."})
     batch_size: int = field(default=32, metadata={"help": "Fresh lists per step."})
     learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate (AdamW)."})
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
@@ -66,7 +66,7 @@ class BenchCopyArguments:
     max_minutes: float = field(default=0.0, metadata={"help": "Stop after this many training minutes (0: no limit)."})
     stop_at_exact: float = field(default=0.0, metadata={"help": "Stop once held-out exact reaches this (0: never)."})
     compare: list[str] = field(default_factory=list, metadata={"help": "Other runs' curve.json to overlay."})
-    label: str | None = field(default=None, metadata={"help": "Name in plots (default: output directory name)."})
+    label: str | None = field(default=None, metadata={"help": "Name in plots (None: the output directory's name)."})
     threads: int = field(default=0, metadata={"help": "torch intra-op CPU threads (0: torch's default)."})
     seed: int = field(default=0, metadata={"help": "Seed (model init, lists, held-out set)."})
 

@@ -42,7 +42,7 @@ class BenchDecodeArguments:
         json: write ``{"rows": [...], "env": {...}}`` there.
     """
 
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Converted model dir (default: random model)."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Converted model dir (None: a random model)."})
     arch: str = field(default="qwen3", metadata={"help": "Architecture of the random model."})
     shape: str = field(default="small", metadata={"help": "Shape of the random model."})
     vocab_size: int = field(default=8192, metadata={"help": "Vocabulary of the random model."})
@@ -58,7 +58,7 @@ class BenchDecodeArguments:
     dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16."})
     compile: bool = field(default=False, metadata={"help": "Add compiled AR and block-sampler rows."})
     compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend of the compiled rows."})
-    threads: int | None = field(default=None, metadata={"help": "torch intra-op CPU threads (default: torch's)."})
+    threads: int = field(default=0, metadata={"help": "torch intra-op CPU threads (0: torch's default)."})
     seed: int = field(default=0, metadata={"help": "Seed for the random model and prompts."})
     json: str | None = field(default=None, metadata={"help": "Write the rows as JSON here."})
 

@@ -47,7 +47,7 @@ class BenchOPDArguments:
     steps: int = field(default=3, metadata={"help": "Timed steps per backend."})
     server_url: str | None = field(default=None, metadata={"help": "vLLM server URL (optional)."})
     server_model_dir: str | None = field(default=None, metadata={"help": "Directory the server serves."})
-    threads: int = field(default=0, metadata={"help": "torch threads (0: unchanged)."})
+    threads: int = field(default=0, metadata={"help": "torch intra-op CPU threads (0: torch's default)."})
     json: str | None = field(default=None, metadata={"help": "Write results to this JSON file."})
 
 
@@ -97,9 +97,9 @@ def run(args: BenchOPDArguments) -> int:
     from ..block_diffusion import convert_to_block_diffusion
     from ..modeling import MODEL_SHAPES, build_model, build_word_tokenizer
     from ..teachers import HFTeacher, VLLMServerTeacher
+    from ..utils import set_threads
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     shapes = {**MODEL_SHAPES, "tiny32": {**MODEL_SHAPES["tiny"], "head_dim": 32}}
     if args.shape not in shapes:
         raise ValueError(f"Unknown shape {args.shape!r}; choose from {sorted(shapes)}.")

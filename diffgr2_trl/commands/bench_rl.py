@@ -177,12 +177,12 @@ class BenchRLArguments:
         json: also write the figures to this JSON file.
     """
 
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Converted model dir (default: quick CFT sort model)."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Converted model dir (None: a quickly CFT-trained sort model)."})
     steps: int = field(default=5, metadata={"help": "Timed optimizer steps per trainer (after 1 warm-up)."})
     batch_size: int = field(default=32, metadata={"help": "Completions per step."})
     num_generations: int = field(default=8, metadata={"help": "Completions per prompt."})
     elbo_samples: int = field(default=4, metadata={"help": "Monte-Carlo samples of the elbo estimator."})
-    threads: int | None = field(default=None, metadata={"help": "torch intra-op CPU threads (default: torch's)."})
+    threads: int = field(default=0, metadata={"help": "torch intra-op CPU threads (0: torch's default)."})
     json: str | None = field(default=None, metadata={"help": "Also write the figures to this JSON file."})
 
 

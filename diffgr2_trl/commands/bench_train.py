@@ -50,7 +50,7 @@ class BenchTrainArguments:
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cpu or cuda."})
     dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16."})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa or flex_attention."})
-    threads: int | None = field(default=None, metadata={"help": "torch intra-op CPU threads (default: torch's)."})
+    threads: int = field(default=0, metadata={"help": "torch intra-op CPU threads (0: torch's default)."})
     seed: int = field(default=0, metadata={"help": "Seed."})
     json: str | None = field(default=None, metadata={"help": "Write the result as JSON here."})
 

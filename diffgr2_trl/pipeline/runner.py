@@ -53,9 +53,9 @@ class PipelineArguments:
 
     preset: str = field(default="cpu", metadata={"help": "smoke, cpu, gpu-small or gpu."})
     output_dir: str = field(default="runs/cpu", metadata={"help": "Run directory (resumable)."})
-    data_dir: str | None = field(default=None, metadata={"help": "Dataset directory (default: located)."})
+    data_dir: str | None = field(default=None, metadata={"help": "Dataset directory (None: $DIFFGR2_DATA_DIR or ../shared/data/amazon-beauty)."})
     teacher_url: str | None = field(default=None, metadata={"help": "vLLM server URL for the OPD teacher."})
-    stages: list[str] = field(default_factory=list, metadata={"help": "Only these stages (default: all)."})
+    stages: list[str] = field(default_factory=list, metadata={"help": "Only these stages (none given: all)."})
     overrides: str | None = field(default=None, metadata={"help": "YAML with per-stage overrides."})
     overwrite: bool = field(
         default=False, metadata={"help": "Rebuild stages whose inputs changed (and everything below them)."}
