@@ -182,6 +182,7 @@ def test_kl_is_zero_when_teacher_is_the_student(tmp_path, word_tokenizer, block_
     assert (kl < 1e-5) if block_size == 1 else (kl > 1e-3), kl
 
 
+@pytest.mark.vllm
 def test_opd_with_vllm_server_teacher(tmp_path, vllm_server, word_tokenizer):
     url, model_dir = vllm_server
     tok = copy.deepcopy(word_tokenizer)
