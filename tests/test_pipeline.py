@@ -239,3 +239,25 @@ def test_changed_inputs_are_never_reused_silently(tmp_path, monkeypatch):
         runner.check_stage_inputs(changed, ["cft"], new)
     changed.args.overwrite = True
     assert runner.check_stage_inputs(changed, ["convert", "cft"], new) == ["cft"]
+
+
+def test_one_stage_table_feeds_the_runner_checks_fingerprints_and_report():
+    """stages.STAGES is the only list of stages: the runner's functions, the fingerprints' dependencies, the preset
+    checks' sections and the report's rows are all derived from it; a new evaluation stage needs no code."""
+    from diffgr2_trl.pipeline import report, runner, validate
+    from diffgr2_trl.pipeline.stages import SECTIONS, STAGE_DEPENDENCIES, STAGES, Stage
+
+    assert [n for n, _ in runner.PIPELINE_STAGES] == [s.name for s in STAGES]
+    assert all(s.section is None or s.section in SECTIONS for s in STAGES)
+    assert all(set(s.upstream) <= {t.name for t in STAGES[:i]} for i, s in enumerate(STAGES))  # upstream runs first
+    assert list(STAGE_DEPENDENCIES) == [s.name for s in STAGES if s.name != "report"]
+    assert set(validate.SECTION_ARGUMENTS) == set(SECTIONS) and validate.COMMAND_SECTIONS["grpo"] == "rl"
+    assert report.TABLE_ROWS[1] == ("AR GR2 (teacher)", "eval_ar")
+    extra = runner._stage_function(Stage("eval_extra", "evaluate", ("prepare", "cft"), evaluates="cft",
+                                         decoder="block", report_row="CFT again"))
+    assert callable(extra) and extra.__name__ == "eval_cft"
+    with pytest.raises(RuntimeError, match="no stage_nope function"):
+        runner._stage_function(Stage("nope", None))
+    # the pipeline's own keys and their defaults live in the table too
+    assert runner.pipeline_key({}, "decode", "taus") == [0.9, 0.7, 0.5, 0.3]
+    assert runner.pipeline_key({"decode": {"taus": [0.5]}}, "decode", "taus") == [0.5]

@@ -7,18 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from ..utils import atomic_write_text
-from .stages import STAGE_NAMES, stage_record
+from .stages import STAGE_NAMES, STAGES, stage_record
 from .validate import DEFAULT_TARGETS
 
-# (row label, stage whose eval holds it); the pre-rank floor comes from any eval's "prerank" entry.
-TABLE_ROWS = [
-    ("logistic re-ranker (6 features)", "baseline"),
-    ("AR GR2 (teacher)", "eval_ar"),
-    ("naive conversion", "eval_naive"),
-    ("+ CFT", "eval_cft"),
-    ("+ CFT + OPD", "eval_opd"),
-    ("+ OPD -> RL", "eval_rl"),
-]
+# (row label, stage whose eval holds it), from the stage table; the pre-rank floor comes from any eval's "prerank".
+TABLE_ROWS = [(s.report_row, s.name) for s in STAGES if s.report_row is not None]
 METRICS = ["R@1", "R@3", "R@5", "N@3", "N@5"]
 CURVES = {"ar_sft": "AR SFT", "ar_rl": "AR RL (DAPO)", "cft": "CFT", "opd": "OPD", "rl": "diffusion GRPO"}
 

@@ -32,7 +32,7 @@ from ..fingerprint import data_digest, describe_changes, fingerprint
 from ..presets import load_preset_file
 from ..utils import atomic_write_text
 from .report import write_report
-from .stages import STAGE_DEPENDENCIES, STAGE_NAMES, stage_record
+from .stages import SECTIONS, STAGE_DEPENDENCIES, STAGES, Stage, pipeline_key, stage_record
 
 
 @dataclass
@@ -213,9 +213,9 @@ def stage_convert(ctx: Context, d: Path) -> dict:
     values = ctx.stage("convert")
     from ..commands import convert as convert_command
 
-    convert_command.run(*convert_command.parse(values=_config(d, values, model_name_or_path=ctx.model("ar_rl"),
-                                                              output_dir=d / "model")))
-    return {"block_size": values.get("block_size", 32)}
+    spec = convert_command.run(*convert_command.parse(values=_config(d, values, model_name_or_path=ctx.model("ar_rl"),
+                                                                     output_dir=d / "model")))
+    return {"block_size": spec["block_size"]}
 
 
 def _train_stage(ctx: Context, d: Path, command, **paths: Any) -> dict:
@@ -257,7 +257,7 @@ def stage_rl(ctx: Context, d: Path) -> dict:
 def _evaluate(ctx: Context, d: Path, model: str, decoder: str, tau: float | None = None, tag: str = "eval",
               section: str = "evaluate", constrained: bool = False) -> dict:
     values = ctx.stage(section)
-    for key in ("taus", "compiled_ar"):  # read by the pipeline, not options of evaluate
+    for key in SECTIONS[section].pipeline_keys:  # read by the pipeline, not options of evaluate
         values.pop(key, None)
     values["constrained"] = constrained
     if tau is not None:
@@ -273,7 +273,7 @@ def _evaluate(ctx: Context, d: Path, model: str, decoder: str, tau: float | None
 
 def _eval_stage(model_stage: str, decoder: str) -> Callable[[Context, Path], dict]:
     def run(ctx: Context, d: Path) -> dict:
-        tau = ctx.stage("evaluate").get("tau", 0.9) if decoder == "block" else None
+        tau = ctx.stage("evaluate").get("tau") if decoder == "block" else None  # None: evaluate's own default
         result = _evaluate(ctx, d, ctx.model(model_stage), decoder, tau)
         if ctx.stage("evaluate").get("constrained"):  # the paper's row stays unconstrained; this one goes beside it
             result["constrained"] = _evaluate(ctx, d, ctx.model(model_stage), decoder, tau, tag="constrained",
@@ -291,14 +291,14 @@ def stage_decode(ctx: Context, d: Path) -> dict:
     unconstrained run on the same rows, so the overhead of the constraint is measured side by side too. With
     ``compiled_ar: true`` a compiled AR row (static cache + ``torch.compile``) joins, and every speedup is against the
     faster of the two AR rows."""
-    taus = ctx.stage("decode").get("taus", [0.9, 0.7, 0.5, 0.3])
+    taus = pipeline_key(ctx.preset, "decode", "taus")
     both = [False, True] if ctx.stage("decode").get("constrained") else [False]
     rows = []
     for constrained in both:
         res = _evaluate(ctx, d, ctx.model("ar_rl"), "ar", tag="ar_constrained" if constrained else "ar",
                         section="decode", constrained=constrained)
         rows.append({"method": "ar", "tau": None, "constrained": constrained, **_speed_row(res)})
-    if ctx.stage("decode").get("compiled_ar"):  # the fast AR baseline: static cache + torch.compile
+    if pipeline_key(ctx.preset, "decode", "compiled_ar"):  # the fast AR baseline: static cache + torch.compile
         res = _evaluate(ctx, d, ctx.model("ar_rl"), "ar_compiled", tag="ar_compiled", section="decode")
         rows.append({"method": "ar_compiled", "tau": None, "constrained": False, **_speed_row(res)})
     for tau in taus:
@@ -332,25 +332,18 @@ def stage_report(ctx: Context, d: Path) -> dict:
     return write_report(ctx.run, ctx.args.preset, ctx.preset)
 
 
-PIPELINE_STAGES: list[tuple[str, Callable[[Context, Path], dict]]] = [
-    ("prepare", stage_prepare),
-    ("baseline", stage_baseline),
-    ("ar_mid", stage_ar_mid),
-    ("ar_sft", stage_ar_sft),
-    ("ar_rl", stage_ar_rl),
-    ("eval_ar", _eval_stage("ar_rl", "ar")),
-    ("convert", stage_convert),
-    ("eval_naive", _eval_stage("convert", "block")),
-    ("cft", stage_cft),
-    ("eval_cft", _eval_stage("cft", "block")),
-    ("opd", stage_opd),
-    ("eval_opd", _eval_stage("opd", "block")),
-    ("rl", stage_rl),
-    ("eval_rl", _eval_stage("rl", "block")),
-    ("decode", stage_decode),
-    ("report", stage_report),
-]
-assert [n for n, _ in PIPELINE_STAGES] == list(STAGE_NAMES), "runner and stages.STAGE_NAMES disagree"
+def _stage_function(stage: Stage) -> Callable[[Context, Path], dict]:
+    """What runs ``stage``: an evaluation of the model its table entry names, else this module's ``stage_<name>``."""
+    if stage.evaluates is not None:
+        return _eval_stage(stage.evaluates, stage.decoder)
+    fn = globals().get(f"stage_{stage.name}")
+    if fn is None:
+        raise RuntimeError(f"pipeline stage {stage.name!r} has no stage_{stage.name} function in {__name__}.")
+    return fn
+
+
+# (name, function) of every stage, in order: derived from the stage table (stages.STAGES).
+PIPELINE_STAGES: list[tuple[str, Callable[[Context, Path], dict]]] = [(s.name, _stage_function(s)) for s in STAGES]
 
 
 def stage_inputs(ctx: Context) -> dict[str, dict[str, Any]]:

@@ -13,31 +13,15 @@ from typing import Any
 
 from ..commands._args import DEPRECATED_OPTIONS
 from ..errors import UserError
+from .stages import SECTIONS
 
-# preset section -> the argument dataclasses of the subcommand it configures ("module:Class")
-SECTION_ARGUMENTS: dict[str, tuple[str, ...]] = {
-    "prepare": ("diffgr2_trl.commands.prepare:PrepareArguments",),
-    "ar_mid": ("diffgr2_trl.rerank.ar:ARTrainArguments",),
-    "ar_sft": ("diffgr2_trl.rerank.ar:ARTrainArguments",),
-    "ar_rl": ("diffgr2_trl.rerank.ar:ARTrainArguments",),
-    "convert": ("diffgr2_trl.commands.convert:ConvertArguments",),
-    "cft": ("diffgr2_trl.commands.cft:CFTScriptArguments", "diffgr2_trl.trainers:BlockDiffusionConfig",
-            "trl:ModelConfig"),
-    "opd": ("diffgr2_trl.commands.opd:OPDScriptArguments", "diffgr2_trl.trainers:OnPolicyDistillationConfig",
-            "trl:ModelConfig"),
-    "rl": ("diffgr2_trl.commands.grpo:GRPOScriptArguments", "diffgr2_trl.trainers:DiffusionGRPOConfig",
-           "trl:ModelConfig"),
-    "evaluate": ("diffgr2_trl.commands.evaluate:EvaluateArguments", "diffgr2_trl.block_diffusion:BlockDecodingConfig"),
-    "decode": ("diffgr2_trl.commands.evaluate:EvaluateArguments", "diffgr2_trl.block_diffusion:BlockDecodingConfig"),
-}
-# subcommand -> the preset section whose argument classes it parses (for checking its --config files)
-COMMAND_SECTIONS = {"prepare": "prepare", "train-ar": "ar_sft", "convert": "convert", "cft": "cft", "opd": "opd",
-                    "grpo": "rl", "evaluate": "evaluate"}
-# preset section -> the subcommand it feeds (for that subcommand's deprecated option names)
-SECTION_COMMANDS = {"prepare": "prepare", "ar_mid": "train-ar", "ar_sft": "train-ar", "ar_rl": "train-ar",
-                    "convert": "convert", "cft": "cft", "opd": "opd", "rl": "grpo", "evaluate": "evaluate",
-                    "decode": "evaluate"}
-# the report's acceptance targets (a preset's ``targets`` section overrides them)
+# The sections and their subcommands live in the stage table (stages.SECTIONS); these views are derived from it.
+SECTION_ARGUMENTS: dict[str, tuple[str, ...]] = {name: sec.arguments for name, sec in SECTIONS.items()}
+SECTION_COMMANDS: dict[str, str] = {name: sec.command for name, sec in SECTIONS.items()}
+# subcommand -> a preset section whose argument classes it parses (for checking its --config files)
+COMMAND_SECTIONS: dict[str, str] = {}
+for _name, _sec in SECTIONS.items():
+    COMMAND_SECTIONS.setdefault(_sec.command, _name)
 # Acceptance targets the report checks (a preset's `targets` section overrides them; null leaves one out).
 DEFAULT_TARGETS = {"teacher_valid": 0.99, "teacher_gain_points": None, "teacher_r1_ci_lo_points": -1.0,
                    "teacher_r3_gain_points": 1.0, "cft_valid": 0.95, "cft_tokens_per_forward": 2.0,
@@ -45,7 +29,7 @@ DEFAULT_TARGETS = {"teacher_valid": 0.99, "teacher_gain_points": None, "teacher_
                    "constrained_valid": 1.0, "constrained_overhead": 1.10, "constrained_r1_drop_points": 0.5,
                    "teacher_minutes": None, "total_minutes": None}
 # keys read by the pipeline itself rather than passed to a subcommand
-PIPELINE_KEYS: dict[str, set[str]] = {"decode": {"taus", "compiled_ar"}, "evaluate": {"taus"}}
+PIPELINE_KEYS: dict[str, set[str]] = {name: set(sec.pipeline_keys) for name, sec in SECTIONS.items() if sec.pipeline_keys}
 
 
 def _section_keys(section: str) -> set[str]:
