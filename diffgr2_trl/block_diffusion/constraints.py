@@ -5,9 +5,8 @@ id per completion position, ``-1`` where still masked):
 
 - ``allowed_many(canvas, positions)`` returns, for masked ``positions``, objects saying what may go there given what
   is committed, in two forms: ``vocab_mask(vocab_size, device) -> bool tensor`` and ``token_ids(vocab_size, device)
-  -> (ids, only)`` (the allowed ids when ``only``, else the disallowed ones). Returning the same object for the same
-  answer lets the sampler batch the work per answer
-  (:class:`~diffgr2_trl.rerank.constraints.Allowed` is such an object);
+  -> (ids, only)`` (the allowed ids when ``only``, else the disallowed ones): an :class:`Allowed`. Returning the same
+  object for the same answer lets the sampler batch the work per answer;
 - ``consistent(canvas) -> bool`` says whether the committed tokens can still be completed to a valid output.
 
 Each denoising step the sampler (1) masks every position's logits to its allowed tokens, so proposals are valid one
@@ -21,6 +20,7 @@ allowed against the committed state, so it always stands and every step makes pr
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -28,8 +28,53 @@ import torch
 MASKED = -1  # a canvas position not committed yet (constraints read canvases of token ids with these holes)
 
 
+@dataclass(frozen=True)
+class Allowed:
+    """Tokens allowed at one position: ``only`` (a set) when given, otherwise every token except ``banned``.
+
+    A constraint hands out the same object for the same answer (the explanation's, a fixed token's, a slot's in one
+    matching state), so its vocabulary mask is built once and shared: treat the returned tensor as read-only.
+    """
+
+    only: frozenset[int] | None = None
+    banned: frozenset[int] = frozenset()
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+
+    def __contains__(self, token: int) -> bool:
+        return token in self.only if self.only is not None else token not in self.banned
+
+    def vocab_mask(self, vocab_size: int, device=None) -> torch.Tensor:
+        """``(vocab_size,)`` bool: True where allowed (cached per vocabulary size and device; do not modify)."""
+        key = (vocab_size, device)
+        mask = self._cache.get(key)
+        if mask is None:
+            listed = self.only if self.only is not None else self.banned
+            ids = [t for t in listed if t < vocab_size]
+            mask = torch.full((vocab_size,), self.only is None, dtype=torch.bool, device=device)
+            if ids:
+                mask[torch.tensor(ids, device=device)] = self.only is not None
+            self._cache[key] = mask
+        return mask
+
+    def token_ids(self, vocab_size: int, device=None) -> tuple[torch.Tensor, bool]:
+        """The sparse form of :meth:`vocab_mask`: ``(ids, True)`` for the allowed ids, or ``(ids, False)`` for the
+        disallowed ones when every other token is allowed (cached; do not modify)."""
+        key = ("ids", vocab_size, device)
+        cached = self._cache.get(key)
+        if cached is None:
+            listed = self.only if self.only is not None else self.banned
+            ids = torch.tensor(sorted(t for t in listed if t < vocab_size), dtype=torch.long, device=device)
+            cached = self._cache[key] = (ids, self.only is not None)
+        return cached
+
+
+NOTHING = Allowed(only=frozenset())
+
+
 class DecodingConstraint(Protocol):
-    def allowed_many(self, canvas: Sequence[int], positions: Sequence[int]) -> list: ...
+    """What the sampler needs of a task's constraint (see the module docstring)."""
+
+    def allowed_many(self, canvas: Sequence[int], positions: Sequence[int]) -> list[Allowed]: ...
 
     def consistent(self, canvas: Sequence[int]) -> bool: ...
 

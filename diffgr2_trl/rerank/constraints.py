@@ -29,57 +29,18 @@ each commit with :meth:`RankingConstraint.consistent`).
 from __future__ import annotations
 
 import itertools
+import weakref
 from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 
-from ..block_diffusion.constraints import MASKED  # the core's "not committed yet" marker, defined there once
+# the core's protocol: MASKED ("not committed yet") and Allowed (what may go at a position), defined there once
+from ..block_diffusion.constraints import MASKED, NOTHING, Allowed
 from .prompts import CLOSE, EXPLANATION_OPEN, RECOMMENDATIONS_OPEN, SEPARATOR
 
-
-@dataclass(frozen=True)
-class Allowed:
-    """Tokens allowed at one position: ``only`` (a set) when given, otherwise every token except ``banned``.
-
-    A constraint hands out the same object for the same answer (the explanation's, a fixed token's, a slot's in one
-    matching state), so its vocabulary mask is built once and shared: treat the returned tensor as read-only.
-    """
-
-    only: frozenset[int] | None = None
-    banned: frozenset[int] = frozenset()
-    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
-
-    def __contains__(self, token: int) -> bool:
-        return token in self.only if self.only is not None else token not in self.banned
-
-    def vocab_mask(self, vocab_size: int, device=None) -> torch.Tensor:
-        """``(vocab_size,)`` bool: True where allowed (cached per vocabulary size and device; do not modify)."""
-        key = (vocab_size, device)
-        mask = self._cache.get(key)
-        if mask is None:
-            listed = self.only if self.only is not None else self.banned
-            ids = [t for t in listed if t < vocab_size]
-            mask = torch.full((vocab_size,), self.only is None, dtype=torch.bool, device=device)
-            if ids:
-                mask[torch.tensor(ids, device=device)] = self.only is not None
-            self._cache[key] = mask
-        return mask
-
-    def token_ids(self, vocab_size: int, device=None) -> tuple[torch.Tensor, bool]:
-        """The sparse form of :meth:`vocab_mask`: ``(ids, True)`` for the allowed ids, or ``(ids, False)`` for the
-        disallowed ones when every other token is allowed (cached; do not modify)."""
-        key = ("ids", vocab_size, device)
-        cached = self._cache.get(key)
-        if cached is None:
-            listed = self.only if self.only is not None else self.banned
-            ids = torch.tensor(sorted(t for t in listed if t < vocab_size), dtype=torch.long, device=device)
-            cached = self._cache[key] = (ids, self.only is not None)
-        return cached
-
-
-NOTHING = Allowed(only=frozenset())
+# matching states a RankingConstraint remembers (one decode visits a few hundred at most)
+_FEASIBLE_CACHE_SIZE = 4096
 
 
 def _perfect_matching(compat: list[list[int]], n: int) -> list[int] | None:
@@ -251,6 +212,8 @@ class RankingConstraint:
     def _feasible(self, slots: tuple[tuple[int, ...], ...]) -> list[set[int]] | None:
         """Per slot, the candidates it can still take in a full permutation (cached per slot state)."""
         if slots not in self._feasible_cache:
+            if len(self._feasible_cache) >= _FEASIBLE_CACHE_SIZE:  # bounded: a long decode starts the cache over
+                self._feasible_cache.clear()
             compat = []
             for slot in slots:
                 bits = -1  # every candidate
@@ -367,10 +330,18 @@ class RankingConstraint:
         return slots is None or self._feasible(tuple(tuple(s) for s in slots)) is not None
 
 
+# tokenizer -> (its length, its JSON-unsafe ids): weak keys, so a tokenizer's entry goes with it; nothing is written
+# onto the tokenizer itself
+_JSON_UNSAFE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def json_unsafe_tokens(tokenizer) -> frozenset[int]:
     """Token ids an explanation may not hold: special tokens, and tokens whose text would end or break the JSON
-    string (a quote, a backslash, a control character). Computed once per tokenizer (cached on it)."""
-    cached = getattr(tokenizer, "_diffgr2_json_unsafe", None)
+    string (a quote, a backslash, a control character). Computed once per tokenizer and vocabulary size."""
+    try:
+        cached = _JSON_UNSAFE.get(tokenizer)
+    except TypeError:  # an unhashable or non-weak-referenceable tokenizer: computed each time
+        cached = None
     if cached is not None and cached[0] == len(tokenizer):
         return cached[1]
     unsafe = set(tokenizer.all_special_ids)
@@ -380,8 +351,8 @@ def json_unsafe_tokens(tokenizer) -> frozenset[int]:
             unsafe.add(token_id)
     result = frozenset(unsafe)
     try:
-        tokenizer._diffgr2_json_unsafe = (len(tokenizer), result)
-    except AttributeError:  # pragma: no cover - a tokenizer that refuses new attributes: recompute next time
+        _JSON_UNSAFE[tokenizer] = (len(tokenizer), result)
+    except TypeError:  # pragma: no cover - see above
         pass
     return result
 

@@ -272,3 +272,27 @@ def test_evaluate_model_constrained_with_both_decoders(rerank_setup, block_setup
 
     with pytest.raises(ValueError, match="does not support constrained decoding"):
         evaluate_model(ar_model, tok, data, plain, constrained=True, progress=False)
+
+
+def test_nothing_is_written_onto_the_tokenizer_and_the_matching_cache_is_bounded(monkeypatch):
+    """The JSON-unsafe ids are cached beside the tokenizer (weakly), not on it; a constraint's matching cache stays
+    under its bound however many states a decode visits, and stays correct after it starts over."""
+    from diffgr2_trl.block_diffusion import constraints as core
+    from diffgr2_trl.rerank import constraints as task
+    from diffgr2_trl.synthetic import sort_tokenizer
+
+    assert task.Allowed is core.Allowed and task.MASKED is core.MASKED  # the protocol is the core's, defined once
+    tok = sort_tokenizer()
+    before = dict(vars(tok))
+    unsafe = task.json_unsafe_tokens(tok)
+    assert vars(tok).keys() == before.keys() and task.json_unsafe_tokens(tok) is unsafe
+    monkeypatch.setattr(task, "_FEASIBLE_CACHE_SIZE", 3)
+    c = make([[10, 11], [12, 13], [14, 15]], max_length=16)
+    free = [MASKED, MASKED]
+    states = [((10, 11), tuple(free), tuple(free)), ((12, 13), tuple(free), tuple(free)),
+              ((14, 15), tuple(free), tuple(free)), (tuple(free), (10, 11), tuple(free)),
+              ((10, 11), (12, 13), tuple(free))]
+    for slots in states + states:
+        assert c._feasible(slots) is not None
+        assert len(c._feasible_cache) <= 3
+    assert c._feasible(((10, 11), (10, 11), tuple(free))) is None  # two slots, one item: infeasible, cached or not
