@@ -10,11 +10,25 @@ logging and callbacks. Three hooks change:
   and step map are kept so its likelihood can be replayed.
 * :meth:`DiffusionGRPOTrainer._get_per_token_logps_and_entropies`: per-token log-probs come from a block-diffusion
   likelihood estimator (:mod:`~diffgr2_trl.block_diffusion.estimators`): trajectory replay by default. The old and
-  reference log-probs go through the same method, so they are always recomputed by the trainer; the sampler's own
-  numbers are never used for the loss.
+  reference log-probs go through the same method, so the loss's ratios always use log-probs the trainer recomputed.
+  The sampler's own per-token log-probs reach TRL only as ``sampling_per_token_logps``, which TRL reads for its
+  off-policy sequence mask (``off_policy_mask_threshold``); under trajectory replay they equal the recomputed ones
+  at the rollout's weights (tested).
 * :meth:`DiffusionGRPOTrainer._calculate_rewards`: optional ``validity_fn`` (invalid rollouts get
   ``invalid_penalty`` and stay in their group) and a check that every reward function returns one number (or None)
   per completion; groups whose reward has zero variance are dropped from the loss.
+
+The rollout-to-likelihood hand-off. A block-diffusion log-prob needs the rollout's canvas, step map and estimator
+seeds, which TRL's ``_get_per_token_logps_and_entropies`` signature has no room for. So the trainer holds them in
+``_rollout_ctx`` for exactly the calls that score that rollout:
+
+- ``_generate_single_turn`` sets them. TRL then computes the old and reference log-probs inside
+  ``_generate_and_score_completions``, which copies them into the batch and clears them on the way out;
+- ``_compute_loss`` sets them from the batch around TRL's loss, which scores the policy.
+
+This relies on TRL's call order (a rollout is scored after it is generated and before the next one), and
+``tests/trainers/test_grpo.py::test_rollout_hand_off_follows_trls_call_order`` checks that order against the
+installed TRL. A log-prob request without a matching rollout raises rather than scoring the wrong canvas.
 """
 
 from __future__ import annotations

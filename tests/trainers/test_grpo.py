@@ -392,3 +392,41 @@ def test_custom_sampler_is_the_one_used(tmp_path):
     assert default.config == BlockDecodingConfig(max_completion_length=12, tau=0.7, temperature=0.5, top_k=None)
     with pytest.raises(ValueError, match="tokens_per_step must be a positive integer"):
         _config(tmp_path, tokens_per_step=0)
+
+
+def test_rollout_hand_off_follows_trls_call_order(tmp_path):
+    """The installed TRL calls the hooks in the order the rollout hand-off relies on: each log-prob request comes
+    after the rollout it scores was recorded (the old log-probs inside _generate_and_score_completions, the policy's
+    inside _compute_loss), and nothing is left recorded between steps."""
+    model, tok = _model()
+    trainer = DiffusionGRPOTrainer(model, reward_funcs=length_reward, processing_class=tok,
+                                   args=_config(tmp_path, max_steps=2, num_iterations=2),
+                                   train_dataset=_prompts())
+    calls: list[tuple[str, bool]] = []
+
+    def spy(name):
+        original = getattr(trainer, name)
+
+        def wrapped(*args, **kwargs):
+            calls.append((name, trainer._rollout_ctx is not None))
+            try:
+                return original(*args, **kwargs)
+            finally:
+                calls.append((f"/{name}", trainer._rollout_ctx is not None))
+
+        setattr(trainer, name, wrapped)
+
+    for name in ("_generate_and_score_completions", "_generate_single_turn", "_compute_loss",
+                 "_get_per_token_logps_and_entropies"):
+        spy(name)
+    trainer.train()
+    logps = [i for i, (n, _) in enumerate(calls) if n == "_get_per_token_logps_and_entropies"]
+    assert logps and all(calls[i][1] for i in logps), calls  # every request found its rollout
+    names = [n for n, _ in calls]
+    first_gen = names.index("_generate_and_score_completions")
+    inside = names[first_gen: names.index("/_generate_and_score_completions")]
+    assert inside.index("/_generate_single_turn") < inside.index("_get_per_token_logps_and_entropies")  # old/ref
+    assert inside.count("_get_per_token_logps_and_entropies") >= 1  # num_iterations=2: the old log-probs
+    loss = names.index("_compute_loss")
+    assert "_get_per_token_logps_and_entropies" in names[loss: names.index("/_compute_loss")]
+    assert all(not active for n, active in calls if n in ("/_generate_and_score_completions", "/_compute_loss"))
