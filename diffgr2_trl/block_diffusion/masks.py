@@ -29,7 +29,7 @@ def block_ids(cols: torch.Tensor, comp_start: int, block_size: int) -> torch.Ten
     return torch.where(rel >= 0, torch.div(rel, block_size, rounding_mode="floor"), torch.full_like(rel, -1))
 
 
-def allowed(
+def visible(
     q_stream: torch.Tensor,
     q_col: torch.Tensor,
     kv_stream: torch.Tensor,
@@ -39,7 +39,9 @@ def allowed(
     block_size: int,
     clean_block_causal: bool,
 ) -> torch.Tensor:
-    """The block-diffusion visibility rule (broadcasts over its tensor arguments). See the module docstring."""
+    """Whether query positions may attend to key positions: the block-diffusion visibility rule (broadcasts over its
+    tensor arguments; see the module docstring). Named for what it decides, apart from the constraints' ``Allowed``
+    (which tokens may be committed)."""
     qb = block_ids(q_col, comp_start, block_size)
     kb = block_ids(kv_col, comp_start, block_size)
     q_clean_like = (q_stream == 0) | (qb < 0)
@@ -73,7 +75,7 @@ def dense_mask(
         q_offset: index in the key axis of the first query token (queries are the last ``Q`` keys by default),
             used to let every token see itself.
     """
-    rule = allowed(
+    rule = visible(
         q_stream[:, None], q_col[:, None], kv_stream[None, :], kv_col[None, :],
         comp_start=comp_start, block_size=block_size, clean_block_causal=clean_block_causal,
     )
@@ -113,7 +115,7 @@ def flex_block_mask(
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, kv_idx):
-        rule = allowed(
+        rule = visible(
             stream[q_idx], col[q_idx], stream[kv_idx], col[kv_idx],
             comp_start=comp_start, block_size=block_size, clean_block_causal=clean_block_causal,
         )
@@ -121,3 +123,6 @@ def flex_block_mask(
 
     batch, length = valid.shape
     return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=length, KV_LEN=length, device=valid.device)
+
+
+allowed = visible  # the old name, kept for one release (it read like the constraints' Allowed)

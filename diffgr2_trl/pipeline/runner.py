@@ -83,7 +83,7 @@ def load_preset(name: str, overrides: str | None = None) -> dict[str, dict[str, 
     return preset
 
 
-def _config(stage_dir: Path, values: dict[str, Any], name: str = "args.yaml", **paths: Any) -> dict[str, Any]:
+def _stage_options(stage_dir: Path, values: dict[str, Any], name: str = "args.yaml", **paths: Any) -> dict[str, Any]:
     """The stage's options: the preset's plus its model/data/output paths. They are also written to
     ``RUN/<stage>/args.yaml``, so that ``diffgr2 <command> --config RUN/<stage>/args.yaml`` re-runs the stage alone."""
     values = {**values, **{k: str(v) for k, v in paths.items() if v is not None}}
@@ -143,7 +143,7 @@ class Context:
     def stage(self, name: str) -> dict[str, Any]:
         return copy.deepcopy(self.preset.get(name) or {})
 
-    def dir(self, name: str) -> Path:
+    def make_stage_dir(self, name: str) -> Path:
         d = self.run / name
         d.mkdir(parents=True, exist_ok=True)
         return d
@@ -159,7 +159,7 @@ def stage_prepare(ctx: Context, d: Path) -> dict:
         values["data_dir"] = ctx.args.data_dir
     from ..commands import prepare as prepare_command
 
-    prepare_command.run(*prepare_command.parse(values=_config(d, values, output_dir=ctx.prepared)))
+    prepare_command.run(*prepare_command.parse(values=_stage_options(d, values, output_dir=ctx.prepared)))
     from ..rerank.pipeline_data import load_summary
 
     return load_summary(ctx.prepared)
@@ -169,7 +169,7 @@ def _train_ar(ctx: Context, d: Path, stage: str, start: str | None) -> dict:
     values = ctx.stage(f"ar_{stage}")
     from ..commands import train_ar as train_ar_command
 
-    values = _config(d, values, dataset_name=ctx.prepared, output_dir=d / "work", stage=stage, model_name_or_path=start)
+    values = _stage_options(d, values, dataset_name=ctx.prepared, output_dir=d / "work", stage=stage, model_name_or_path=start)
     train_ar_command.run(*train_ar_command.parse(values=values))
     produced = d / "work" / stage
     target = Path(ctx.model(d.name))
@@ -213,14 +213,14 @@ def stage_convert(ctx: Context, d: Path) -> dict:
     values = ctx.stage("convert")
     from ..commands import convert as convert_command
 
-    spec = convert_command.run(*convert_command.parse(values=_config(d, values, model_name_or_path=ctx.model("ar_rl"),
+    spec = convert_command.run(*convert_command.parse(values=_stage_options(d, values, model_name_or_path=ctx.model("ar_rl"),
                                                                      output_dir=d / "model")))
     return {"block_size": spec["block_size"]}
 
 
 def _train_stage(ctx: Context, d: Path, command, **paths: Any) -> dict:
     """Run a trainer subcommand's ``run`` with ``output_dir = RUN/<stage>/model``, resuming from its last checkpoint."""
-    values = _config(d, ctx.stage(d.name), output_dir=d / "model", **paths)
+    values = _stage_options(d, ctx.stage(d.name), output_dir=d / "model", **paths)
     if _has_checkpoint(d / "model"):
         from transformers.trainer_utils import get_last_checkpoint
 
@@ -265,7 +265,7 @@ def _evaluate(ctx: Context, d: Path, model: str, decoder: str, tau: float | None
     name = "args.yaml" if tag == "eval" else f"args_{tag}.yaml"  # the decode stage runs several evaluations
     from ..commands import evaluate as evaluate_command
 
-    values = _config(d, values, name, model_name_or_path=model, dataset_name=ctx.prepared, decoder=decoder,
+    values = _stage_options(d, values, name, model_name_or_path=model, dataset_name=ctx.prepared, decoder=decoder,
                      json=d / f"{tag}.json", outputs=d / f"{tag}_outputs.json")
     evaluate_command.run(*evaluate_command.parse(values=values))
     return json.loads((d / f"{tag}.json").read_text())
@@ -420,7 +420,7 @@ def run_pipeline(args: PipelineArguments) -> dict:
             print(f"[{i + 1:2d}/{len(PIPELINE_STAGES)}] {name}: done earlier ({done['wall_s']:.0f} s), skipped")
             records[name] = done
             continue
-        d = ctx.dir(name)
+        d = ctx.make_stage_dir(name)
         earlier = _earlier_attempts(d)
         again = f"; resuming: {len(earlier)} earlier attempt(s), {sum(earlier):.0f} s" if earlier else ""
         print(f"[{i + 1:2d}/{len(PIPELINE_STAGES)}] {name} ... (run time so far {(time.time() - t_run) / 60:.1f} min"

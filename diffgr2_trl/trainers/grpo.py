@@ -251,13 +251,13 @@ class DiffusionGRPOTrainer(GRPOTrainer):
         logprobs = [lp[m].tolist() for lp, m in zip(out.logprobs.cpu(), out.completion_mask.cpu(), strict=True)]
         mode = "train" if self.model.training else "eval"
         rows = out.row_forward_passes.float()
-        self._metrics[mode]["rollout/forward_passes_per_sample"].append(self._gmean(rows.mean()))
+        self._metrics[mode]["rollout/forward_passes_per_sample"].append(self._mean_over_ranks(rows.mean()))
         self._metrics[mode]["rollout/tokens_per_forward"].append(
-            self._gmean(out.completion_mask.sum() / rows.sum().clamp_min(1.0)))
+            self._mean_over_ranks(out.completion_mask.sum() / rows.sum().clamp_min(1.0)))
         self.timings["rollout"] += time.perf_counter() - t0
         return completion_ids, logprobs
 
-    def _gmean(self, x: torch.Tensor) -> float:
+    def _mean_over_ranks(self, x: torch.Tensor) -> float:
         return self.accelerator.gather(x.detach().float().reshape(1).to(self.accelerator.device)).mean().item()
 
     def _generate_and_score_completions(self, inputs):
@@ -319,9 +319,9 @@ class DiffusionGRPOTrainer(GRPOTrainer):
                     elbo_samples=self.args.elbo_samples, compute_entropy=compute_entropy,
                     max_streams_per_forward=self.args.max_streams_per_forward,
                 )
-            logps.append(_fit(est.logps, logits_to_keep))
+            logps.append(_to_width(est.logps, logits_to_keep))
             if compute_entropy:
-                entropies.append(_fit(est.entropies, logits_to_keep))
+                entropies.append(_to_width(est.entropies, logits_to_keep))
             forwards, streams = forwards + est.forward_passes, streams + est.streams
         mode = "train" if self.model.training else "eval"
         chunks = -(-input_ids.shape[0] // batch_size)
@@ -367,7 +367,7 @@ def _pad_right(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
     return torch.cat([x, x.new_full((x.shape[0], width - x.shape[1]), value)], 1)
 
 
-def _fit(x: torch.Tensor, width: int) -> torch.Tensor:
+def _to_width(x: torch.Tensor, width: int) -> torch.Tensor:
     """Cut or zero-pad ``(batch, T)`` to ``width`` columns (TRL may pad completions to a multiple)."""
     if x.shape[1] >= width:
         return x[:, :width]

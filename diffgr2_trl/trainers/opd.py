@@ -425,6 +425,11 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
             dense["teacher_topk_ids"], dense["teacher_topk_logprobs"] = ids, lps
         return dense
 
+    def _summed_across_ranks(self, **values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each named scalar summed over all ranks, in one gather."""
+        stacked = torch.stack([v.detach().float().reshape(()).to(self.accelerator.device) for v in values.values()])
+        return dict(zip(values, self.accelerator.gather_for_metrics(stacked[None]).sum(0)))
+
     def _log_rollouts(self, mode, inputs, out, comp_mask, rollout_time, teacher_time) -> None:
         tok = getattr(self.processing_class, "tokenizer", self.processing_class)
         k = self.args.num_generations
@@ -435,15 +440,12 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
             valid = torch.tensor([bool(v) for v in self.valid_fn(prompts=prompts, completions=texts, **columns)])
         else:
             valid = ((out.completion_ids == self.eos_token_id) & comp_mask).any(-1)
-        gather = self.accelerator.gather_for_metrics
-        dev = self.accelerator.device
-        stats = torch.tensor([float(comp_mask.sum()), float(out.row_forward_passes.sum()), float(valid.sum()),
-                              float(valid.numel())], device=dev)
-        stats = gather(stats[None]).sum(0)
+        s = self._summed_across_ranks(tokens=comp_mask.sum(), forwards=out.row_forward_passes.sum(),
+                                      valid=valid.sum(), rollouts=torch.tensor(valid.numel()))
         m = self._metrics[mode]
-        m["rollout/tokens_per_forward"].append((stats[0] / stats[1].clamp_min(1)).item())
-        m["rollout/validity"].append((stats[2] / stats[3].clamp_min(1)).item())
-        m["rollout/mean_length"].append((stats[0] / stats[3].clamp_min(1)).item())
+        m["rollout/tokens_per_forward"].append((s["tokens"] / s["forwards"].clamp_min(1)).item())
+        m["rollout/validity"].append((s["valid"] / s["rollouts"].clamp_min(1)).item())
+        m["rollout/mean_length"].append((s["tokens"] / s["rollouts"].clamp_min(1)).item())
         m["time/rollout"].append(rollout_time)
         m["time/teacher"].append(teacher_time)
         self._times = {"rollout": rollout_time, "teacher": teacher_time}
@@ -489,21 +491,20 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
             replay_lp = torch.log_softmax(roll_logits.detach(), -1).gather(-1, inputs["canvas_ids"][..., None])[..., 0]
             err = ((replay_lp - inputs["sampler_logprobs"]).abs() * sel).amax() if sel.any() else replay_lp.new_zeros(())
             student_lp = torch.log_softmax(logits.detach(), -1).gather(-1, inputs["canvas_ids"][..., None])[..., 0]
-            stats = torch.stack([
-                (fkl * sel).sum(), (per_token.detach() * sel).sum(), sel.sum().float(),
-                (inputs["teacher_token_logprobs"] * inputs["completion_mask"]).sum(),
-                (student_lp * sel).sum(), inputs["completion_mask"].sum().float(),
-            ])
-            stats = self.accelerator.gather_for_metrics(stats[None]).sum(0)
+            s = self._summed_across_ranks(
+                kl=(fkl * sel).sum(), divergence=(per_token.detach() * sel).sum(), distilled=sel.sum(),
+                teacher_logprob=(inputs["teacher_token_logprobs"] * inputs["completion_mask"]).sum(),
+                student_logprob=(student_lp * sel).sum(), tokens=inputs["completion_mask"].sum(),
+            )
             err = self.accelerator.gather_for_metrics(err[None]).max()
         m = self._metrics[mode]
-        m["kl"].append((stats[0] / stats[2].clamp_min(1)).item())
+        m["kl"].append((s["kl"] / s["distilled"].clamp_min(1)).item())
         if args.beta != 0.0:
-            m["divergence"].append((stats[1] / stats[2].clamp_min(1)).item())
-        m["teacher/token_logprob"].append((stats[3] / stats[5].clamp_min(1)).item())
-        m["student/token_logprob"].append((stats[4] / stats[2].clamp_min(1)).item())
+            m["divergence"].append((s["divergence"] / s["distilled"].clamp_min(1)).item())
+        m["teacher/token_logprob"].append((s["teacher_logprob"] / s["tokens"].clamp_min(1)).item())
+        m["student/token_logprob"].append((s["student_logprob"] / s["distilled"].clamp_min(1)).item())
         m["replay/max_logprob_error"].append(err.item())
-        m["replay/distilled_fraction"].append((stats[2] / stats[5].clamp_min(1)).item())
+        m["replay/distilled_fraction"].append((s["distilled"] / s["tokens"].clamp_min(1)).item())
         return (loss, None) if return_outputs else loss
 
     # ------------------------------------------------------------------ Trainer hooks

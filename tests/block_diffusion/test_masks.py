@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffgr2_trl.block_diffusion.masks import allowed, dense_mask, to_model_mask
+from diffgr2_trl.block_diffusion.masks import allowed, dense_mask, to_model_mask, visible
 
 # Layout: prompt of 2 columns (block -1), completion of 6 columns in blocks of 2: blocks 0,1,2.
 N, P, B = 8, 2, 2
@@ -11,7 +11,7 @@ def grid(clean_block_causal=True):
     """Training layout [noisy || clean] over N columns: a (2N, 2N) visibility matrix."""
     stream = torch.cat([torch.ones(N, dtype=torch.long), torch.zeros(N, dtype=torch.long)])
     col = torch.arange(N).repeat(2)
-    return allowed(stream[:, None], col[:, None], stream[None], col[None], comp_start=P, block_size=B,
+    return visible(stream[:, None], col[:, None], stream[None], col[None], comp_start=P, block_size=B,
                    clean_block_causal=clean_block_causal)
 
 
@@ -46,7 +46,7 @@ def test_clean_stream_never_sees_noise_and_is_block_causal():
 def test_multiple_noisy_streams_are_isolated():
     stream = torch.tensor([1, 1, 2, 2, 0, 0])
     col = torch.tensor([2, 3, 2, 3, 0, 1])
-    g = allowed(stream[:, None], col[:, None], stream[None], col[None], comp_start=2, block_size=2, clean_block_causal=True)
+    g = visible(stream[:, None], col[:, None], stream[None], col[None], comp_start=2, block_size=2, clean_block_causal=True)
     assert g[0, 1] and not g[0, 2] and not g[0, 3]
     assert g[2, 3] and not g[2, 0]
     assert g[0, 4] and g[2, 5]
@@ -103,3 +103,7 @@ def test_flex_block_mask_matches_dense(word_tokenizer):
         a, _ = block_diffusion_loss(dense, batch, spec, masked=masked)
         b, _ = block_diffusion_loss(flex, batch, spec, masked=masked)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_the_old_name_of_the_visibility_rule_still_works():
+    assert allowed is visible
