@@ -130,7 +130,7 @@ def test_every_subcommand_parses_with_trl_and_the_shared_names():
     for command, renames in DEPRECATED_OPTIONS.items():
         assert command in COMMANDS
         assert set(renames.values()) <= {"model_name_or_path", "dataset_name", "output_dir", "max_completion_length",
-                                         "teacher"}
+                                         "teacher", "dataset_train_split", "dataset_test_split"}
     from diffgr2_trl.commands import evaluate
 
     with warnings.catch_warnings():
@@ -226,3 +226,18 @@ def test_library_progress_bars_are_off_unless_verbose(monkeypatch, capsys):
     monkeypatch.setenv("HF_DATASETS_DISABLE_PROGRESS_BARS", "0")  # the user's own switch wins
     assert console_main(["convert", "--help"]) == 0
     assert os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "0"
+
+
+def test_one_script_arguments_convention_for_the_splits():
+    """cft, opd and grpo name their splits as TRL does (--dataset_train_split, --dataset_test_split); opd's and grpo's
+    old spellings still work for a release, warned."""
+    from diffgr2_trl.commands import cft, grpo, opd
+
+    base = ["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", "o"]
+    assert cft.parse([*base, "--dataset_train_split", "x"])[0].dataset_train_split == "x"
+    assert opd.parse([*base, "--dataset_train_split", "x", "--dataset_test_split", "y"])[0].dataset_test_split == "y"
+    assert grpo.parse([*base, "--dataset_train_split", "x"])[0].dataset_train_split == "x"
+    with pytest.warns(FutureWarning, match="--dataset_split is deprecated; use --dataset_train_split"):
+        assert grpo.parse([*base, "--dataset_split", "z"])[0].dataset_train_split == "z"
+    with pytest.warns(FutureWarning, match="--eval_split is deprecated; use --dataset_test_split"):
+        assert opd.parse([*base, "--eval_split", "v"])[0].dataset_test_split == "v"

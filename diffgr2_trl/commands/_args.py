@@ -28,8 +28,9 @@ DEPRECATED_OPTIONS: dict[str, dict[str, str]] = {
     # one teacher flag on the command line: --teacher (the config field teacher_model, TRL's unused
     # teacher_model_name_or_path)
     "opd": {"model": "model_name_or_path", "dataset": "dataset_name", "teacher_model": "teacher",
-            "teacher_model_name_or_path": "teacher"},
-    "grpo": {"model": "model_name_or_path", "dataset": "dataset_name"},
+            "teacher_model_name_or_path": "teacher", "dataset_split": "dataset_train_split",
+            "eval_split": "dataset_test_split"},
+    "grpo": {"model": "model_name_or_path", "dataset": "dataset_name", "dataset_split": "dataset_train_split"},
     "bench-decode": {"model": "model_name_or_path"},
     "bench-rl": {"model": "model_name_or_path"},
     "serve-teacher": {"model": "model_name_or_path"},

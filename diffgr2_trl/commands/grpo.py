@@ -35,13 +35,14 @@ class GRPOScriptArguments:
 
     Parameters:
         dataset_name: dataset directory (``save_to_disk``) or data file with a ``prompt`` column.
-        dataset_split: split to train on when the dataset has several.
+        dataset_train_split: split to train on when the dataset has several (TRL's name; ``--dataset_split``:
+            deprecated spelling).
         reward_funcs: reward functions as dotted import paths (or TRL built-in names).
         validity_func: optional dotted path of a validity function (TRL reward signature, falsy = invalid).
     """
 
     dataset_name: str | None = field(default=None, metadata={"help": "Dataset directory or data file (prompt column)."})
-    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     reward_funcs: list[str] | None = field(default=None, metadata={"help": "Reward functions (dotted import paths)."})
     validity_func: str | None = field(default=None, metadata={"help": "Validity function (dotted import path)."})
     allow_other_data: bool = field(
@@ -95,7 +96,7 @@ def run(script_args: GRPOScriptArguments, training_args: DiffusionGRPOConfig, mo
     model, tokenizer = load_for_training(model_args.model_name_or_path, model_args)
     trainer = DiffusionGRPOTrainer(
         model, reward_funcs=reward_funcs, args=training_args, processing_class=tokenizer,
-        train_dataset=load_dataset_path(script_args.dataset_name, script_args.dataset_split),
+        train_dataset=load_dataset_path(script_args.dataset_name, script_args.dataset_train_split),
         peft_config=get_peft_config(model_args), validity_fn=validity,
     )
     train_and_save(trainer, tokenizer, training_args.output_dir, training_args.resume_from_checkpoint)

@@ -32,14 +32,14 @@ class OPDScriptArguments:
     Parameters:
         teacher: teacher spec (sets ``teacher_model``): a path, ``http://host:port`` or ``vllm:PATH``.
         dataset_name: prompt dataset (directory, file or hub name).
-        dataset_split: split to train on.
-        eval_split: optional split to evaluate on.
+        dataset_train_split / dataset_test_split: the splits to train and (optionally) evaluate on, named as in TRL's
+            ``ScriptArguments`` (``--dataset_split`` / ``--eval_split``: deprecated spellings).
     """
 
     teacher: str | None = field(default=None, metadata={"help": "Teacher: a path, http://host:port or vllm:PATH."})
     dataset_name: str | None = field(default=None, metadata={"help": "Prompt dataset: directory, file or hub name."})
-    dataset_split: str = field(default="train", metadata={"help": "Training split."})
-    eval_split: str | None = field(default=None, metadata={"help": "Evaluation split (optional)."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
+    dataset_test_split: str | None = field(default=None, metadata={"help": "Evaluation split (optional)."})
     allow_other_data: bool = field(
         default=False,
         metadata={"help": "Use a model trained on other prepared data (other semantic IDs/tokenizer) anyway."},
@@ -65,8 +65,9 @@ def run(script: OPDScriptArguments, args: OnPolicyDistillationConfig, model_args
 
     check_model_data(model_path, script.dataset_name, script.allow_other_data)
     model, tokenizer = load_for_training(model_path, model_args)
-    train = load_any_dataset(script.dataset_name, script.dataset_split)
-    evaluation = load_any_dataset(script.dataset_name, script.eval_split) if script.eval_split else None
+    train = load_any_dataset(script.dataset_name, script.dataset_train_split)
+    evaluation = (load_any_dataset(script.dataset_name, script.dataset_test_split) if script.dataset_test_split
+                  else None)
     trainer = OnPolicyDistillationTrainer(
         model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
