@@ -9,6 +9,7 @@ with a zero or a ``-inf``.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -82,6 +83,44 @@ class TeacherScores:
 
         return TeacherScores(move(self.token_logprobs), move(self.topk_ids), move(self.topk_logprobs), move(self.full_logprobs))
 
+    def to_dense(self, lengths: Sequence[int] | torch.Tensor, width: int, device, full_vocab: bool) -> dict[str, torch.Tensor]:
+        """Right-pad every sequence's scores to ``(rows, width, ...)`` tensors, after checking that every expected
+        completion position came back (``lengths[r]`` positions for sequence ``r``).
+
+        Returns ``teacher_token_logprobs`` and either ``teacher_full_logprobs`` (``full_vocab``) or
+        ``teacher_topk_ids`` / ``teacher_topk_logprobs`` (padding positions hold a uniform top-k distribution, so
+        every row stays a valid distribution).
+        """
+        rows = len(lengths)
+        if len(self) != rows:
+            raise TeacherResponseError(f"The teacher returned scores for {len(self)} sequences, expected {rows}.")
+        lengths = [int(n) for n in lengths]
+        for r, want in enumerate(lengths):
+            got = self.token_logprobs[r].shape[0]
+            if got != want:
+                raise TeacherResponseError(
+                    f"The teacher returned {got} completion positions for sequence {r}, expected {want}: every "
+                    "committed token needs a teacher distribution (did the backend truncate the sequence?)."
+                )
+        token_lp = torch.zeros(rows, width, device=device)
+        for r, n in enumerate(lengths):
+            token_lp[r, :n] = self.token_logprobs[r].to(device)
+        dense = {"teacher_token_logprobs": token_lp}
+        if full_vocab:
+            full = torch.zeros(rows, width, self.full_logprobs[0].shape[-1], device=device)
+            for r, n in enumerate(lengths):
+                full[r, :n] = self.full_logprobs[r].to(device)
+            dense["teacher_full_logprobs"] = full
+        else:
+            kk = self.topk_ids[0].shape[-1]
+            ids = torch.zeros(rows, width, kk, dtype=torch.long, device=device)
+            lps = torch.full((rows, width, kk), -math.log(kk), device=device)
+            for r, n in enumerate(lengths):
+                ids[r, :n] = self.topk_ids[r].to(device)
+                lps[r, :n] = self.topk_logprobs[r].to(device)
+            dense["teacher_topk_ids"], dense["teacher_topk_logprobs"] = ids, lps
+        return dense
+
 
 class Teacher(abc.ABC):
     """A frozen autoregressive teacher that scores token sequences.
@@ -138,6 +177,11 @@ class Teacher(abc.ABC):
     @abc.abstractmethod
     def _score(self, sequences: list[list[int]], starts: list[int], top_k: int, full_vocab: bool) -> TeacherScores:
         """Backend scoring on validated input."""
+
+    def tokenizer_path(self) -> str | None:
+        """A local directory holding the teacher's tokenizer, when the backend knows one (for vocabulary checks);
+        ``None`` otherwise (pass the tokenizer explicitly then)."""
+        return None
 
     def close(self) -> None:
         """Release the backend's resources (engine, HTTP connections). Idempotent."""

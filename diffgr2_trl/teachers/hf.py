@@ -96,5 +96,9 @@ class HFTeacher(Teacher):
                     full[i] = logprobs
         return TeacherScores(token_lp, topk_ids, topk_lp, full)  # type: ignore[arg-type]
 
+    def tokenizer_path(self) -> str | None:
+        """What the model was loaded from (``name_or_path``: a directory or a hub id), if recorded."""
+        return getattr(self.model, "name_or_path", None) or None
+
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]

@@ -64,6 +64,8 @@ class VLLMTeacher(Teacher):
         super().__init__(forbidden_token_ids)
         from vllm import LLM, SamplingParams
 
+        self.model_path = str(model_path)
+
         if not multiprocessing:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read when the engine is built, just below
         cpu = _on_cpu()
@@ -106,6 +108,9 @@ class VLLMTeacher(Teacher):
                 results.append(parse_prompt_logprobs(out.prompt_logprobs, sequences[i], starts[i], top_k, f"vLLM sequence {i}"))
         token_lp, ids, values = (list(x) for x in zip(*results))
         return TeacherScores(token_lp, ids, values, None)
+
+    def tokenizer_path(self) -> str | None:
+        return self.model_path if os.path.isdir(self.model_path) else None
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

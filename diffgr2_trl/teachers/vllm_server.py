@@ -151,6 +151,11 @@ class VLLMServerTeacher(Teacher):
                 self._info = by_id[self._model_name] if self._model_name else data[0]
             return self._info
 
+    def tokenizer_path(self) -> str | None:
+        """The directory the server serves (``root`` in ``/v1/models``), when it exists on this machine."""
+        root = self._model_info().get("root")
+        return root if root and os.path.isdir(root) else None
+
     @property
     def model_name(self) -> str:
         return self._model_name or self._model_info()["id"]

@@ -23,7 +23,6 @@ backend: in-process HF, a vLLM server or in-process vLLM), and three hooks chang
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from trl import DistillationConfig, DistillationTrainer
 from ..block_diffusion import BlockDecodingConfig, BlockDiffusionSampler, get_spec, left_pad, unwrap_model
 from ..block_diffusion.convert import check_attention_honours_masks
 from ..block_diffusion.likelihood import replay_logits, sample_block_steps
-from ..teachers import HFTeacher, Teacher, TeacherResponseError, check_vocab_compatible, load_teacher
+from ..teachers import Teacher, check_vocab_compatible, load_teacher
 from ._decoding_fields import trl_field
 from ._paper import DIFFUSION_GR2_PAPER
 from ._quantized import keep_4bit_layers_trainable
@@ -294,7 +293,7 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
 
     def _check_vocab(self, teacher: Teacher, teacher_tokenizer, student_tokenizer, args) -> list[int]:
         if teacher_tokenizer is None:
-            teacher_tokenizer = args.teacher_tokenizer or self._teacher_dir(teacher, args)
+            teacher_tokenizer = args.teacher_tokenizer or teacher.tokenizer_path()
         if teacher_tokenizer is None:
             raise ValueError(f"Cannot tell which tokenizer the {type(teacher).__name__} teacher uses: set "
                              "teacher_tokenizer (a path) so the student/teacher vocabularies can be checked.")
@@ -303,21 +302,6 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
         # vocab_size of a server teacher is read from the server: an unreachable URL fails here, at start-up.
         return check_vocab_compatible(teacher.vocab_size, teacher_tokenizer, student_tokenizer,
                                       mask_token_id=self.spec.mask_token_id)
-
-    @staticmethod
-    def _teacher_dir(teacher: Teacher, args) -> str | None:
-        spec = args.teacher_model
-        if isinstance(teacher, HFTeacher):
-            return spec if spec else getattr(teacher.model, "name_or_path", None) or None
-        if spec and spec.startswith("vllm:"):
-            return spec[len("vllm:"):]
-        info = getattr(teacher, "_model_info", None)  # VLLMServerTeacher: /v1/models names the served directory
-        if callable(info):
-            import os
-
-            root = info().get("root")
-            return root if root and os.path.isdir(root) else None
-        return None
 
     def _check_context(self, dataset, name, tokenizer, args) -> None:
         if dataset is None or not hasattr(dataset, "__len__"):
@@ -378,7 +362,7 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
         starts = [len(p) for p in prompts]
         scores = self.teacher.score(sequences, starts, top_k=0 if self.full_vocab else args.teacher_top_k,
                                     full_vocab=self.full_vocab)
-        teacher = self._dense_teacher(scores, lengths, out.completion_ids.shape[1], device)
+        teacher = scores.to_dense(lengths, out.completion_ids.shape[1], device, self.full_vocab)
         t2 = time.perf_counter()
 
         if args.replay == "one_state_per_block":
@@ -392,38 +376,6 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
             "step_map": out.step_map, "completion_mask": comp_mask, "selected": selected, "weight": weight,
             "block_steps": block_steps, "sampler_logprobs": out.logprobs, **teacher,
         }
-
-    def _dense_teacher(self, scores, lengths: torch.Tensor, width: int, device) -> dict[str, torch.Tensor]:
-        """Right-pad the teacher's per-sequence scores to ``(rows, width, ...)`` after checking every position came back."""
-        rows = len(lengths)
-        if len(scores) != rows:
-            raise TeacherResponseError(f"The teacher returned scores for {len(scores)} sequences, expected {rows}.")
-        for r in range(rows):
-            got, want = scores.token_logprobs[r].shape[0], int(lengths[r])
-            if got != want:
-                raise TeacherResponseError(
-                    f"The teacher returned {got} completion positions for sequence {r}, expected {want}: every "
-                    "committed token needs a teacher distribution (did the backend truncate the sequence?)."
-                )
-        token_lp = torch.zeros(rows, width, device=device)
-        for r in range(rows):
-            token_lp[r, : int(lengths[r])] = scores.token_logprobs[r].to(device)
-        dense = {"teacher_token_logprobs": token_lp}
-        if self.full_vocab:
-            v = scores.full_logprobs[0].shape[-1]
-            full = torch.zeros(rows, width, v, device=device)
-            for r in range(rows):
-                full[r, : int(lengths[r])] = scores.full_logprobs[r].to(device)
-            dense["teacher_full_logprobs"] = full
-        else:
-            kk = scores.topk_ids[0].shape[-1]
-            ids = torch.zeros(rows, width, kk, dtype=torch.long, device=device)
-            lps = torch.full((rows, width, kk), -math.log(kk), device=device)  # any valid distribution on padding
-            for r in range(rows):
-                ids[r, : int(lengths[r])] = scores.topk_ids[r].to(device)
-                lps[r, : int(lengths[r])] = scores.topk_logprobs[r].to(device)
-            dense["teacher_topk_ids"], dense["teacher_topk_logprobs"] = ids, lps
-        return dense
 
     def _summed_across_ranks(self, **values: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each named scalar summed over all ranks, in one gather."""
