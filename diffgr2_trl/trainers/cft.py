@@ -133,6 +133,9 @@ class BlockDiffusionTrainer(SFTTrainer):
     _tag_names = ["trl", "sft", "diffgr2-trl", "block-diffusion", "cft"]
     _name = "CFT"
     _paper = DIFFUSION_GR2_PAPER
+    # compute_loss returns a per-micro-batch mean: Trainer divides it by the accumulation steps. A class attribute,
+    # because some transformers versions read it from the class rather than the instance.
+    loss_is_scaled_for_ga = False
 
     def __init__(self, model, args: BlockDiffusionConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, **kwargs):

@@ -221,6 +221,9 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
     _tag_names = ["trl", "diffgr2-trl", "block-diffusion", "on-policy-distillation"]
     _name = "OPD"
     _paper = DIFFUSION_GR2_PAPER
+    # compute_loss returns a per-micro-batch mean: Trainer divides it by the accumulation steps (class-level, as in
+    # the CFT trainer).
+    loss_is_scaled_for_ga = False
 
     def __init__(
         self,
