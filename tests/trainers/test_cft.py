@@ -148,7 +148,7 @@ def test_cft_with_lora_and_qlora(tmp_path):
 def test_loss_scaling_for_accumulation_is_declared_on_the_classes():
     """CFT and OPD return per-micro-batch means, so Trainer must divide by the accumulation steps: declared on the
     classes too, since some transformers versions read the class attribute, not the instance's."""
-    from diffgr2_trl.trainers import OnPolicyDistillationTrainer
+    from diffgr2_trl.trainers import BlockDiffusionTrainer, OnPolicyDistillationTrainer
 
     assert BlockDiffusionTrainer.loss_is_scaled_for_ga is False
     assert OnPolicyDistillationTrainer.loss_is_scaled_for_ga is False
