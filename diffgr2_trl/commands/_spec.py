@@ -6,7 +6,7 @@ option or a value, or pointing at a directory that does not exist should hear so
 the imports (or a model load).
 
 ``cli_spec.json`` holds each subcommand's help text and options (flags, type, choices, nargs, required). It is written
-by ``python -m diffgr2_trl.commands._spec`` from the live parsers (:func:`~._args.capture_parsers`) and
+by ``python scripts/cli_spec.py`` from the live parsers (:func:`build_spec`, :func:`~._args.capture_parsers`) and
 ``tests/test_cli_spec.py`` checks it against them, so it cannot drift silently. It is used only when the installed
 TRL, transformers and diffgr2-trl versions are the ones it was built with; otherwise the CLI parses as it always
 did (slower, equally exact). The checks here only reject what the real parser would reject too; anything they do not
@@ -21,6 +21,7 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -53,16 +54,19 @@ def _type_name(action) -> str | None:
     return getattr(action.type, "__name__", None) if action.type is not None else None
 
 
-def build_spec() -> dict[str, Any]:
-    """Snapshot every subcommand's parser: ``{"versions": ..., "commands": {name: {"help", "trainer", "options"}}}``."""
-    from . import COMMANDS
+def build_spec(commands: Mapping[str, tuple[str, str]]) -> dict[str, Any]:
+    """Snapshot every subcommand's parser: ``{"versions": ..., "commands": {name: {"help", "trainer", "options"}}}``.
+
+    ``commands`` is the CLI's table (:data:`diffgr2_trl.cli.COMMANDS`), passed in so this module never imports the
+    CLI or the pipeline.
+    """
     from ._args import _Captured, capture_parsers
 
-    commands: dict[str, Any] = {}
+    snapshot: dict[str, Any] = {}
     previous = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = HELP_COLUMNS
     try:
-        for name, (module, _) in COMMANDS.items():
+        for name, (module, _) in commands.items():
             with capture_parsers() as captured:
                 try:
                     importlib.import_module(module).parse([])
@@ -78,19 +82,19 @@ def build_spec() -> dict[str, Any]:
                 options.append({"dest": a.dest, "flags": list(a.option_strings), "type": _type_name(a),
                                 "choices": [str(c) for c in a.choices] if a.choices else None,
                                 "nargs": a.nargs, "required": bool(a.required)})
-            commands[name] = {"help": parser.format_help(), "trainer": trainer, "options": options}
+            snapshot[name] = {"help": parser.format_help(), "trainer": trainer, "options": options}
     finally:
         if previous is None:
             os.environ.pop("COLUMNS", None)
         else:
             os.environ["COLUMNS"] = previous
-    return {"versions": installed_versions(), "commands": commands}
+    return {"versions": installed_versions(), "commands": snapshot}
 
 
-def write_spec(path: Path = SPEC_PATH) -> Path:
+def write_spec(commands: Mapping[str, tuple[str, str]], path: Path = SPEC_PATH) -> Path:
     from ..utils import atomic_write_text
 
-    atomic_write_text(path, json.dumps(build_spec(), indent=1, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(build_spec(commands), indent=1, sort_keys=True) + "\n")
     return path
 
 
@@ -203,18 +207,3 @@ def precheck(command: str, argv: list[str]) -> bool:
         if missing:
             raise UserError(f"missing required option(s): {', '.join(missing)} (diffgr2 {command} --help).")
     return False
-
-
-def main() -> None:
-    """``python -m diffgr2_trl.commands._spec [--check]``: rewrite the snapshot, or say whether it is current."""
-    if "--check" in sys.argv[1:]:
-        current = build_spec()
-        stored = json.loads(SPEC_PATH.read_text()) if SPEC_PATH.is_file() else None
-        same = json.loads(json.dumps(current, sort_keys=True)) == stored
-        print("cli_spec.json is current" if same else "cli_spec.json is stale: run python -m diffgr2_trl.commands._spec")
-        sys.exit(0 if same else 1)
-    print(f"wrote {write_spec()}")
-
-
-if __name__ == "__main__":
-    main()
