@@ -83,10 +83,9 @@ def value_problem(action: argparse.Action, value: Any) -> str | None:
             if problem:
                 return problem
         return None
-    if isinstance(value, dict):
-        return None if action.type in (None, str) or getattr(action.type, "__name__", "") != "float" else (
-            f"expected {_type_name(action)}, got a mapping")
     kind = getattr(action.type, "__name__", None)
+    if isinstance(value, dict):  # a mapping can be a value of a dict-typed option, never of a scalar one
+        return f"expected {_type_name(action)}, got a mapping" if kind in ("float", "int", "string_to_bool") else None
     converted = value
     if isinstance(value, str) and action.type is not None:
         try:
