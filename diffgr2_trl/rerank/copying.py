@@ -42,6 +42,8 @@ __all__ = ["CopyRecipe", "HeldOut", "evaluate_copying", "first_reaching", "greed
 
 # Held-out lists are drawn with this seed offset, far from any training step's seed (seed + step).
 _HELDOUT_SEED = 10**7
+# Tasks whose rows are full re-ranking prompts (~4x a list): batched apart so short lists are not padded to them.
+_LONG = ("rerank", "promote")
 
 
 @dataclass(frozen=True)
@@ -127,11 +129,12 @@ def make_heldout(train_sequences: Mapping[int, Sequence[int]], sids: SemanticIds
 
 
 def rerank_rows_for(mix: str | Mapping[str, float] | None, prepared_dir) -> list[dict[str, str]] | None:
-    """The prepared train split's ``{"prompt", "completion"}`` rows when ``mix`` has a ``rerank`` task, else None."""
+    """The prepared train split's ``{"prompt", "completion"}`` rows when ``mix`` has a ``rerank`` or ``promote`` task,
+    else None."""
     from .midtrain import parse_task_mix
     from .pipeline_data import load_split
 
-    if "rerank" not in parse_task_mix(mix):
+    if not {"rerank", "promote"} & set(parse_task_mix(mix)):
         return None
     return load_split(prepared_dir, "train").select_columns(["prompt", "completion"]).to_list()
 
@@ -249,8 +252,9 @@ def train_copying(
     Stops at ``recipe.max_steps``, after ``max_minutes`` of training time, or once held-out exact reaches
     ``stop_at_exact``. ``evaluate_first=False`` skips the step-0 point (a training run that only needs the last one);
     ``heldout=None`` makes points without held-out metrics; ``log_steps > 0`` prints the training loss that often.
-    ``rerank_rows`` feed a ``rerank`` task in ``recipe.mix``; such rows (~4x longer than a list) are padded and run
-    apart from the short rows in the same step, the loss being the mean over all completion tokens of the step.
+    ``rerank_rows`` feed a ``rerank`` or ``promote`` task in ``recipe.mix``; such rows (~4x longer than a list) are
+    padded and run apart from the short rows in the same step, the loss being the mean over all completion tokens of
+    the step.
     The model may sit on any device; batches follow it.
     """
     from tqdm.auto import tqdm
@@ -293,7 +297,7 @@ def train_copying(
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, recipe)
-        groups = [g for g in ([r for r in rows if r["task"] != "rerank"], [r for r in rows if r["task"] == "rerank"])
+        groups = [g for g in ([r for r in rows if r["task"] not in _LONG], [r for r in rows if r["task"] in _LONG])
                   if g]
         batches = [tuple(t.to(device) if torch.is_tensor(t) else t for t in _batch(g, tokenizer, pad)) for g in groups]
         n_tokens = sum(b[3] for b in batches)

@@ -13,7 +13,12 @@ alone, in the prompt and answer template the re-ranker uses, as SID-based LLM re
 - ``next``: next-item prediction over a user's training history, answered with one SID;
 - ``attributes``: an item's brand/category tokens from its SID;
 - ``rerank``: a re-ranking training row itself (prompt and offline-trace completion, from the prepared train split),
-  so that copying is learnt in the full prompt too, not only in bare lists (a row can be drawn more than once).
+  so that copying is learnt in the full prompt too, not only in bare lists (a row can be drawn more than once);
+- ``promote``: a re-ranking row's prompt with a random candidate other than the pre-ranker's first promoted, and the
+  offline-trace completion written for that choice: promote-and-drop in the full prompt. A third of the real rows
+  keep the pre-ranker's first item first (nothing to drop), and a model fed only those copies the pre-rank list
+  with the promoted item still in its old slot (``results/copy_learning.md``); this task makes every row a drop,
+  and a row never repeats (up to nine promotions per prompt).
 
 With ``with_id_line=True`` the list tasks' prompts end with the candidate IDs written exactly as the answer writes them
 (``IDs: ["<sid>", "<sid>", ...]``): the answer list can then be copied token after token from one line, without
@@ -29,12 +34,13 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .prompts import CANDIDATES_HEADER, HISTORY_HEADER, format_completion, format_id_line, to_items
+from .prompts import CANDIDATES_HEADER, HISTORY_HEADER, format_completion, format_id_line, parse_prompt, to_items
 from .semantic_ids import SemanticIds
+from .traces import offline_completion
 
 __all__ = ["MID_TASKS", "build_midtraining_rows", "parse_task_mix"]
 
-MID_TASKS = ("front", "repeat", "drop", "next", "attributes", "rerank")
+MID_TASKS = ("front", "repeat", "drop", "next", "attributes", "rerank", "promote")
 DEFAULT_MIX = {"front": 0.5, "repeat": 0.15, "drop": 0.15, "next": 0.15, "attributes": 0.05}
 
 
@@ -87,11 +93,13 @@ def build_midtraining_rows(
         max_history: history items shown by the ``next`` task.
         mix: task weights (:func:`parse_task_mix`).
         with_id_line: end the list tasks' prompts with the candidates' ID line (:func:`~.prompts.format_id_line`).
-        rerank_rows: ``{"prompt", "completion"}`` re-ranking training rows the ``rerank`` task draws from.
+        rerank_rows: ``{"prompt", "completion"}`` re-ranking training rows the ``rerank`` and ``promote`` tasks draw
+            from.
     """
     weights = parse_task_mix(mix)
-    if "rerank" in weights and not rerank_rows:
-        raise ValueError("mid-training mix: the 'rerank' task needs rerank_rows (the prepared train split's rows).")
+    for task in ("rerank", "promote"):
+        if task in weights and not rerank_rows:
+            raise ValueError(f"mid-training mix: the {task!r} task needs rerank_rows (the prepared train split's rows).")
     rng = random.Random(seed)
     seqs = [[i for i in s if i in sids] for s in train_sequences.values()]
     seqs = [s for s in seqs if len(s) >= 2]
@@ -122,6 +130,10 @@ def build_midtraining_rows(
         elif task == "rerank":
             row = rerank_rows[rng.randrange(len(rerank_rows))]
             prompt, completion = row["prompt"], row["completion"]
+        elif task == "promote":
+            prompt = rerank_rows[rng.randrange(len(rerank_rows))]["prompt"]
+            shown = [c.sid for c in parse_prompt(prompt)[1]]
+            completion = offline_completion(prompt, shown[rng.randrange(1, len(shown))])
         elif task == "next":
             seq = rng.choice(seqs)
             cut = rng.randrange(1, len(seq))

@@ -248,3 +248,34 @@ def test_a_model_is_refused_on_prepared_data_with_other_ids_unless_allowed(tmp_p
         check_model_data(model, toys, allow_other_data=True)
     assert "--allow_other_data" in caplog.text
     check_model_data(model, tmp_path / "not-prepared")  # a plain dataset file or directory: nothing to compare
+
+
+def test_promote_task_moves_a_non_first_candidate_to_the_front_in_the_full_prompt():
+    from diffgr2_trl.rerank.prompts import build_prompt, parse_prompt, to_items
+    from diffgr2_trl.rerank.traces import offline_completion
+
+    sids = _Sids()
+    rng = random.Random(0)
+    rerank = []
+    for _ in range(4):
+        items = rng.sample(range(1, 60), 15)
+        prompt = build_prompt(to_items(items[:5], sids.encode, sids.attribute_tokens),
+                              to_items(items[5:], sids.encode, sids.attribute_tokens))
+        rerank.append({"prompt": prompt, "completion": offline_completion(prompt, sids.encode(items[5]))})
+    rows = build_midtraining_rows(_sequences(n_items=60), sids, 60, mix="promote=1", seed=5, rerank_rows=rerank)
+    assert rows == build_midtraining_rows(_sequences(n_items=60), sids, 60, mix="promote=1", seed=5,
+                                          rerank_rows=rerank)
+    firsts = set()
+    for r in rows:
+        assert r["task"] == "promote" and r["prompt"] in {x["prompt"] for x in rerank}
+        shown = [c.sid for c in parse_prompt(r["prompt"])[1]]
+        parsed = parse_ranking(r["completion"], shown)
+        assert parsed.valid, r["completion"]
+        first = parsed.ranking[0]
+        assert first != shown[0]  # every row needs a drop: the promoted item leaves its pre-rank slot
+        assert parsed.ranking == [first] + [s for s in shown if s != first]
+        assert first in r["completion"].split("recommendations")[0]  # the explanation names the promoted item
+        firsts.add((r["prompt"], first))
+    assert len(firsts) > 20  # promotions vary within a prompt, not only across prompts
+    with pytest.raises(ValueError, match="'promote' task needs rerank_rows"):
+        build_midtraining_rows(_sequences(n_items=60), sids, 3, mix="promote=1")
