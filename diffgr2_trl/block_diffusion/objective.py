@@ -108,6 +108,7 @@ def multi_stream_forward(
     position_ids: torch.Tensor,
     comp_start: int,
     spec: BlockDiffusionSpec,
+    call=None,
     **model_kwargs,
 ):
     """One forward over ``[clean || noisy_1 || ... || noisy_K]`` under the block-diffusion rule.
@@ -115,6 +116,8 @@ def multi_stream_forward(
     ``clean_ids`` is ``(batch, N)``; each noisy stream ``(batch, N - comp_start)`` covers the completion columns.
     Every stream shares the clean stream's position ids. Extra kwargs go to the model (``logits_to_keep``, ...).
     ``model`` may be wrapped (DDP, ...): the forward goes through the wrapper, attributes come from the model inside.
+    ``call`` replaces ``model`` as the callable that runs the forward (the module's own ``forward`` inside
+    :func:`~diffgr2_trl.block_diffusion.wrappers.forward_inside`).
     """
     n = clean_ids.shape[1]
     ids = torch.cat([clean_ids, *noisy_ids], dim=1)
@@ -127,7 +130,7 @@ def multi_stream_forward(
         mask = flex_block_mask(stream, col, valid_all, **layout)
     else:
         mask = to_model_mask(dense_mask(stream, col, stream, col, valid_all, **layout), impl, inner.dtype)
-    return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **model_kwargs)
+    return (call or model)(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **model_kwargs)
 
 
 def multi_stream_logits(model, clean_ids, noisy_ids, valid, position_ids, comp_start, spec, keep) -> torch.Tensor:
@@ -146,6 +149,7 @@ def block_diffusion_loss(
     loss_normalization: str = "masked",
     generator: torch.Generator | None = None,
     masked: torch.Tensor | None = None,
+    reduction: str = "mean",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Masked block-diffusion loss of one aligned batch.
 
@@ -155,11 +159,17 @@ def block_diffusion_loss(
             masked tokens; ``"completion"`` by the number of completion tokens (the MDLM ELBO estimator, usually
             with ``inverse_t_weighting``).
         masked: use this ``(batch, N)`` noise mask instead of drawing one (tests, replay).
+        reduction: ``"mean"`` divides the weighted token losses by the normaliser of ``loss_normalization``;
+            ``"sum"`` returns them undivided, so that a trainer can divide by a normaliser taken over several batches
+            (every rank and micro-batch of an optimizer step).
 
     Returns:
         ``(loss, metrics)``; metrics hold detached per-token sums and counts that the trainer aggregates
-        (``ce_sum/seg{k}``, ``correct/seg{k}``, ``masked/seg{k}``, ``masked_total``, ``completion_total``).
+        (``ce_sum/seg{k}``, ``correct/seg{k}``, ``masked/seg{k}``, ``masked_total``, ``completion_total``, and
+        ``normaliser``: what ``"mean"`` divides by).
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
     check_positions(model, batch.position_ids)
     if spec.token_shift and batch.comp_start < 1:
         raise ValueError("With token_shift the prompt must hold at least one token (e.g. BOS) before the completion.")
@@ -216,5 +226,6 @@ def block_diffusion_loss(
                 metrics[f"masked/seg{k}"] = metrics.get(f"masked/seg{k}", 0) + in_k.sum()
             metrics["masked_total"] = metrics.get("masked_total", 0) + m_c.sum()
             metrics["completion_total"] = metrics.get("completion_total", 0) + batch.completion.sum()
-    loss = total_loss / denom.clamp_min(1.0)
+    metrics["normaliser"] = denom
+    loss = total_loss / denom.clamp_min(1.0) if reduction == "mean" else total_loss
     return loss, {k: torch.as_tensor(v).detach().float() for k, v in metrics.items()}

@@ -17,6 +17,7 @@ from ..block_diffusion import BlockDiffusionSpec, align_completions, block_diffu
 from ..block_diffusion.convert import check_attention_honours_masks, convert_to_block_diffusion
 from ._paper import DIFFUSION_GR2_PAPER
 from ._quantized import keep_4bit_layers_trainable
+from ._trl_compat import loss_divided_by_accumulation, sum_across_ranks
 
 SPEC_OVERRIDES = (
     "noise_per", "noise_schedule", "min_mask_ratio", "max_mask_ratio", "inverse_t_weighting", "complementary_masks",
@@ -133,9 +134,10 @@ class BlockDiffusionTrainer(SFTTrainer):
     _tag_names = ["trl", "sft", "diffgr2-trl", "block-diffusion", "cft"]
     _name = "CFT"
     _paper = DIFFUSION_GR2_PAPER
-    # compute_loss returns a per-micro-batch mean: Trainer divides it by the accumulation steps. A class attribute,
-    # because some transformers versions read it from the class rather than the instance.
-    loss_is_scaled_for_ga = False
+    # compute_loss divides by the whole optimizer step's normaliser (every micro-batch on every rank), so Trainer must
+    # not divide again by the accumulation steps (read from the class by transformers >= 5.19; older releases are
+    # handled in compute_loss through _trl_compat).
+    loss_is_scaled_for_ga = True
 
     def __init__(self, model, args: BlockDiffusionConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, **kwargs):
@@ -175,8 +177,7 @@ class BlockDiffusionTrainer(SFTTrainer):
                         f"{cols}). Give the raw dataset an '{args.answer_start_column}' column (the character offset "
                         "of the answer in each plain-text completion) or a token-level 'segment_ids' column, or leave "
                         "both weights at 1.0.")
-        # The loss is a per-micro-batch mean: let Trainer divide it by the accumulation steps.
-        self.loss_is_scaled_for_ga = False
+        self._step_weight: torch.Tensor | None = None
 
     @staticmethod
     def _maybe_convert(model, tokenizer, args) -> None:
@@ -223,23 +224,64 @@ class BlockDiffusionTrainer(SFTTrainer):
             dataset = dataset.map(add_segments, desc=f"Marking answer segments of the {dataset_name} dataset")
         return dataset
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mode = "train" if self.model.training else "eval"
-        labels = inputs["labels"]
-        completion = labels != -100
+    def _aligned(self, inputs):
         tok = getattr(self.processing_class, "tokenizer", self.processing_class)
-        batch = align_completions(
-            inputs["input_ids"], inputs["attention_mask"], completion,
+        return align_completions(
+            inputs["input_ids"], inputs["attention_mask"], inputs["labels"] != -100,
             block_size=self.spec.block_size,
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
             eos_token_id=tok.eos_token_id,
             segment_ids=inputs.get("segment_ids"),
         )
-        loss, m = block_diffusion_loss(
+
+    def _completion_weight(self, batch) -> torch.Tensor:
+        """Segment-weighted count of the completion tokens in an aligned batch (what ``"completion"`` divides by)."""
+        comp = batch.completion.float()
+        if batch.segment_ids is None:
+            return comp.sum()
+        weights = torch.tensor(self.segment_weights, dtype=torch.float32, device=comp.device)
+        return (weights[batch.segment_ids] * comp).sum()
+
+    def _across_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        return sum_across_ranks(self, value) if self.args.average_tokens_across_devices else value
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Trainer fetches an optimizer step's micro-batches here; count their completion tokens on every rank, so
+        that each micro-batch's loss is divided by the step's total (:meth:`compute_loss`)."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        weight = torch.zeros((), device=device)
+        for inputs in batch_samples:
+            weight = weight + self._completion_weight(self._aligned(inputs)).to(device)
+        self._step_weight = self._across_ranks(weight)
+        return batch_samples, num_items_in_batch
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The masked block-diffusion loss, normalised over the whole optimizer step.
+
+        The token losses are summed and divided by one normaliser for all micro-batches of the step on all ranks, so
+        the gradient is the single-process mean over the global batch whatever the split of tokens across ranks and
+        accumulation steps (as TRL's SFT does with ``num_items_in_batch``). With ``loss_normalization="masked"`` the
+        normaliser is the step's completion tokens times the micro-batch's masked fraction (across ranks): the
+        number of masked tokens when every micro-batch is masked alike, since masks are drawn batch by batch and
+        later micro-batches' masks are not known yet. Outside a training step (evaluation, a direct call) the
+        normaliser is the micro-batch's, across ranks. ``average_tokens_across_devices=False`` keeps per-rank means.
+        """
+        mode = "train" if self.model.training else "eval"
+        batch = self._aligned(inputs)
+        loss_sum, m = block_diffusion_loss(
             model, batch, self.spec,
             segment_weights=self.segment_weights if batch.segment_ids is not None else None,
-            loss_normalization=self.args.loss_normalization,
+            loss_normalization=self.args.loss_normalization, reduction="sum",
         )
+        counts = self._across_ranks(torch.stack([m["normaliser"], self._completion_weight(batch)]).to(loss_sum.device))
+        normaliser = counts[0]
+        if mode == "train" and self._step_weight is not None:
+            normaliser = self._step_weight.to(counts) * counts[0] / torch.where(counts[1] > 0, counts[1], 1.0)
+        # DDP/FSDP average gradients over ranks: a rank's share of the global sum is scaled back up by their number.
+        ranks = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        loss = loss_sum * ranks / torch.where(normaliser > 0, normaliser, 1.0)
+        if mode == "train" and self._step_weight is not None and loss_divided_by_accumulation(self, num_items_in_batch):
+            loss = loss * getattr(self, "current_gradient_accumulation_steps", 1)
         gathered = {k: self.accelerator.gather_for_metrics(v.to(loss.device)).sum() for k, v in m.items()}
         masked = gathered["masked_total"].clamp_min(1)
         correct = sum(v for k, v in gathered.items() if k.startswith("correct/"))

@@ -41,6 +41,7 @@ from ..teachers import Teacher, check_vocab_compatible, load_teacher
 from ._decoding_fields import trl_field
 from ._paper import DIFFUSION_GR2_PAPER
 from ._quantized import keep_4bit_layers_trainable
+from ._trl_compat import loss_divided_by_accumulation, sum_across_ranks
 from .opd_loss import divergence, full_vocab_logprobs, kl_div, topk_tail_logprobs
 
 __all__ = ["OnPolicyDistillationConfig", "OnPolicyDistillationTrainer"]
@@ -221,9 +222,9 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
     _tag_names = ["trl", "diffgr2-trl", "block-diffusion", "on-policy-distillation"]
     _name = "OPD"
     _paper = DIFFUSION_GR2_PAPER
-    # compute_loss returns a per-micro-batch mean: Trainer divides it by the accumulation steps (class-level, as in
-    # the CFT trainer).
-    loss_is_scaled_for_ga = False
+    # compute_loss divides by the sequence count of the whole accumulation window on every rank, so Trainer must not
+    # divide again (as TRL's DistillationTrainer declares; older transformers are handled through _trl_compat).
+    loss_is_scaled_for_ga = True
 
     def __init__(
         self,
@@ -279,8 +280,6 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
         keep_4bit_layers_trainable(self.model)  # before any eval-mode forward (the probe below, rollouts)
         check_attention_honours_masks(base)
         self._times: dict[str, float] = {}
-        # compute_loss returns a per-micro-batch mean: let Trainer divide it by the accumulation steps.
-        self.loss_is_scaled_for_ga = False
         # Built once; each rollout hands it the current student (`generate(..., model=...)`).
         self.sampler = sampler if sampler is not None else BlockDiffusionSampler(
             spec=self.spec, config=BlockDecodingConfig.from_config(args), pad_token_id=self.pad_token_id,
@@ -374,10 +373,16 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
             block_steps, selected, weight = None, comp_mask, comp_mask.float()
 
         self._log_rollouts(mode, inputs, out, comp_mask, t1 - t0, t2 - t1)
+        # The loss divides by the sequences (with at least one token) of the whole generation batch on every rank:
+        # a 0-d tensor, so TRL's split into micro-batches hands it unchanged to each of them.
+        num_sequences = (comp_mask.sum(-1) > 0).sum().float()
+        if args.average_tokens_across_devices:
+            num_sequences = sum_across_ranks(self, num_sequences)
         return {
             "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "canvas_ids": out.canvas_ids,
             "step_map": out.step_map, "completion_mask": comp_mask, "selected": selected, "weight": weight,
             "block_steps": block_steps, "sampler_logprobs": out.logprobs, **teacher,
+            "num_sequences": num_sequences,  # last: TRL's shuffle takes the batch size from the first entry
         }
 
     def _summed_across_ranks(self, **values: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -432,11 +437,18 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
                                                 args.loss_temperature)
         per_token = divergence(s_logp, t_logp, args.beta)
         weight = inputs["weight"]
-        # Length-normalised per sequence (by its committed tokens), then averaged over sequences.
+        # Length-normalised per sequence (by its committed tokens), then averaged over the sequences of the whole
+        # generation batch (every micro-batch, every rank): the single-process mean for any split across ranks and
+        # accumulation steps. DDP/FSDP average gradients over ranks, hence the factor of their number.
         n_tokens = inputs["completion_mask"].sum(-1)
-        has = n_tokens > 0
         per_seq = (per_token * weight).sum(-1) / n_tokens.clamp_min(1)
-        loss = per_seq[has].mean() if has.any() else per_token.sum() * 0.0
+        num_sequences = inputs.get("num_sequences")
+        if num_sequences is None:  # inputs not from _generate_and_score_completions: this micro-batch alone
+            num_sequences = (n_tokens > 0).sum().float()
+        ranks = self.accelerator.num_processes if args.average_tokens_across_devices and "num_sequences" in inputs else 1
+        loss = per_seq.sum() * ranks / num_sequences.to(per_seq).clamp_min(1.0)
+        if self.model.training and loss_divided_by_accumulation(self, num_items_in_batch):
+            loss = loss * getattr(self, "current_gradient_accumulation_steps", 1)
 
         with torch.no_grad():
             sel = inputs["selected"]

@@ -4,7 +4,8 @@
 
     accelerate launch --multi_gpu --num_processes 2 tests/trainers/ddp_train.py --output_dir OUT --use_cpu
 
-and calls :func:`train` in-process with twice the per-device batch as the one-process reference. Each process writes
+and calls :func:`train` in-process as the one-process reference, with the same global batch (per-device batch x
+processes x accumulation steps) in one micro-batch. Each process writes
 ``OUT/<trainer>/rank<r>.json`` (its rank, world size, backend, logged losses and a checksum of its parameters); rank 0
 also saves the final parameters to ``OUT/<trainer>/params.pt``.
 
@@ -17,8 +18,9 @@ Everything random is taken out so the two runs can be compared parameter by para
   (TRL hands each process whole groups, in order): a rollout is then the same whichever process draws it;
 * plain SGD: Adam's per-parameter normalisation would blow float rounding differences on near-zero gradients up
   into visible updates;
-* every sort prompt (and CFT completion) has the same token count, so each process's mean over its rows, averaged by
-  DDP, equals the mean over the global batch.
+* lists of 2 to 6 values, so prompts and completions differ in length and the ranks and micro-batches of a step hold
+  different token counts: a per-rank or per-micro-batch mean, averaged by DDP and the accumulation, would differ from
+  the mean over the global batch (the trainers normalise over the whole step instead).
 
 CFT's complementary masks (two forwards; the complement of "all masked" is empty) and OPD's replay split over several
 forwards (``max_streams_per_forward``) make each process run more than one DDP forward before a backward.
@@ -36,7 +38,7 @@ import torch
 
 from diffgr2_trl.block_diffusion import convert_to_block_diffusion, unwrap_model
 from diffgr2_trl.modeling import build_model
-from diffgr2_trl.synthetic import sort_dataset, sort_tokenizer
+from diffgr2_trl.synthetic import sort_example, sort_tokenizer
 
 TRAINERS = ("cft", "opd", "grpo")
 SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -68,6 +70,16 @@ def _grpo_trainer_class():
     return PerRowSeededGRPOTrainer
 
 
+def dataset(n: int = 64, seed: int = 0):
+    """Sort rows of 2 to 6 values (unequal token counts per row)."""
+    import random
+
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    return Dataset.from_list([sort_example(rng, rng.randint(2, 6)) for _ in range(n)])
+
+
 def _model():
     tok = sort_tokenizer()
     model = build_model("qwen3", tokenizer=tok, shape=SHAPE, seed=0)
@@ -75,24 +87,25 @@ def _model():
     return model, tok
 
 
-def _common(output_dir: str, max_steps: int, use_cpu: bool) -> dict:
+def _common(output_dir: str, max_steps: int, use_cpu: bool, accumulation: int) -> dict:
     return dict(output_dir=output_dir, use_cpu=use_cpu, bf16=False, max_steps=max_steps, optim="sgd",
+                gradient_accumulation_steps=accumulation,
                 learning_rate=0.1, lr_scheduler_type="constant", logging_steps=1, report_to=[], save_strategy="no",
                 disable_tqdm=True, seed=0, dataloader_num_workers=0)
 
 
-def _trainer(name: str, output_dir: str, per_device: int, max_steps: int, use_cpu: bool):
-    """A trainer of kind ``name`` whose global batch is ``per_device x world size`` (x ``NUM_GENERATIONS`` rows for
-    OPD, whose batch counts prompts)."""
+def _trainer(name: str, output_dir: str, per_device: int, max_steps: int, use_cpu: bool, accumulation: int = 1):
+    """A trainer of kind ``name`` whose global batch is ``per_device x world size x accumulation`` (x
+    ``NUM_GENERATIONS`` rows for OPD, whose batch counts prompts)."""
     model, tok = _model()
-    common = _common(output_dir, max_steps, use_cpu)
+    common = _common(output_dir, max_steps, use_cpu, accumulation)
     if name == "cft":
         from diffgr2_trl.trainers import BlockDiffusionConfig, BlockDiffusionTrainer
 
         args = BlockDiffusionConfig(per_device_train_batch_size=per_device, min_mask_ratio=1.0, max_mask_ratio=1.0,
                                     complementary_masks=True, **common)
-        return BlockDiffusionTrainer(model, args=args, train_dataset=sort_dataset(64), processing_class=tok)
-    prompts = sort_dataset(64).select_columns(["prompt", "target"])
+        return BlockDiffusionTrainer(model, args=args, train_dataset=dataset(), processing_class=tok)
+    prompts = dataset().select_columns(["prompt", "target"])
     if name == "opd":
         from diffgr2_trl.trainers import OnPolicyDistillationConfig, OnPolicyDistillationTrainer
         from tests.trainers.opd_helpers import SortRuleTeacher
@@ -112,14 +125,20 @@ def _trainer(name: str, output_dir: str, per_device: int, max_steps: int, use_cp
     raise ValueError(f"Unknown trainer {name!r}; expected one of {TRAINERS}.")
 
 
-def train(name: str, output_dir: str | os.PathLike, per_device: int, max_steps: int = 3, use_cpu: bool = True) -> dict:
+def train(name: str, output_dir: str | os.PathLike, per_device: int, max_steps: int = 3, use_cpu: bool = True,
+          accumulation: int = 1) -> dict:
     """Train ``name`` for ``max_steps``; write this process's record (and, on rank 0, the parameters); return it."""
     out = Path(output_dir) / name
-    trainer = _trainer(name, str(out), per_device, max_steps, use_cpu)
+    trainer = _trainer(name, str(out), per_device, max_steps, use_cpu, accumulation)
     trainer.train()
     state = trainer.accelerator.state
-    params = {n: p.detach().cpu().clone() for n, p in unwrap_model(trainer.model).named_parameters()}
+    named = list(unwrap_model(trainer.model).named_parameters())
+    sharded = any(hasattr(p, "full_tensor") for _, p in named)  # FSDP2 holds DTensor shards
+    # full_tensor() is a collective: every rank gathers, in the same order.
+    params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone() for n, p in named}
     record = {
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "sharded": sharded,
         "rank": state.process_index,
         "world_size": state.num_processes,
         "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
@@ -141,11 +160,13 @@ def main() -> None:
     parser.add_argument("--trainers", nargs="+", default=list(TRAINERS), choices=TRAINERS)
     parser.add_argument("--per_device_train_batch_size", type=int, default=2)
     parser.add_argument("--max_steps", type=int, default=3)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--use_cpu", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)  # two processes share two cores (and a test session's other work)
     for name in args.trainers:
-        train(name, args.output_dir, args.per_device_train_batch_size, args.max_steps, args.use_cpu)
+        train(name, args.output_dir, args.per_device_train_batch_size, args.max_steps, args.use_cpu,
+              args.gradient_accumulation_steps)
 
 
 if __name__ == "__main__":

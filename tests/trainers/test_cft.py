@@ -143,12 +143,3 @@ def test_cft_with_lora_and_qlora(tmp_path):
                                     train_dataset=sort_dataset(32), processing_class=tok, peft_config=lora)
     trainer.train()
     assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in trainer.state.log_history if "train_loss" in h)
-
-
-def test_loss_scaling_for_accumulation_is_declared_on_the_classes():
-    """CFT and OPD return per-micro-batch means, so Trainer must divide by the accumulation steps: declared on the
-    classes too, since some transformers versions read the class attribute, not the instance's."""
-    from diffgr2_trl.trainers import BlockDiffusionTrainer, OnPolicyDistillationTrainer
-
-    assert BlockDiffusionTrainer.loss_is_scaled_for_ga is False
-    assert OnPolicyDistillationTrainer.loss_is_scaled_for_ga is False

@@ -25,6 +25,7 @@ from tests.helpers import LAUNCH, REPO, launch_env
 from tests.trainers import ddp_train
 
 PER_DEVICE = 2
+ACCUMULATION = 2
 STEPS = 3
 
 
@@ -34,7 +35,8 @@ def runs(tmp_path_factory):
     two = tmp_path_factory.mktemp("ddp2")
     one = tmp_path_factory.mktemp("ddp1")
     cmd = [*LAUNCH, "tests/trainers/ddp_train.py", "--output_dir", str(two),
-           "--per_device_train_batch_size", str(PER_DEVICE), "--max_steps", str(STEPS), "--use_cpu"]
+           "--per_device_train_batch_size", str(PER_DEVICE), "--max_steps", str(STEPS), "--use_cpu",
+           "--gradient_accumulation_steps", str(ACCUMULATION)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
@@ -42,7 +44,7 @@ def runs(tmp_path_factory):
         torch.set_num_threads(1)
         try:
             for name in ddp_train.TRAINERS:
-                ddp_train.train(name, one, 2 * PER_DEVICE, STEPS)
+                ddp_train.train(name, one, 2 * PER_DEVICE * ACCUMULATION, STEPS)
         finally:
             torch.set_num_threads(threads)
         output, _ = proc.communicate(timeout=600)

@@ -1,0 +1,65 @@
+"""The TRL / transformers behaviour the trainers rely on (``diffgr2_trl/trainers/_trl_compat.py``).
+
+An upgrade of TRL that renames, reorders or adds a required parameter to a method we override fails here, in one
+test, instead of passing arguments into the wrong slots somewhere in a training run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+from transformers import Trainer
+
+from diffgr2_trl.trainers import _trl_compat
+from diffgr2_trl.trainers._trl_compat import OVERRIDDEN_TRL_METHODS, loss_divided_by_accumulation
+
+
+def _resolve(path: str):
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize(("cls", "method", "params"), OVERRIDDEN_TRL_METHODS, ids=lambda v: str(v))
+def test_overridden_trl_methods_keep_their_signatures(cls, method, params):
+    fn = getattr(_resolve(cls), method, None)
+    assert fn is not None, f"{cls}.{method} is gone from the installed TRL; update diffgr2_trl/trainers."
+    sig = list(inspect.signature(fn).parameters.values())
+    assert [p.name for p in sig[: len(params)]] == list(params), (cls, method, [p.name for p in sig])
+    required_after = [p.name for p in sig[len(params):] if p.default is p.empty
+                      and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    assert not required_after, f"{cls}.{method} now requires {required_after}; our override does not pass them."
+
+
+def test_every_trl_method_the_trainers_override_is_listed():
+    from diffgr2_trl.trainers import BlockDiffusionTrainer, DiffusionGRPOTrainer, OnPolicyDistillationTrainer
+
+    listed = {(c, m) for c, m, _ in OVERRIDDEN_TRL_METHODS}
+    for ours, base in ((BlockDiffusionTrainer, "trl.SFTTrainer"), (OnPolicyDistillationTrainer, "trl.DistillationTrainer"),
+                       (DiffusionGRPOTrainer, "trl.GRPOTrainer")):
+        parent = _resolve(base)
+        overridden = {name for name, v in vars(ours).items() if inspect.isfunction(v) and hasattr(parent, name)
+                      and name != "__init__"}
+        assert overridden <= {m for c, m in listed if c == base}, (ours.__name__, overridden)
+
+
+class _Fake:
+    def __init__(self, accepts, func=None, flag=None):
+        self.model_accepts_loss_kwargs, self.compute_loss_func = accepts, func
+        type(self).loss_is_scaled_for_ga = flag
+
+
+def test_accumulation_division_follows_the_installed_transformers(monkeypatch):
+    class Ours(_Fake):
+        pass
+
+    if "loss_is_scaled_for_ga" in vars(Trainer):  # >= 5.19: the class flag decides when set
+        assert loss_divided_by_accumulation(Ours(accepts=True, flag=True), 10) is False
+        assert loss_divided_by_accumulation(Ours(accepts=True, flag=False), 10) is True
+    # Releases without the flag (<= 5.18) divide unless the model takes loss kwargs and items were counted.
+    monkeypatch.setattr(_trl_compat, "Trainer", type("OldTrainer", (), {}))
+    assert loss_divided_by_accumulation(Ours(accepts=True, flag=True), 10) is False
+    assert loss_divided_by_accumulation(Ours(accepts=True, flag=True), None) is True
+    assert loss_divided_by_accumulation(Ours(accepts=False, flag=True), 10) is True
+    assert loss_divided_by_accumulation(Ours(accepts=False, func=len, flag=True), None) is False
