@@ -15,7 +15,7 @@ import torch
 from .layout import apply_temperature, exclude_mask_token, packed_layout, source_index
 from .objective import check_positions, multi_stream_forward
 from .spec import BlockDiffusionSpec
-from .wrappers import unwrap_model
+from .wrappers import forward_inside, unwrap_model
 
 
 @dataclass
@@ -101,12 +101,33 @@ def replay_logits(
         states, stream_of = list(range(_num_steps(step_map))), step_map
     per = max_streams_per_forward or len(states)
     cols = torch.arange(comp_start, n, device=canvas_ids.device)
+    # Everything, the output layer included, runs inside one forward call of the (possibly wrapped) model: FSDP
+    # gathers sharded weights, the output layer's among them, only there.
+    logits = forward_inside(model, _replay, model, clean, valid, position_ids, comp_start, spec, canvas_ids,
+                            step_map, states, stream_of, per, cols)
+    return exclude_mask_token(logits, spec.mask_token_id)
+
+
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits for final hidden states: its output layer, then the forward's post-processing of logits
+    (final soft-capping, as Gemma 2 applies it), so that the replay matches the sampler's full forwards."""
+    inner = unwrap_model(model)
+    logits = inner.get_output_embeddings()(hidden)
+    cap = getattr(inner.config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _replay(forward, model, clean, valid, position_ids, comp_start, spec, canvas_ids, step_map, states, stream_of,
+            per, cols) -> torch.Tensor:
+    n, t = clean.shape[1], canvas_ids.shape[1]
     hidden = None
     for lo in range(0, len(states), per):
         hi = min(lo + per, len(states))
         # the canvas a stream shows: tokens committed before its state's step, the rest still masked
         noisy = [torch.where((step_map < s) & (step_map >= 0), canvas_ids, spec.mask_token_id) for s in states[lo:hi]]
-        out = multi_stream_forward(model, clean, noisy, valid, position_ids, comp_start, spec,
+        out = multi_stream_forward(model, clean, noisy, valid, position_ids, comp_start, spec, call=forward,
                                    logits_to_keep=1, output_hidden_states=True)
         h = out.hidden_states[-1]
         src = source_index(cols, comp_start, spec, noisy_offset=n + (stream_of - lo).clamp(0, hi - lo - 1) * t)
@@ -119,8 +140,7 @@ def replay_logits(
         in_chunk = (stream_of >= lo) & (stream_of < hi) & (src >= n)
         hidden = torch.where(in_chunk.unsqueeze(-1), gathered, hidden)
     # The LM head runs once, on the T gathered states, rather than on every stream of every forward.
-    logits = unwrap_model(model).get_output_embeddings()(hidden).float()
-    return exclude_mask_token(logits, spec.mask_token_id)
+    return output_logits(model, hidden).float()
 
 
 def sample_block_steps(

@@ -41,3 +41,28 @@ def unwrap_model(model):
     while inner is not None:
         model, inner = inner, _inner(inner)
     return model
+
+
+def forward_inside(model, fn, *args, **kwargs):
+    """``fn(forward, *args, **kwargs)`` run inside one forward call of ``model`` (through its wrapper, if any).
+
+    A computation that calls a model's submodules one by one, such as the replay's backbone forwards followed by
+    the output layer on gathered states, must still run inside the wrapper's forward: FSDP gathers sharded
+    parameters in its forward hooks (outside them the output layer's weight is a shard, or empty) and DDP prepares
+    gradient synchronisation there. The module the wrapper calls has its ``forward`` swapped for ``fn`` for the
+    duration of one call, as TRL's and Lightning's forward redirection do. ``fn`` receives that module's own
+    ``forward`` and must call it, not the module, for its model forwards: calling the module would run its hooks
+    (FSDP's unshard and reshard) a second time, nested in the first.
+    """
+    target = _inner(model) or model
+    original = target.forward
+
+    def redirected(*_args, **_kwargs):
+        target.forward = original  # fn may call the real forward
+        return fn(original, *args, **kwargs)
+
+    target.forward = redirected
+    try:
+        return model()
+    finally:
+        target.forward = original

@@ -44,3 +44,23 @@ def test_block_size_one_replay_is_ar_loglikelihood(word_tokenizer):
         logits[:, get_spec(model).mask_token_id] = float("-inf")
         ar = torch.log_softmax(logits, -1).gather(-1, seq[0, len(p):, None]).squeeze(-1)
         assert torch.allclose(lp[r], ar, atol=1e-5)
+
+
+def test_output_logits_apply_the_forwards_final_soft_capping():
+    """The replay applies the output layer to gathered states itself; it must post-process them as the model's
+    forward does (Gemma 2's final logit soft-capping), or replayed log-probs stop matching the sampler's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from diffgr2_trl.block_diffusion.likelihood import output_logits
+
+    config = AutoConfig.for_model("gemma2", vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                  final_logit_softcapping=0.1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 40, (2, 6))
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+        got = output_logits(model, out.hidden_states[-1])
+    assert model.lm_head(out.hidden_states[-1]).abs().max() > 0.2 > 0.1 >= out.logits.abs().max()  # the cap bites
+    torch.testing.assert_close(got, out.logits)
