@@ -31,7 +31,13 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     from torch.distributed.fsdp import fully_shard
 
-    from diffgr2_trl.block_diffusion import BlockDiffusionSampler, align_completions, block_diffusion_loss, get_spec, left_pad
+    from diffgr2_trl.block_diffusion import (
+        BlockDiffusionSampler,
+        align_completions,
+        block_diffusion_loss,
+        get_spec,
+        left_pad,
+    )
     from diffgr2_trl.block_diffusion.likelihood import replay_logprobs
     from diffgr2_trl.modeling import build_word_tokenizer
     from tests.helpers import WORDS, converted
