@@ -185,6 +185,20 @@ def _crop(cache: StaticCache, tokens: int) -> None:
         length.sub_(tokens)
 
 
+def _is_sharded(model) -> bool:
+    """Whether a forward of ``model`` is a collective: FSDP2 (DTensor parameters), FSDP1, DeepSpeed ZeRO-3."""
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in (model, unwrap_model(model))):
+        return True
+    return any(hasattr(p, "full_tensor") or hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """``flag`` OR-ed over every rank of the default process group (a collective)."""
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 class BlockDiffusionSampler:
     """Batched, left-padding aware parallel decoder for block-diffusion LMs.
 
@@ -203,6 +217,13 @@ class BlockDiffusionSampler:
         compile: with the static cache, run the model's forward through ``torch.compile`` (``True``: mode
             ``"reduce-overhead"``, i.e. CUDA graphs on a GPU; or a dict of ``torch.compile`` keyword arguments).
             Every step then computes logits for the whole canvas (fixed shapes), so graphs are reused.
+        sync_ranks: keep every process of a ``torch.distributed`` group in step: a rank whose rows are done keeps
+            issuing forwards (their outputs discarded, the decode state untouched) until every rank is done, so
+            each rank runs the same number of forwards. Needed when the model is sharded (FSDP, DeepSpeed ZeRO-3),
+            where every forward is a collective and a rank that stops early leaves the others waiting forever.
+            ``None`` (default): on when a process group of more than one rank is initialised and the model's
+            parameters are shards; ranks must then all call :meth:`generate` together, with the same
+            ``max_completion_length`` and block size (the number of blocks is not synced).
 
     Example:
         >>> sampler = BlockDiffusionSampler(model, config=BlockDecodingConfig(max_completion_length=128, tau=0.9))
@@ -221,6 +242,7 @@ class BlockDiffusionSampler:
         use_cache: bool = True,
         cache_implementation: str = "dynamic",
         compile: bool | dict = False,
+        sync_ranks: bool | None = None,
     ) -> None:
         if cache_implementation not in ("dynamic", "static"):
             raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}.")
@@ -231,6 +253,7 @@ class BlockDiffusionSampler:
                              "would recompile at every length).")
         self.cache_implementation = cache_implementation
         self.compile = compile
+        self.sync_ranks = sync_ranks
         self._compiled: dict = {}
         self.model = model
         self.config = config if config is not None else BlockDecodingConfig()
@@ -330,6 +353,11 @@ class BlockDiffusionSampler:
         shift = spec.token_shift
         total = prompt_len + length
         end = prompt_len
+        sync = self._synced()
+
+        def any_rank(flag: bool) -> bool:
+            return _any_rank(flag, device) if sync else flag
+
         for start in range(prompt_len, total, spec.block_size):
             end = min(start + spec.block_size, total)
             state.offset = start - prompt_len
@@ -337,11 +365,18 @@ class BlockDiffusionSampler:
             state.canvas[state.finished] = self.pad_token_id
             seed_logits = None  # with token shift: the block's first token's logits, from the committed context
             step = 0
-            while (masked := state.canvas == spec.mask_token_id).any():
+            while any_rank(bool((masked := state.canvas == spec.mask_token_id).any())):
+                if not masked.any():  # synced: this rank is done, another is not; keep its collectives in step
+                    self._forward(state, start, torch.ones(masked.shape[1], dtype=torch.bool, device=device), spec)
+                    state.forwards += 1
+                    continue
                 need = masked.any(0)  # block columns some row still has to predict
                 if shift and seed_logits is not None and not need[1:].any():
                     # Only the first position is left and its prediction comes from the committed context alone.
                     canvas_logits, cols = seed_logits[:, None, :][:, :0], []
+                    if sync:  # the other ranks may run a forward at this step
+                        self._forward(state, start, need, spec)
+                        state.forwards += 1
                 else:
                     new_seed, canvas_logits, cols = self._forward(state, start, need, spec)
                     seed_logits = new_seed if new_seed is not None else seed_logits
@@ -368,9 +403,16 @@ class BlockDiffusionSampler:
                 step += 1
             state.seq[:, start:end] = state.canvas
             state.finished |= torch.isin(state.canvas, stops).any(-1)
-            if state.finished.all():
+            if not any_rank(not bool(state.finished.all())):
                 break
         return self._output(state, input_ids, end, stops)
+
+    def _synced(self) -> bool:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return False
+        if torch.distributed.get_world_size() == 1:
+            return False
+        return self.sync_ranks if self.sync_ranks is not None else _is_sharded(self.model)
 
     def _new_cache(self, length: int):
         if not self.use_cache:

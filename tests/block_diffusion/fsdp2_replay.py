@@ -3,9 +3,10 @@
 Launched by ``tests/block_diffusion/test_fsdp2.py`` with ``torchrun --nproc_per_node 2``. Each rank builds the same
 tiny converted model twice: a plain reference, and a copy sharded with ``fully_shard`` (each decoder layer, then the
 root, which holds the embeddings, the final norm and the output layer). On the same rollout (decoded by the
-reference) it computes replay log-probs and the block-diffusion loss with both, backpropagates, and writes
-``OUT/rank<r>.json``: whether the parameters really were shards, and the largest differences in values and in the
-gradients (the sharded ones gathered with ``full_tensor``).
+reference) it computes replay log-probs and the block-diffusion loss with both, backpropagates, and decodes
+rank-specific prompts that need different numbers of forwards per rank. It writes ``OUT/rank<r>.json``: whether the
+parameters really were shards, the largest differences in values and in the gradients (the sharded ones gathered
+with ``full_tensor``), whether the sharded rollout equals the unsharded one, and every rank's forward counts.
 """
 
 from __future__ import annotations
@@ -84,6 +85,21 @@ def main() -> None:
         grads[name] = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
                        for n, p in model.named_parameters()}
     record["cft_loss_diff"] = abs(losses["ref"] - losses["sharded"])
+
+    # Rollouts where the ranks need different numbers of forwards (different prompts and lengths per rank): the
+    # sharded model's forwards are collectives, so the sampler must keep the ranks in step (it does by default for
+    # a sharded model) and still decode exactly what the unsharded model decodes on each rank.
+    prompts = [[5, 6, 7]] if rank == 0 else [[9, 10, 11, 12, 13, 14], [20, 21]]
+    pids, pam = left_pad(prompts, tok.pad_token_id)
+    kw = dict(max_completion_length=12, tau=0.6)
+    want = BlockDiffusionSampler(ref).generate(pids, pam, **kw)
+    got = BlockDiffusionSampler(sharded).generate(pids, pam, **kw)
+    record["rollout_equal"] = bool(torch.equal(want.canvas_ids, got.canvas_ids)
+                                   and torch.equal(want.step_map, got.step_map))
+    counts = [None] * world
+    dist.all_gather_object(counts, [want.forward_passes, got.forward_passes])
+    record["unsynced_forwards"] = [c[0] for c in counts]  # what each rank needs alone
+    record["synced_forwards"] = [c[1] for c in counts]
     record["cft_grad_max_diff"] = max(float((grads["ref"][n] - grads["sharded"][n]).abs().max()) for n in grads["ref"])
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
