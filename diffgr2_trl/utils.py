@@ -32,6 +32,23 @@ def write_json_atomic(obj: Any, path: str | os.PathLike, indent: int = 2) -> Non
     atomic_write_text(path, json.dumps(obj, indent=indent, default=str) + "\n")
 
 
+def accelerator_type() -> str | None:
+    """The accelerator torch can train on here (``"cuda"``, ``"xpu"`` or ``"mps"``, the order in which transformers
+    picks a device), or None on a CPU-only machine. "No CUDA" is not "CPU only": an Apple or Intel GPU would
+    otherwise be skipped without a word."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return "xpu"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return None
+
+
 def set_threads(threads: int | None) -> None:
     """What ``--threads`` means in every ``diffgr2`` subcommand: torch's intra-op CPU threads
     (``torch.set_num_threads``), set once before any model work; ``0`` or ``None`` keeps torch's default.

@@ -88,10 +88,9 @@ def is_4bit(model) -> bool:
 
 # --- launching scripts in subprocesses --------------------------------------------------------------------------
 REPO = Path(__file__).resolve().parents[1]
-# The README's CPU line for two processes (accelerate's --cpu would start one), plus a free port (other jobs may hold
-# 29500) and the defaults accelerate would otherwise announce.
-LAUNCH = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-          "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+# The README's CPU line for two processes: the example DDP config (torch's launcher; accelerate's --cpu would start
+# one), plus a free port (other jobs may hold 29500); scripts add --use_cpu.
+LAUNCH = ["accelerate", "launch", "--config_file", str(REPO / "examples/accelerate/ddp.yaml"), "--main_process_port", "0"]
 
 
 def launch_env() -> dict[str, str]:

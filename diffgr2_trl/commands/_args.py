@@ -107,11 +107,12 @@ def _read_config(path: str) -> dict[str, Any]:
 
 
 def _cpu_defaults(values: dict[str, Any], argv: list[str]) -> None:
-    """On a machine without CUDA, default to ``use_cpu=True, bf16=False`` unless the options set either: TRL's bf16
-    default would otherwise stop a trainer before any other check, with advice a CLI user cannot follow."""
-    import torch
+    """On a CPU-only machine (no CUDA, XPU or MPS device), default to ``use_cpu=True, bf16=False`` unless the options
+    set either: TRL's bf16 default would otherwise stop a trainer before any other check, with advice a CLI user
+    cannot follow."""
+    from ..utils import accelerator_type
 
-    if torch.cuda.is_available():
+    if accelerator_type() is not None:
         return
     keys = set(values) | {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
     if not keys & {"use_cpu", "bf16", "fp16"}:

@@ -33,7 +33,7 @@ HELP_COLUMNS = "100"  # the help text is rendered at this width, whatever the te
 # Options whose value names a local file or directory when it looks like a path (a hub id such as "Qwen/Qwen3-0.6B"
 # does not): a missing one is reported before anything is imported.
 PATH_OPTIONS = ("model_name_or_path", "dataset_name", "data_dir", "teacher_model_name_or_path", "config")
-CPU_NOTE = ("On a machine without CUDA, --use_cpu defaults to true and --bf16 to false unless an option or "
+CPU_NOTE = ("On a machine without a GPU (CUDA, XPU or MPS), --use_cpu defaults to true and --bf16 to false unless an option or "
             "--config sets either.")
 
 

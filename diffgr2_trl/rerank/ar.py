@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..utils import accelerator_type
 from .pipeline_data import load_split, load_tokenizer
 from .prompts import FORMAT_PIECES
 from .semantic_ids import SemanticIds
@@ -75,7 +76,7 @@ class ARTrainArguments:
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    use_cpu: bool = field(default=False, metadata={"help": "Train on CPU (chosen anyway when CUDA is not available)."})
+    use_cpu: bool = field(default=False, metadata={"help": "Train on CPU (chosen anyway on a machine without a CUDA, XPU or MPS device)."})
     bf16: bool = field(default=False, metadata={"help": "bf16 training (GPU only)."})
     threads: int = field(default=0, metadata={"help": "torch threads on CPU (0: default)."})
     seed: int = field(default=0, metadata={"help": "Seed."})
@@ -117,7 +118,7 @@ class ARTrainArguments:
             raise ValueError(f"--mid_source must be fresh or prepared, got {self.mid_source!r}.")
         if self.mid_schedule not in {"cosine", "constant"}:
             raise ValueError(f"--mid_schedule must be cosine or constant, got {self.mid_schedule!r}.")
-        self.use_cpu = bool(self.use_cpu) or not torch.cuda.is_available()
+        self.use_cpu = bool(self.use_cpu) or accelerator_type() is None
         if self.use_cpu and self.bf16:
             raise ValueError("bf16 needs a GPU; drop --bf16 on CPU.")
 
@@ -293,7 +294,7 @@ def run_mid(args: ARTrainArguments, model, tokenizer, output_dir: str) -> dict[s
                         schedule=args.mid_schedule, min_lr_ratio=args.mid_min_lr_ratio, max_steps=args.mid_max_steps)
     heldout = (make_heldout(sequences, sids, tokenizer, n=args.mid_eval_lists, seed=args.seed, id_line=id_line,
                             n_candidates=n_candidates) if args.mid_eval_lists > 0 else None)
-    device = "cpu" if args.use_cpu else "cuda"
+    device = "cpu" if args.use_cpu else accelerator_type()
     model.to(device)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
         points = train_copying(model, tokenizer, sequences, sids, recipe, heldout, eval_steps=args.mid_max_steps,

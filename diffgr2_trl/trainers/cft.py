@@ -15,6 +15,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from ..block_diffusion import BlockDiffusionSpec, align_completions, block_diffusion_loss, get_spec, set_spec
 from ..block_diffusion.convert import check_attention_honours_masks, convert_to_block_diffusion
+from ._launch import check_launch
 from ._paper import DIFFUSION_GR2_PAPER
 from ._quantized import keep_4bit_layers_trainable
 from ._trl_compat import loss_divided_by_accumulation, sum_across_ranks
@@ -155,6 +156,7 @@ class BlockDiffusionTrainer(SFTTrainer):
             data_collator = DataCollatorForBlockDiffusion(pad_token_id=pad, pad_to_multiple_of=args.pad_to_multiple_of)
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        check_launch(self.accelerator)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         if isinstance(model, str):
             self._maybe_convert(base, self.processing_class, args)

@@ -51,6 +51,7 @@ from ..block_diffusion import BlockDecodingConfig, BlockDiffusionSampler, get_sp
 from ..block_diffusion.convert import check_attention_honours_masks
 from ..block_diffusion.estimators import ESTIMATORS, check_estimator, estimate_token_logprobs
 from ._decoding_fields import trl_field
+from ._launch import check_launch
 from ._paper import DIFFUSION_GR2_PAPER
 from ._quantized import keep_4bit_layers_trainable
 
@@ -209,6 +210,7 @@ class DiffusionGRPOTrainer(GRPOTrainer):
             get_spec(model)  # fail before TRL builds anything for an unconverted model
         super().__init__(model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        check_launch(self.accelerator)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self.spec = get_spec(base)
         keep_4bit_layers_trainable(self.model)  # before any eval-mode forward (the probe below, rollouts)

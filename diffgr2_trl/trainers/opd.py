@@ -39,6 +39,7 @@ from ..block_diffusion.convert import check_attention_honours_masks
 from ..block_diffusion.likelihood import replay_logits, sample_block_steps
 from ..teachers import Teacher, check_vocab_compatible, load_teacher
 from ._decoding_fields import trl_field
+from ._launch import check_launch
 from ._paper import DIFFUSION_GR2_PAPER
 from ._quantized import keep_4bit_layers_trainable
 from ._trl_compat import loss_divided_by_accumulation, sum_across_ranks
@@ -276,6 +277,7 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
             model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=processing_class, callbacks=callbacks, optimizers=optimizers, peft_config=peft_config,
         )
+        check_launch(self.accelerator)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         keep_4bit_layers_trainable(self.model)  # before any eval-mode forward (the probe below, rollouts)
         check_attention_honours_masks(base)

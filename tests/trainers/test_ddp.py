@@ -1,8 +1,8 @@
 """Every trainer under DDP: two real CPU processes (gloo), launched as the README says, match one process.
 
-One launch trains CFT, OPD and diffusion GRPO in turn (``tests/trainers/ddp_train.py``: deterministic settings, SGD);
-while it runs, the same script trains each trainer in this process with twice the per-device batch, so both runs
-see the same global batch. Then, per trainer: both ranks wrote a record (world size 2, ranks {0, 1}, gloo), the
+One launch (``examples/accelerate/ddp.yaml``, ``--use_cpu``) trains CFT, OPD and diffusion GRPO in turn
+(``tests/trainers/ddp_train.py``: deterministic settings, SGD, rows of unequal length, 2 accumulation steps); while it
+runs, the same script trains each trainer in this process with the whole global batch in one micro-batch. Then, per trainer: both ranks wrote a record (world size 2, ranks {0, 1}, gloo), the
 ranks hold identical weights, and the two-process weights and losses equal the one-process ones.
 
 Tolerance: the two runs do the same arithmetic in a different order (a gloo all-reduce of two half-batch gradients
@@ -34,6 +34,7 @@ def runs(tmp_path_factory):
     """``(two_process_dir, one_process_dir, initial_params)`` once for the module; both runs go in parallel."""
     two = tmp_path_factory.mktemp("ddp2")
     one = tmp_path_factory.mktemp("ddp1")
+    # The README's CPU line: the example DDP config, --use_cpu.
     cmd = [*LAUNCH, "tests/trainers/ddp_train.py", "--output_dir", str(two),
            "--per_device_train_batch_size", str(PER_DEVICE), "--max_steps", str(STEPS), "--use_cpu",
            "--gradient_accumulation_steps", str(ACCUMULATION)]
