@@ -4,7 +4,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from diffgr2_trl.block_diffusion import BlockDiffusionSampler, left_pad
 from diffgr2_trl.modeling import build_model
 from diffgr2_trl.synthetic import sort_dataset, sort_tokenizer
-from tests.helpers import SMALL_SHAPE
+from tests.helpers import SMALL_SHAPE, require_bitsandbytes
 
 
 def decode_accuracy(model, tok, n=48, tau=0.9):
@@ -112,7 +112,6 @@ def test_rows_without_completion_are_rejected(tmp_path):
 
 
 def test_cft_with_lora_and_qlora(tmp_path):
-    import pytest
     from peft import LoraConfig
     from transformers import BitsAndBytesConfig
 
@@ -133,12 +132,10 @@ def test_cft_with_lora_and_qlora(tmp_path):
     trainer.train()
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if n in before)
     assert get_spec(trainer.model).block_size == 4
-    try:
-        q = AutoModelForCausalLM.from_pretrained(
-            tmp_path / "base", quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                                      bnb_4bit_compute_dtype=torch.float32))
-    except Exception as e:  # pragma: no cover - depends on the bitsandbytes build
-        pytest.skip(f"4-bit loading unavailable here: {e}")
+    require_bitsandbytes()
+    q = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                                  bnb_4bit_compute_dtype=torch.float32))
     trainer = BlockDiffusionTrainer(q, args=BlockDiffusionConfig(str(tmp_path / "qlora"), **args),
                                     train_dataset=sort_dataset(32), processing_class=tok, peft_config=lora)
     trainer.train()
