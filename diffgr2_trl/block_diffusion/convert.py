@@ -75,13 +75,44 @@ def _resolve_mask_token(tokenizer, mask_token: str | None) -> tuple[int, bool]:
     return mask_id, added
 
 
+def check_full_attention(config) -> None:
+    """Refuse a model whose layers attend through a sliding window (Mistral, Gemma 2/3, Qwen2 with
+    ``use_sliding_window``): the block-diffusion masks are built for full attention, and a window the model applies on
+    top would hide part of the clean context, or of the packed noisy streams, without an error."""
+    config = getattr(config, "text_config", None) or config
+    sliding = "sliding_attention" in (getattr(config, "layer_types", None) or ())
+    window = getattr(config, "sliding_window", None)
+    if sliding or (window is not None and getattr(config, "use_sliding_window", True) is not False):
+        raise ValueError(
+            f"{type(config).__name__} uses sliding-window attention (sliding_window={window!r}"
+            + (", sliding_attention layers" if sliding else "") + "), which block diffusion does not support yet: "
+            "its masks assume full attention. If every training and decoding sequence, noisy streams included, "
+            "stays inside the window, set config.sliding_window = None (and layer_types to full attention) "
+            "before converting.")
+
+
+def check_no_router_aux_loss(config) -> None:
+    """Refuse a mixture-of-experts model set to return router logits: HF adds the load-balancing loss to its own
+    loss, which the block-diffusion trainers do not use, so the balance term would be dropped without a word."""
+    config = getattr(config, "text_config", None) or config
+    if getattr(config, "output_router_logits", False):
+        raise ValueError(
+            f"{type(config).__name__} has output_router_logits=True: its router load-balancing loss would be "
+            "ignored (the block-diffusion losses are computed outside the model's loss). Set "
+            "model.config.output_router_logits = False to train without it, knowingly.")
+
+
 def check_attention_honours_masks(model) -> None:
     """Probe with a tiny forward that the attention implementation applies custom 4-D masks.
 
     Implementations such as flash-attention silently apply their own causal mask; block diffusion would then train
     and decode with the wrong visibility. The probe asks for a *non-causal* pattern (token 0 sees token 1) and
-    checks that token 0's output changes relative to the causal pattern.
+    checks that token 0's output changes relative to the causal pattern. The trainers call it, so it also refuses
+    what would train wrongly without an error: sliding-window attention (:func:`check_full_attention`) and an
+    ignored router loss (:func:`check_no_router_aux_loss`).
     """
+    check_full_attention(model.config)
+    check_no_router_aux_loss(model.config)
     impl = getattr(model.config, "_attn_implementation", None)
     if impl not in MASK_HONOURING_IMPLEMENTATIONS:
         raise ValueError(
@@ -134,6 +165,7 @@ def convert_to_block_diffusion(
     """
     if not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}.")
+    check_full_attention(model.config)
     mask_id, added = _resolve_mask_token(tokenizer, mask_token)
     rows = model.get_input_embeddings().weight.shape[0]
     if mask_id >= rows:

@@ -16,6 +16,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from .constraints import DecodingConstraint, constrain_logits, keep_consistent, row_canvases
+from .convert import check_full_attention
 from .decoding import BlockDecodingConfig, resolve_deprecated
 from .layout import apply_temperature, exclude_mask_token, packed_layout, source_index, stream_columns
 from .masks import dense_mask, to_model_mask
@@ -272,6 +273,7 @@ class BlockDiffusionSampler:
             raise ValueError("The block-diffusion spec has no mask_token_id; convert the model first.")
         self.spec = spec
         config = unwrap_model(model).config
+        check_full_attention(config)
         self.pad_token_id = self._pad_token_id if self._pad_token_id is not None else config.pad_token_id
         eos = self._eos_token_id if self._eos_token_id is not None else config.eos_token_id
         self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])

@@ -68,3 +68,46 @@ def test_attention_that_ignores_masks_is_refused(word_tokenizer, monkeypatch):
 def test_unconverted_model_is_rejected(word_tokenizer):
     with pytest.raises(ValueError, match="not converted"):
         get_spec(build_model("qwen3", tokenizer=word_tokenizer))
+
+
+def test_sliding_window_models_are_refused_by_conversion_the_trainers_and_the_sampler(word_tokenizer):
+    import copy
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from diffgr2_trl.block_diffusion import BlockDiffusionSampler
+    from diffgr2_trl.block_diffusion.convert import check_attention_honours_masks
+    from tests.helpers import converted
+
+    tiny = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16)
+    mistral = AutoModelForCausalLM.from_config(AutoConfig.for_model("mistral", sliding_window=8, **tiny))
+    with pytest.raises(ValueError, match="sliding-window attention.*sliding_window=8"):
+        convert_to_block_diffusion(mistral, copy.deepcopy(word_tokenizer), block_size=4)
+    model, _ = converted(word_tokenizer)  # full attention: accepted
+    check_attention_honours_masks(model)
+    model.config.sliding_window, model.config.use_sliding_window = 16, True  # switched on after conversion
+    with pytest.raises(ValueError, match="sliding-window"):
+        check_attention_honours_masks(model)
+    with pytest.raises(ValueError, match="sliding-window"):
+        BlockDiffusionSampler(model)
+    model.config.layer_types = ["sliding_attention"] * model.config.num_hidden_layers
+    model.config.sliding_window = None
+    with pytest.raises(ValueError, match="sliding_attention layers"):
+        check_attention_honours_masks(model)
+
+
+def test_an_ignored_router_loss_is_refused(word_tokenizer, tmp_path):
+    from diffgr2_trl.block_diffusion.convert import check_attention_honours_masks
+    from diffgr2_trl.synthetic import sort_dataset
+    from diffgr2_trl.trainers import BlockDiffusionConfig, BlockDiffusionTrainer
+    from tests.helpers import converted
+
+    model, tok = converted(word_tokenizer)
+    model.config.output_router_logits = True  # what an MoE config set to return router logits carries
+    with pytest.raises(ValueError, match="output_router_logits=True.*load-balancing loss would be ignored"):
+        check_attention_honours_masks(model)
+    with pytest.raises(ValueError, match="output_router_logits"):
+        BlockDiffusionTrainer(model, args=BlockDiffusionConfig(str(tmp_path), use_cpu=True, bf16=False,
+                                                                report_to=[]),
+                              train_dataset=sort_dataset(4), processing_class=tok)
