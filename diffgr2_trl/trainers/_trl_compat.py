@@ -13,12 +13,13 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-__all__ = ["OVERRIDDEN_TRL_METHODS", "loss_divided_by_accumulation", "sum_across_ranks"]
+__all__ = ["TRL_METHODS_RELIED_ON", "loss_divided_by_accumulation", "sum_across_ranks"]
 
-# (TRL class path, method name, the leading parameter names our override takes, in order). The compat test checks that
+# Private TRL methods the trainers override (or, last, call): (TRL class path, method name, the leading parameter
+# names our override takes or our call passes, in order). The compat test checks that
 # the installed TRL's method starts with exactly these and adds no required parameter after them: a renamed or
 # reordered parameter would otherwise be passed into the wrong slot without an error.
-OVERRIDDEN_TRL_METHODS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+TRL_METHODS_RELIED_ON: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("trl.SFTTrainer", "compute_loss", ("self", "model", "inputs", "return_outputs", "num_items_in_batch")),
     ("trl.SFTTrainer", "_prepare_dataset",
      ("self", "dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name")),
@@ -33,6 +34,7 @@ OVERRIDDEN_TRL_METHODS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
       "compute_aux_loss")),
     ("trl.GRPOTrainer", "_calculate_rewards", ("self", "inputs", "prompts", "completions", "completion_ids_list")),
+    ("trl.DistillationTrainer", "_tokenize_prompts", ("self", "prompts")),  # called: OPD tokenizes as GRPO does
     ("trl.GRPOTrainer", "_generate_and_score_completions", ("self", "inputs")),
     ("trl.GRPOTrainer", "_compute_loss", ("self", "model", "inputs")),
 )

@@ -266,9 +266,6 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
         if self.full_vocab and not self.teacher.supports_full_vocab:
             raise ValueError(f"full_vocab=True needs a teacher with full-vocabulary log-probs (HFTeacher); "
                              f"{type(self.teacher).__name__} returns top-k only: leave full_vocab unset.")
-        if self.teacher.max_length is not None:
-            for name, ds in (("train", train_dataset), ("eval", eval_dataset)):
-                self._check_context(ds, name, tok, args)
         self.valid_fn = valid_fn
 
         # No teacher_model: the teacher is the backend above. TRL wraps the student with peft_config and refuses an
@@ -278,6 +275,9 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
             processing_class=processing_class, callbacks=callbacks, optimizers=optimizers, peft_config=peft_config,
         )
         check_launch(self.accelerator)
+        if self.teacher.max_length is not None:  # prompts are tokenized by TRL's hook, ready from here on
+            for name, ds in (("train", train_dataset), ("eval", eval_dataset)):
+                self._check_context(ds, name)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         keep_4bit_layers_trainable(self.model)  # before any eval-mode forward (the probe below, rollouts)
         check_attention_honours_masks(base)
@@ -307,12 +307,12 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
         return check_vocab_compatible(teacher.vocab_size, teacher_tokenizer, student_tokenizer,
                                       mask_token_id=self.spec.mask_token_id)
 
-    def _check_context(self, dataset, name, tokenizer, args) -> None:
+    def _check_context(self, dataset, name) -> None:
         if dataset is None or not hasattr(dataset, "__len__"):
             return
-        limit = self.teacher.max_length
+        args, limit = self.args, self.teacher.max_length
         for i, row in enumerate(dataset):
-            n = len(self._tokenize_prompt(row["prompt"], tokenizer, args.max_prompt_length))
+            n = len(self._prompt_ids([row["prompt"]])[0])
             if n + args.max_completion_length > limit:
                 raise ValueError(
                     f"Row {i} of the {name} dataset has a {n}-token prompt; with max_completion_length="
@@ -321,18 +321,24 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
                     "lower max_completion_length."
                 )
 
-    @staticmethod
-    def _tokenize_prompt(prompt, tokenizer, max_prompt_length: int | None) -> list[int]:
-        if isinstance(prompt, list):  # conversational
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-            ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
-        elif isinstance(prompt, str):
-            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        else:
-            raise ValueError(f"A prompt must be text or a list of chat messages, got {type(prompt).__name__}.")
-        if not ids:
-            raise ValueError(f"Prompt {prompt!r} tokenizes to nothing.")
-        return ids[-max_prompt_length:] if max_prompt_length else ids
+    def _prompt_ids(self, prompts: list) -> list[list[int]]:
+        """Token ids of ``prompts`` through TRL's ``_tokenize_prompts``, the function GRPO tokenizes with too
+        (special tokens, chat template and its kwargs as TRL applies them; SFT, hence CFT, tokenizes prompts the
+        same way), left-truncated to ``max_prompt_length``."""
+        for p in prompts:
+            if not isinstance(p, str | list):
+                raise ValueError(f"A prompt must be text or a list of chat messages, got {type(p).__name__}.")
+        ids, images, _ = self._tokenize_prompts(prompts)
+        if images is not None:
+            raise ValueError("Prompts with images are not supported: the block sampler decodes text only.")
+        keep = self.args.max_prompt_length
+        out = []
+        for prompt, row in zip(prompts, ids, strict=True):
+            row = list(row)
+            if not row:
+                raise ValueError(f"Prompt {prompt!r} tokenizes to nothing.")
+            out.append(row[-keep:] if keep else row)
+        return out
 
     # ------------------------------------------------------------------ rollouts + teacher
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -344,10 +350,8 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
         args = self.args
         mode = "train" if self.model.training else "eval"
         device = self.accelerator.device
-        tok = getattr(self.processing_class, "tokenizer", self.processing_class)
         k = args.num_generations
-        prompts = [self._tokenize_prompt(row["prompt"], tok, args.max_prompt_length) for row in inputs]
-        prompts = [p for p in prompts for _ in range(k)]
+        prompts = [p for p in self._prompt_ids([row["prompt"] for row in inputs]) for _ in range(k)]
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id, device=device)
 
         t0 = time.perf_counter()

@@ -397,3 +397,32 @@ def test_custom_sampler_is_the_one_used_and_config_fields(tmp_path, weak_student
         OnPolicyDistillationConfig(str(tmp_path / "opd"), tau=0.0, **FAST)
     with pytest.raises(ValueError, match="temperature and top_k only"):
         OnPolicyDistillationConfig(str(tmp_path / "opd"), top_p=0.5, **FAST)
+
+
+def test_opd_and_grpo_tokenize_prompts_through_one_function(tmp_path, word_tokenizer):
+    """With a tokenizer that adds BOS, OPD's rollout prompts equal GRPO's (and TRL SFT's, hence CFT's): one
+    tokenization, TRL's, for every trainer. OPD used to drop the special tokens."""
+    from tokenizers.processors import TemplateProcessing
+
+    from diffgr2_trl.trainers import DiffusionGRPOConfig, DiffusionGRPOTrainer
+
+    tok = copy.deepcopy(word_tokenizer)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    model = build_model("qwen3", tokenizer=tok, seed=0)
+    convert_to_block_diffusion(model, tok, block_size=4)
+    texts = ["sort 3 1 2 :", "copy 7 7 :"]
+    data = Dataset.from_list([{"prompt": t} for t in texts])
+    opd = OnPolicyDistillationTrainer(
+        model, teacher=SameWeightsTeacher(copy.deepcopy(model).eval(), len(tok)), processing_class=tok,
+        args=OnPolicyDistillationConfig(str(tmp_path / "opd"), max_completion_length=8, **FAST), train_dataset=data,
+        teacher_tokenizer=tok)
+    grpo = DiffusionGRPOTrainer(model, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                                processing_class=tok, train_dataset=data,
+                                args=DiffusionGRPOConfig(str(tmp_path / "grpo"), num_generations=2,
+                                                         per_device_train_batch_size=2, **FAST))
+    got = opd._prompt_ids(texts)
+    assert got == [list(x) for x in grpo._tokenize_prompts(texts)[0]]
+    assert all(ids[0] == tok.bos_token_id for ids in got)
+    opd.args.max_prompt_length = 3  # left truncation keeps the prompt's end
+    assert opd._prompt_ids(texts) == [ids[-3:] for ids in got]

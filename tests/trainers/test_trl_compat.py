@@ -13,7 +13,7 @@ import pytest
 from transformers import Trainer
 
 from diffgr2_trl.trainers import _trl_compat
-from diffgr2_trl.trainers._trl_compat import OVERRIDDEN_TRL_METHODS, loss_divided_by_accumulation
+from diffgr2_trl.trainers._trl_compat import TRL_METHODS_RELIED_ON, loss_divided_by_accumulation
 
 
 def _resolve(path: str):
@@ -21,7 +21,7 @@ def _resolve(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-@pytest.mark.parametrize(("cls", "method", "params"), OVERRIDDEN_TRL_METHODS, ids=lambda v: str(v))
+@pytest.mark.parametrize(("cls", "method", "params"), TRL_METHODS_RELIED_ON, ids=lambda v: str(v))
 def test_overridden_trl_methods_keep_their_signatures(cls, method, params):
     fn = getattr(_resolve(cls), method, None)
     assert fn is not None, f"{cls}.{method} is gone from the installed TRL; update diffgr2_trl/trainers."
@@ -35,7 +35,7 @@ def test_overridden_trl_methods_keep_their_signatures(cls, method, params):
 def test_every_trl_method_the_trainers_override_is_listed():
     from diffgr2_trl.trainers import BlockDiffusionTrainer, DiffusionGRPOTrainer, OnPolicyDistillationTrainer
 
-    listed = {(c, m) for c, m, _ in OVERRIDDEN_TRL_METHODS}
+    listed = {(c, m) for c, m, _ in TRL_METHODS_RELIED_ON}
     for ours, base in ((BlockDiffusionTrainer, "trl.SFTTrainer"), (OnPolicyDistillationTrainer, "trl.DistillationTrainer"),
                        (DiffusionGRPOTrainer, "trl.GRPOTrainer")):
         parent = _resolve(base)
