@@ -160,8 +160,9 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
         if dataset is None or not hasattr(dataset, "__len__"):
             return
         args, limit = self.args, self.teacher.max_length
-        for i, row in enumerate(dataset):
-            n = len(self._prompt_ids([row["prompt"]])[0])
+        prompts = dataset["prompt"] if hasattr(dataset, "column_names") else [row["prompt"] for row in dataset]
+        lengths = [len(ids) for lo in range(0, len(prompts), 1024) for ids in self._prompt_ids(prompts[lo:lo + 1024])]
+        for i, n in enumerate(lengths):
             if n + args.max_completion_length > limit:
                 raise ValueError(
                     f"Row {i} of the {name} dataset has a {n}-token prompt; with max_completion_length="
