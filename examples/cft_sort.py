@@ -1,7 +1,7 @@
 """CFT on the synthetic sort task: the smallest end-to-end use of ``BlockDiffusionTrainer`` in a TRL script.
 
     python examples/cft_sort.py --output_dir runs/cft-sort --use_cpu
-    accelerate launch --multi_gpu --num_processes 2 examples/cft_sort.py --output_dir runs/cft-sort-ddp \\
+    accelerate launch --config_file examples/accelerate/ddp.yaml examples/cft_sort.py --output_dir runs/cft-sort-ddp \\
         --per_device_train_batch_size 32 --use_cpu
 
 It builds a tiny Qwen3 from a config, converts it to block diffusion (block size 4), trains it with the masked
@@ -15,9 +15,9 @@ rounding (1.83-2.75 tokens/forward, accuracy 1.0). Any ``BlockDiffusionConfig`` 
 overridden on the command line or with ``--config file.yaml``.
 
 The second line runs two processes on CPU (DDP over gloo; each prints its rank). ``accelerate launch --cpu`` would
-start only one: accelerate launches several CPU processes only through ``mpirun`` (``--mpirun_hostfile``), while
-``--multi_gpu`` uses torch's launcher (as ``torchrun --nproc_per_node 2`` does), which works on CPU, and ``--use_cpu``
-makes each process train on CPU (gloo). ``--per_device_train_batch_size 32`` keeps the global batch at 64. On GPUs
+start only one: accelerate launches several CPU processes only through ``mpirun`` (``--mpirun_hostfile``), while the
+DDP config (``MULTI_GPU``) uses torch's launcher (as ``torchrun --nproc_per_node 2`` does), which works on CPU, and
+``--use_cpu`` makes each process train on CPU (gloo). ``--per_device_train_batch_size 32`` keeps the global batch at 64. On GPUs
 drop ``--use_cpu``.
 """
 
