@@ -92,6 +92,7 @@ def test_match_target_positions_follows_reference():
     assert abs(share - 0.7) < 0.06 and sum(r["target"] == 5 for r in kept) == 400  # the rarer position kept whole
 
 
+@pytest.mark.slow  # ~25 s quiet: three training stages and an evaluation through the CLI
 def test_train_ar_sft_rl_then_evaluate(prepared, tmp_path):
     out = tmp_path / "model"
     argv = ["train-ar", "--dataset_name", str(prepared), "--output_dir", str(out), "--stage", "all", "--preset", "cpu",
@@ -172,6 +173,7 @@ def _beauty_available() -> bool:
         return False
 
 
+@pytest.mark.slow  # reads and prepares the real Beauty data
 @pytest.mark.skipif(not _beauty_available(), reason="Amazon Beauty data not present")
 def test_rows_on_real_beauty_examples():
     """A few real users through build_rows (no full prepare: that takes ~80 s)."""

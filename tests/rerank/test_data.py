@@ -132,6 +132,7 @@ def test_preprocess_amazon_raw(tmp_path):
     assert dataset_stats(data.sequences)["interactions"] == 25
 
 
+@pytest.mark.slow  # reads the real Beauty data
 @pytest.mark.skipif(not (BEAUTY / "Beauty.txt").is_file(), reason="Amazon Beauty data not present")
 def test_beauty_statistics():
     t0 = time.perf_counter()
