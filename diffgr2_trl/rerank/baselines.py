@@ -11,7 +11,8 @@ candidate (all from the prompt's own evidence plus training popularity):
 6. log(1 + training purchases of the candidate).
 
 The model is fit on the train split (target candidate = 1, the others = 0) and ranks each list by its score (ties
-keep the pre-rank order). Fitting is full-batch L-BFGS on standardised features: deterministic and a few seconds.
+keep the pre-rank order). Fitting is scikit-learn's L-BFGS logistic regression on standardised features:
+deterministic and a few seconds.
 """
 
 from __future__ import annotations
@@ -60,24 +61,23 @@ class LogisticReRanker:
     l2: float = 1e-3
 
     def fit(self, features: Sequence[Sequence[Sequence[float]]], targets: Sequence[int]) -> LogisticReRanker:
-        """``features[e][c]``: the features of candidate ``c`` of example ``e``; ``targets[e]``: the target's index."""
+        """``features[e][c]``: the features of candidate ``c`` of example ``e``; ``targets[e]``: the target's index.
+
+        Minimises the mean log-loss over all candidates plus ``l2 * |w|^2`` (bias unpenalised) with scikit-learn's
+        ``LogisticRegression`` (L-BFGS): its objective ``C * sum(log-loss) + |w|^2 / 2`` is the same up to scale with
+        ``C = 1 / (2 * l2 * n_rows)``.
+        """
+        from sklearn.linear_model import LogisticRegression
+
         if not features:
             raise ValueError("LogisticReRanker.fit: no training examples.")
         x = torch.tensor([f for ex in features for f in ex], dtype=torch.float64)
-        y = torch.tensor([float(c == t) for ex, t in zip(features, targets) for c in range(len(ex))], dtype=torch.float64)
+        y = [int(c == t) for ex, t in zip(features, targets) for c in range(len(ex))]
         self.mean, self.std = x.mean(0), x.std(0).clamp(min=1e-6)
-        z = torch.cat([(x - self.mean) / self.std, torch.ones(len(x), 1, dtype=torch.float64)], 1)
-        w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w, y) + self.l2 * (w[:-1] ** 2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        self.weights = w.detach()
+        z = ((x - self.mean) / self.std).numpy()
+        lr = LogisticRegression(C=1.0 / (2 * self.l2 * len(y)), solver="lbfgs", tol=1e-8, max_iter=1000)
+        lr.fit(z, y)
+        self.weights = torch.tensor([*lr.coef_[0].tolist(), float(lr.intercept_[0])], dtype=torch.float64)
         return self
 
     def scores(self, features: Sequence[Sequence[float]]) -> list[float]:

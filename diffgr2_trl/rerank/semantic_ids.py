@@ -7,7 +7,7 @@ Built offline, deterministically given a seed:
    idf-weighted item x attribute matrix. Each part is L2-normalised per item, so attributes carry a fixed share of
    the geometry and items that never occur in training (cold) still land next to their brand/category.
 2. :func:`residual_kmeans` — ``n_residual_levels`` (default 3) rounds of k-means, each on the residual the previous
-   round left, with ``codebook_size`` centroids per level (our own seeded k-means++ / Lloyd in numpy).
+   round left, with ``codebook_size`` centroids per level (scikit-learn's seeded ``KMeans``, see :func:`kmeans`).
 3. A last level resolves collisions: its code is the item's rank (by item id) among the items sharing the first
    three codes, so every ID is unique and the mapping is invertible.
 
@@ -109,42 +109,27 @@ def item_embeddings(
 
 
 def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 30) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded k-means++ initialisation and Lloyd iterations. Returns ``(centroids [k', d], assignment [n])``.
+    """Seeded k-means (scikit-learn's ``KMeans``: greedy k-means++ initialisation, Lloyd iterations until no point
+    moves or ``iters`` rounds). Returns ``(centroids [k', d], assignment [n])``.
 
-    ``k' = min(k, number of distinct points)``. An emptied cluster is re-seeded with the point farthest from its
-    centroid so every code stays in use while there are enough points.
+    ``k' = min(k, number of distinct points)``. scikit-learn moves a cluster that empties during the iterations to a
+    point far from its centroid, so every code stays in use while there are enough points (all 256 at every level
+    on Amazon Beauty; the final assignment is to the nearest centroid, so that is not a hard guarantee).
+
+    Runs on one OpenMP thread: the centroid sums are reduced across threads in whatever order they finish, which
+    moves centroids in the last bit (5e-16 on Amazon Beauty) and could flip a tie on a later residual level, so the
+    semantic IDs would depend on the machine. One thread is also faster here (2 s vs 8 s for the three levels of
+    Amazon Beauty on two shared cores).
     """
-    rng = np.random.default_rng(seed)
-    n = len(x)
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
     k = min(k, len(np.unique(x, axis=0)))
-    sq = (x * x).sum(1)
-
-    def dists(c: np.ndarray) -> np.ndarray:
-        return np.maximum(sq[:, None] - 2 * x @ c.T + (c * c).sum(1)[None], 0)
-
-    centers = [x[rng.integers(n)]]
-    d_min = dists(np.array(centers))[:, 0]
-    for _ in range(1, k):
-        p = d_min / d_min.sum() if d_min.sum() > 0 else np.full(n, 1 / n)
-        centers.append(x[rng.choice(n, p=p)])
-        d_min = np.minimum(d_min, dists(centers[-1][None])[:, 0])
-    c = np.array(centers)
-    assign = np.full(n, -1)
-    for _ in range(iters):
-        d = dists(c)
-        new = d.argmin(1)
-        counts = np.bincount(new, minlength=k)
-        for e in np.flatnonzero(counts == 0):
-            far = int(d[np.arange(n), new].argmax())
-            new[far] = e
-            d[far] = 0  # do not pick the same point twice
-        if np.array_equal(new, assign):
-            break
-        assign = new
-        c = np.zeros_like(c)
-        np.add.at(c, assign, x)
-        c /= np.bincount(assign, minlength=k)[:, None]
-    return c, assign
+    with threadpool_limits(limits=1):
+        km = KMeans(
+            n_clusters=k, init="k-means++", n_init=1, max_iter=iters, tol=0.0, random_state=seed, algorithm="lloyd"
+        ).fit(x)
+    return km.cluster_centers_, km.labels_.astype(np.int64)
 
 
 def residual_kmeans(x: np.ndarray, codebook_size: int, n_levels: int, seed: int = 0, iters: int = 30) -> np.ndarray:

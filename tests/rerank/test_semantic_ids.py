@@ -31,6 +31,44 @@ def test_kmeans_deterministic_and_uses_every_code():
     assert codes.shape == (200, 3) and codes.max() < 8
 
 
+def test_kmeans_recovers_well_separated_clusters():
+    rng = np.random.default_rng(0)
+    centers = 10 * rng.normal(size=(6, 5))
+    truth = rng.integers(6, size=300)
+    x = centers[truth] + 0.1 * rng.normal(size=(300, 5))
+    c, a = kmeans(x, 6, seed=0)
+    # one code per true cluster (a bijection), and each centroid is that cluster's mean
+    pairs = set(zip(truth.tolist(), a.tolist()))
+    assert len(pairs) == 6 and len({t for t, _ in pairs}) == 6 and len({k for _, k in pairs}) == 6
+    for t, k in pairs:
+        np.testing.assert_allclose(c[k], x[truth == t].mean(0), atol=1e-9)
+    assert a.dtype == np.int64 and c.shape == (6, 5)
+
+
+def test_residual_kmeans_quality_matches_the_former_numpy_kmeans():
+    """scikit-learn's KMeans replaced a hand-written k-means++ / Lloyd. On item-embedding-like data (40 unit-norm
+    blobs, 1500 points, 3 levels of 32 codes, seeds 0-3) the old one left a mean final residual of 174.19 (sum of
+    squares) and 73.3% of the points with a unique 3-level code; the new one must be at least as good within
+    seed noise (the old spread was 172.9-176.1 and 68-79%)."""
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(40, 16))
+    x = centers[rng.integers(40, size=1500)] + 0.5 * rng.normal(size=(1500, 16))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    residuals, unique = [], []
+    for seed in range(4):
+        r, codes = x.copy(), []
+        for level in range(3):  # residual_kmeans, keeping the residual
+            c, a = kmeans(r, 32, seed=seed + level)
+            r, codes = r - c[a], [*codes, a]
+        codes = np.stack(codes, 1)
+        np.testing.assert_array_equal(codes, residual_kmeans(x, 32, 3, seed=seed))
+        residuals.append(float((r**2).sum()))
+        _, counts = np.unique(codes, axis=0, return_counts=True)
+        unique.append(float((counts == 1).sum()) / len(x))
+    assert np.mean(residuals) <= 174.19 * 1.02
+    assert np.mean(unique) >= 0.733 - 0.03
+
+
 def test_ids_unique_invertible_and_formatted():
     x = _emb()
     items = list(range(1, 301))

@@ -165,18 +165,75 @@ def test_logistic_reranker_learns_the_attribute_signal():
     assert model.coefficients()["shared_last"] > 0
 
 
+def _logistic_lists(true_w, n_lists=400, n_cands=10, seed=0):
+    """Lists whose target is drawn from a softmax over ``x @ true_w`` (six standard-normal features)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_lists, n_cands, len(true_w), generator=g, dtype=torch.float64)
+    targets = torch.multinomial(torch.softmax(x @ true_w, -1), 1, generator=g)[:, 0]
+    return x.tolist(), targets.tolist()
+
+
+def test_logistic_reranker_minimises_the_stated_objective():
+    """sklearn's C is mapped so the fit minimises mean log-loss + l2 * |w|^2 (bias unpenalised): the gradient of
+    that objective, written out here, vanishes at the fitted weights (a wrong C leaves a gradient of ~l2 * |w|)."""
+    feats, targets = _logistic_lists(torch.tensor([2.0, -1.0, 0.5, 0.0, 0.0, 1.0], dtype=torch.float64))
+    for l2 in (1e-3, 0.05):
+        model = LogisticReRanker(l2=l2).fit(feats, targets)
+        x = torch.tensor([f for ex in feats for f in ex], dtype=torch.float64)
+        y = torch.tensor([float(c == t) for ex, t in zip(feats, targets) for c in range(len(ex))], dtype=torch.float64)
+        z = torch.cat([(x - model.mean) / model.std, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+        w = model.weights.clone().requires_grad_(True)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w, y) + l2 * (w[:-1] ** 2).sum()
+        (grad,) = torch.autograd.grad(loss, w)
+        assert grad.abs().max() < 1e-5, (l2, grad)
+        assert model.weights.dtype == torch.float64 and model.weights.shape == (7,)
+
+
+def test_logistic_reranker_recovers_a_known_direction():
+    true_w = torch.tensor([2.0, -1.0, 0.5, 0.0, 0.0, 1.0], dtype=torch.float64)
+    feats, targets = _logistic_lists(true_w, n_lists=1500)
+    w = LogisticReRanker(l2=1e-6).fit(feats, targets).weights[:-1]
+    # standardised features have std ~1, so the weights are the true direction up to the pointwise-vs-softmax scale
+    cos = float(w @ true_w / (w.norm() * true_w.norm()))
+    assert cos > 0.98, w
+    assert abs(float(w[3])) < 0.1 and abs(float(w[4])) < 0.1 and w[0] > w[5] > w[2] > 0 > w[1]
+
+
 def test_paired_bootstrap_ci():
     same = paired_bootstrap_ci([0, 1, 2, 0], [0, 1, 2, 0])
     assert same == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "n": 4}
     better = paired_bootstrap_ci([0] * 50, [3] * 50)
     assert better["diff"] == 1.0 and better["lo"] == 1.0
+    assert paired_bootstrap_ci([0], [4]) == {"diff": 1.0, "lo": 1.0, "hi": 1.0, "n": 1}
     rng = random.Random(1)
     a = [rng.randint(0, 9) for _ in range(400)]
     b = [rng.randint(0, 9) for _ in range(400)]
     ci = paired_bootstrap_ci(a, b, seed=2)
     assert ci["lo"] <= ci["diff"] <= ci["hi"] and ci["hi"] - ci["lo"] < 0.15
+    assert paired_bootstrap_ci(a, b, seed=2) == ci and paired_bootstrap_ci(a, b, seed=3) != ci
     with pytest.raises(ValueError, match="same examples"):
         paired_bootstrap_ci([0], [0, 1])
+
+
+def test_paired_bootstrap_ci_agrees_with_a_hand_written_percentile_bootstrap():
+    """scipy.stats.bootstrap (paired, percentile) replaced this loop; endpoints agree within Monte Carlo noise (the
+    old ones spread by ~0.0015 across seeds at n = 400), and the width is the one the standard error implies."""
+    import numpy as np
+
+    rng = random.Random(3)
+    b = [rng.randint(0, 9) for _ in range(400)]
+    a = [r if rng.random() < 0.8 else 0 for r in b]  # a = b, but 20% of the rows moved to the top
+    hit = lambda ranks, k: np.array([float(r < k) for r in ranks])  # noqa: E731
+    for metric, k in (("R@1", 1), ("R@3", 3)):
+        d = hit(a, k) - hit(b, k)
+        boots = d[np.random.default_rng(123).integers(0, len(d), size=(4000, len(d)))].mean(1)
+        ci = paired_bootstrap_ci(a, b, metric=metric, n_boot=4000, seed=7)
+        assert ci["diff"] == pytest.approx(d.mean(), abs=1e-12) and ci["n"] == 400
+        assert ci["lo"] == pytest.approx(np.quantile(boots, 0.025), abs=0.006)
+        assert ci["hi"] == pytest.approx(np.quantile(boots, 0.975), abs=0.006)
+        se = d.std() / np.sqrt(len(d))
+        assert ci["hi"] - ci["lo"] == pytest.approx(2 * 1.96 * se, rel=0.1)
+        assert ci["lo"] > 0  # a real improvement is detected
 
 
 def test_batched_sft_tokenisation_matches_trl(tmp_path):
