@@ -51,15 +51,27 @@ class GRPOScriptArguments:
     )
 
 
-def resolve_function(path: str) -> Callable:
-    """Import ``pkg.module.fn`` (or a TRL built-in reward name) the way ``trl grpo --reward_funcs`` does."""
+# TRL's built-in reward names, as ``trl grpo --reward_funcs`` accepts them. TRL builds this table inside its script's
+# main() (nothing importable), so it is mirrored here; the overlong punishment is a factory, configured from the run's
+# max_completion_length (TRL's script fixes 1280 tokens) with TRL's soft cache of 256.
+TRL_REWARD_NAMES = ("accuracy_reward", "reasoning_accuracy_reward", "think_format_reward",
+                    "get_soft_overlong_punishment")
+
+
+def resolve_function(path: str, max_completion_length: int | None = None) -> Callable:
+    """Import ``pkg.module.fn``, or build one of TRL's built-in rewards by name, the way ``trl grpo --reward_funcs``
+    does (the current directory is importable)."""
     from trl import rewards as trl_rewards
 
     if "." not in path:
-        if hasattr(trl_rewards, path):
+        if path == "get_soft_overlong_punishment":
+            length = max_completion_length or 1280
+            return trl_rewards.get_soft_overlong_punishment(max_completion_len=length,
+                                                            soft_punish_cache=min(256, length // 2))
+        if path in TRL_REWARD_NAMES:
             return getattr(trl_rewards, path)
         raise ValueError(f"Could not load reward function {path!r}: expected a dotted import path "
-                         "(e.g. rewards.rerank.gr2_reward) or a TRL built-in reward name.")
+                         f"(e.g. rewards.rerank.gr2_reward) or one of TRL's built-in names {list(TRL_REWARD_NAMES)}.")
     module_path, name = path.rsplit(".", 1)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -88,7 +100,7 @@ def run(script_args: GRPOScriptArguments, training_args: DiffusionGRPOConfig, mo
     """Train and save to ``training_args.output_dir``."""
     if not model_args.model_name_or_path or not script_args.dataset_name or not script_args.reward_funcs:
         raise SystemExit("diffgr2 grpo needs --model_name_or_path, --dataset_name and --reward_funcs.")
-    reward_funcs = [resolve_function(p) for p in script_args.reward_funcs]
+    reward_funcs = [resolve_function(p, training_args.max_completion_length) for p in script_args.reward_funcs]
     validity = resolve_function(script_args.validity_func) if script_args.validity_func else None
     from ..rerank.pipeline_data import check_model_data, record_training_data
 

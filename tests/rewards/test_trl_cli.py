@@ -33,3 +33,18 @@ def test_trl_grpo_cli_one_step(tmp_path):
     # A random model writes 8 tokens, never a valid ranking: exactly the invalid penalty, and a number rather than
     # NaN proves the `candidates`/`target` columns reached the reward functions (missing columns would give None).
     assert logged == {"rewards/gr2_reward/mean": "-1", "rewards/validity/mean": "0", "rewards/ndcg_at_3/mean": "0"}
+
+
+def test_grpo_command_resolves_reward_names_as_trl_grpo_does():
+    """``diffgr2 grpo --reward_funcs`` takes TRL's built-in names (the overlong punishment built from the run's
+    max_completion_length, not returned as the factory it is) and dotted paths; anything else is a clear error."""
+    from trl import rewards as trl_rewards
+
+    from diffgr2_trl.commands.grpo import resolve_function
+
+    assert resolve_function("think_format_reward") is trl_rewards.think_format_reward
+    punish = resolve_function("get_soft_overlong_punishment", max_completion_length=64)
+    assert punish(completion_ids=[[1] * 10, [1] * 64]) == [0.0, -1.0]  # a reward function, not the factory
+    assert resolve_function("rewards.rerank.gr2_reward").__name__ == "gr2_reward"
+    with pytest.raises(ValueError, match="TRL's built-in names"):
+        resolve_function("get_reward_model")
