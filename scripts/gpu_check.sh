@@ -17,7 +17,9 @@
 #
 # On the GPU host (torch and transformers preinstalled, no package index) trl and datasets come from the wheels that
 # ../shared/gpu/fetch-wheels.sh puts into .whl/ (carry .whl); they are installed into /tmp/site as
-# ../shared/gpu/README.md says, when trl is not importable.
+# ../shared/gpu/README.md says, when one is not importable. The semantic IDs and baselines need scikit-learn and scipy,
+# which that set lacks: fetch them too, with
+#   bash ../shared/gpu/fetch-wheels.sh scikit-learn==1.9.1 scipy==1.17.1 threadpoolctl==3.8.0 joblib==1.6.0
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,8 +33,8 @@ mkdir -p "$OUT"
 if [[ $DRY == 0 ]]; then
   python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
     || { echo "gpu_check: no CUDA GPU here; use --cpu-dry-run" >&2; exit 2; }
-  if ! python3 -c "import trl, datasets" 2>/dev/null; then
-    ls .whl/*.whl >/dev/null 2>&1 || { echo "gpu_check: trl is missing and .whl/ is empty (run ../shared/gpu/fetch-wheels.sh where pip works)" >&2; exit 2; }
+  if ! python3 -c "import trl, datasets, sklearn, scipy" 2>/dev/null; then
+    ls .whl/*.whl >/dev/null 2>&1 || { echo "gpu_check: trl, datasets, scikit-learn or scipy is missing and .whl/ is empty (run, where pip works: bash ../shared/gpu/fetch-wheels.sh scikit-learn==1.9.1 scipy==1.17.1 threadpoolctl==3.8.0 joblib==1.6.0)" >&2; exit 2; }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site:$PWD
   fi
