@@ -61,8 +61,14 @@ def forward_inside(model, fn, *args, **kwargs):
         target.forward = original  # fn may call the real forward
         return fn(original, *args, **kwargs)
 
+    had_attribute = "forward" in vars(target)
     target.forward = redirected
     try:
-        return model()
+        # One placeholder argument: DDP with device_ids (every multi-GPU launch) indexes its moved inputs and fails
+        # on an empty call.
+        return model(torch.zeros(()))
     finally:
-        target.forward = original
+        if had_attribute:
+            target.forward = original
+        else:
+            del target.forward

@@ -240,7 +240,8 @@ class DiffusionGRPOTrainer(GRPOTrainer):
         args = self.args
         with (
             unwrap_model_for_generation(self.model_wrapped, self.accelerator,
-                                        gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs) as unwrapped,
+                                        gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+                                         gather_deepspeed3_params=args.ds3_gather_for_generation) as unwrapped,
             torch.no_grad(),
         ):
             out = self.sampler.generate(input_ids, attention_mask, model=unwrapped)

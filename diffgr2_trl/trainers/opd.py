@@ -208,7 +208,8 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
         # As TRL's own trainers roll out: the model out of its wrapper, ZeRO-3 parameters gathered once for the
         # whole rollout (FSDP2 gathers per forward; the sampler keeps the ranks in step either way).
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
-                                         gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs) as student:
+                                         gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+                                         gather_deepspeed3_params=args.ds3_gather_for_generation) as student:
             was_training = student.training
             student.eval()
             try:

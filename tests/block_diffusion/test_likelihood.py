@@ -64,3 +64,23 @@ def test_output_logits_apply_the_forwards_final_soft_capping():
         got = output_logits(model, out.hidden_states[-1])
     assert model.lm_head(out.hidden_states[-1]).abs().max() > 0.2 > 0.1 >= out.logits.abs().max()  # the cap bites
     torch.testing.assert_close(got, out.logits)
+
+
+def test_replay_through_ddp_with_device_ids(word_tokenizer, tmp_path):
+    """accelerate gives DDP device_ids on GPUs; DDP then indexes its moved inputs, so the redirected forward must not
+    be an empty call (it raised IndexError). Gloo, one process, device_ids set as on a GPU."""
+    import torch.distributed as dist
+
+    model, tok = converted(word_tokenizer, block_size=4)
+    ids, am = left_pad(PROMPTS, tok.pad_token_id)
+    out = BlockDiffusionSampler(model).generate(ids, am, max_completion_length=8, tau=0.5)
+    want = replay_logprobs(model, ids, am, out.canvas_ids, out.step_map, get_spec(model)).logps
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        ddp.device_ids = [0]
+        got = replay_logprobs(ddp, ids, am, out.canvas_ids, out.step_map, get_spec(model)).logps
+    finally:
+        dist.destroy_process_group()
+    assert torch.allclose(got, want, atol=1e-6)
+    assert "forward" not in vars(model)  # the redirect leaves no instance attribute behind
