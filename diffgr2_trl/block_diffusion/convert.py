@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from .likelihood import check_output_logits
 from .masks import dense_mask, to_model_mask
 from .spec import BlockDiffusionSpec, set_spec
 
@@ -76,19 +77,31 @@ def _resolve_mask_token(tokenizer, mask_token: str | None) -> tuple[int, bool]:
 
 
 def check_full_attention(config) -> None:
-    """Refuse a model whose layers attend through a sliding window (Mistral, Gemma 2/3, Qwen2 with
-    ``use_sliding_window``): the block-diffusion masks are built for full attention, and a window the model applies on
-    top would hide part of the clean context, or of the packed noisy streams, without an error."""
+    """Refuse a model whose layers attend through a sliding window (Mistral, Gemma 2/3, Qwen2 with sliding layers):
+    the block-diffusion masks are built for full attention, and a window the model applies on top (its KV cache
+    keeps only the window) would hide part of the clean context without an error.
+
+    ``layer_types``, where the config has it, is what the attention layers read, so it decides (Qwen2 with
+    ``use_sliding_window=True`` but ``max_window_layers`` >= its layers is full attention). A window at least as long
+    as ``max_position_embeddings`` (Phi-3.5-mini) never hides anything the model can see, so it is accepted too.
+    """
     config = getattr(config, "text_config", None) or config
-    sliding = "sliding_attention" in (getattr(config, "layer_types", None) or ())
     window = getattr(config, "sliding_window", None)
-    if sliding or (window is not None and getattr(config, "use_sliding_window", True) is not False):
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        sliding = "sliding_attention" in layer_types
+    else:
+        sliding = window is not None and getattr(config, "use_sliding_window", True) is not False
+    context = getattr(config, "max_position_embeddings", None)
+    if sliding and window is not None and context is not None and window >= context:
+        sliding = False
+    if sliding:
         raise ValueError(
             f"{type(config).__name__} uses sliding-window attention (sliding_window={window!r}"
-            + (", sliding_attention layers" if sliding else "") + "), which block diffusion does not support yet: "
-            "its masks assume full attention. If every training and decoding sequence, noisy streams included, "
-            "stays inside the window, set config.sliding_window = None (and layer_types to full attention) "
-            "before converting.")
+            + (", sliding_attention layers" if layer_types is not None else "") + f", max_position_embeddings="
+            f"{context!r}), which block diffusion does not support yet: its masks assume full attention. If every "
+            "training and decoding sequence, noisy streams included, stays inside the window, set "
+            "config.sliding_window = None (and layer_types to full attention) before converting.")
 
 
 def check_no_router_aux_loss(config) -> None:
@@ -108,8 +121,9 @@ def check_attention_honours_masks(model) -> None:
     Implementations such as flash-attention silently apply their own causal mask; block diffusion would then train
     and decode with the wrong visibility. The probe asks for a *non-causal* pattern (token 0 sees token 1) and
     checks that token 0's output changes relative to the causal pattern. The trainers call it, so it also refuses
-    what would train wrongly without an error: sliding-window attention (:func:`check_full_attention`) and an
-    ignored router loss (:func:`check_no_router_aux_loss`).
+    what would train wrongly without an error: sliding-window attention (:func:`check_full_attention`), an
+    ignored router loss (:func:`check_no_router_aux_loss`) and logit post-processing the replay cannot reproduce
+    (:func:`~diffgr2_trl.block_diffusion.likelihood.check_output_logits`).
     """
     check_full_attention(model.config)
     check_no_router_aux_loss(model.config)
@@ -119,6 +133,7 @@ def check_attention_honours_masks(model) -> None:
             f"attn_implementation={impl!r} does not apply custom 4-D attention masks, which block diffusion needs. "
             "Load the model with attn_implementation='sdpa' (or 'eager' / 'flex_attention')."
         )
+    check_output_logits(model)
     if impl == "flex_attention":
         return  # masks are BlockMasks there, built from the same rule as the dense path
     device = next(model.parameters()).device

@@ -108,15 +108,56 @@ def replay_logits(
     return exclude_mask_token(logits, spec.mask_token_id)
 
 
+# Causal LMs whose forward scales the output layer's logits by a config field, and how (``transformers`` 5.x). The
+# same field name means opposite things across families (Granite divides by ``logits_scaling``, HyperCLOVA X
+# multiplies), so the model type decides, never the field alone.
+LOGIT_SCALING: dict[str, tuple[str, str]] = {
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe", "cohere_compass"), ("logit_scale", "mul")),
+    **dict.fromkeys(("granite", "granitemoe", "granitemoeshared", "granitemoehybrid", "granite_swa",
+                     "granitemoe_swa", "minicpm3"), ("logits_scaling", "div")),
+    "hyperclovax": ("logits_scaling", "mul"),
+}
+
+
 def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """The model's logits for final hidden states: its output layer, then the forward's post-processing of logits
-    (final soft-capping, as Gemma 2 applies it), so that the replay matches the sampler's full forwards."""
+    (Cohere's ``logit_scale``, Granite's ``logits_scaling``, final soft-capping as Gemma 2 applies it), so that the
+    replay matches the sampler's full forwards. :func:`check_output_logits` proves it on a probe forward."""
     inner = unwrap_model(model)
+    config = getattr(inner.config, "text_config", None) or inner.config
     logits = inner.get_output_embeddings()(hidden)
-    cap = getattr(inner.config, "final_logit_softcapping", None)
+    field, op = LOGIT_SCALING.get(getattr(config, "model_type", None), (None, None))
+    scale = getattr(config, field, None) if field else None
+    if scale is not None:
+        logits = logits * scale if op == "mul" else logits / scale
+    cap = getattr(config, "final_logit_softcapping", None)
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def check_output_logits(model) -> None:
+    """Refuse a model whose forward post-processes its logits in a way :func:`output_logits` does not reproduce.
+
+    Trajectory replay and the estimators apply the output layer themselves (to gathered states only); an unknown
+    scaling or cap in the model's forward would make every replayed log-probability silently differ from the
+    sampler's. One tiny forward compares the two.
+    """
+    inner = unwrap_model(model)
+    device = next(inner.parameters()).device
+    ids = torch.tensor([[1, 2, 3]], device=device) % inner.config.get_text_config().vocab_size
+    with torch.no_grad():
+        out = inner(input_ids=ids, output_hidden_states=True, use_cache=False)
+        ours = output_logits(inner, out.hidden_states[-1])
+    theirs = out.logits.float()
+    if not torch.allclose(ours.float(), theirs, rtol=1e-3, atol=1e-3 * (1 + theirs.abs().max().item())):
+        worst = (ours.float() - theirs).abs().max().item()
+        raise ValueError(
+            f"{type(inner).__name__} ({getattr(inner.config, 'model_type', '?')}) post-processes its logits in a way "
+            f"block diffusion does not reproduce: applying its output layer to the last hidden states differs from "
+            f"its forward's logits by up to {worst:.3g}. Trajectory replay would score tokens under other "
+            "distributions than the sampler's. Add the model type to "
+            "diffgr2_trl.block_diffusion.likelihood.LOGIT_SCALING (or open an issue).")
 
 
 def _replay(forward, model, clean, valid, position_ids, comp_start, spec, canvas_ids, step_map, states, stream_of,

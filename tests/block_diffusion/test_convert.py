@@ -86,15 +86,35 @@ def test_sliding_window_models_are_refused_by_conversion_the_trainers_and_the_sa
         convert_to_block_diffusion(mistral, copy.deepcopy(word_tokenizer), block_size=4)
     model, _ = converted(word_tokenizer)  # full attention: accepted
     check_attention_honours_masks(model)
-    model.config.sliding_window, model.config.use_sliding_window = 16, True  # switched on after conversion
+    model.config.sliding_window, model.config.use_sliding_window = 16, True
+    check_attention_honours_masks(model)  # layer_types (what the layers read) still say full attention everywhere
+    model.config.layer_types = ["sliding_attention"] * model.config.num_hidden_layers  # switched on after conversion
     with pytest.raises(ValueError, match="sliding-window"):
         check_attention_honours_masks(model)
     with pytest.raises(ValueError, match="sliding-window"):
         BlockDiffusionSampler(model)
-    model.config.layer_types = ["sliding_attention"] * model.config.num_hidden_layers
     model.config.sliding_window = None
     with pytest.raises(ValueError, match="sliding_attention layers"):
         check_attention_honours_masks(model)
+
+
+def test_full_attention_models_with_a_window_field_are_accepted():
+    """No false positives: Qwen2 with ``use_sliding_window=True`` whose ``max_window_layers`` covers every layer, and a
+    window at least as long as the context (Phi-3.5-mini's 262144 > 131072), attend fully."""
+    from transformers import AutoConfig
+
+    from diffgr2_trl.block_diffusion.convert import check_full_attention
+
+    tiny = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1)
+    check_full_attention(AutoConfig.for_model("qwen2", use_sliding_window=True, max_window_layers=2, **tiny))
+    with pytest.raises(ValueError, match="sliding_attention layers"):  # layer 1 slides
+        check_full_attention(AutoConfig.for_model("qwen2", use_sliding_window=True, max_window_layers=1, **tiny))
+    check_full_attention(AutoConfig.for_model("phi3", sliding_window=262144, max_position_embeddings=131072, **tiny))
+    check_full_attention(AutoConfig.for_model("mistral", sliding_window=4096, max_position_embeddings=4096, **tiny))
+    with pytest.raises(ValueError, match="sliding_window=4096.*max_position_embeddings=8192"):
+        check_full_attention(AutoConfig.for_model("mistral", sliding_window=4096, max_position_embeddings=8192,
+                                                  **tiny))
 
 
 def test_an_ignored_router_loss_is_refused(word_tokenizer, tmp_path):

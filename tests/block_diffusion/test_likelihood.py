@@ -66,6 +66,54 @@ def test_output_logits_apply_the_forwards_final_soft_capping():
     torch.testing.assert_close(got, out.logits)
 
 
+@pytest.mark.parametrize("model_type, extra", [("cohere", {"logit_scale": 0.0625}),
+                                                ("granite", {"logits_scaling": 8.0}),
+                                                ("qwen3", {})])
+def test_output_logits_apply_the_forwards_logit_scaling(model_type, extra):
+    """Cohere multiplies its logits by ``logit_scale`` and Granite divides them by ``logits_scaling`` in the forward;
+    the replay's output layer must do the same, and the probe the trainers run must pass."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from diffgr2_trl.block_diffusion.likelihood import check_output_logits, output_logits
+
+    config = AutoConfig.for_model(model_type, vocab_size=40, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 40, (2, 6))
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+        got = output_logits(model, out.hidden_states[-1])
+        raw = model.get_output_embeddings()(out.hidden_states[-1])
+    if extra:  # the scaling is really there, and large enough to matter
+        assert not torch.allclose(raw, out.logits, atol=1e-2)
+    torch.testing.assert_close(got, out.logits)
+    check_output_logits(model)
+
+
+def test_check_output_logits_refuses_unknown_post_processing():
+    """A forward that changes the logits in a way the replay does not know must be refused, naming the model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from diffgr2_trl.block_diffusion.likelihood import check_output_logits
+
+    config = AutoConfig.for_model("qwen3", vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    check_output_logits(model)
+    forward = model.forward
+
+    def scaled(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 3.0
+        return out
+
+    model.forward = scaled
+    with pytest.raises(ValueError, match=r"Qwen3ForCausalLM \(qwen3\) post-processes its logits"):
+        check_output_logits(model)
+
+
 def test_replay_through_ddp_with_device_ids(word_tokenizer, tmp_path):
     """accelerate gives DDP device_ids on GPUs; DDP then indexes its moved inputs, so the redirected forward must not
     be an empty call (it raised IndexError). Gloo, one process, device_ids set as on a GPU."""
