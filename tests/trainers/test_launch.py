@@ -14,8 +14,8 @@ from diffgr2_trl.trainers._launch import check_launch
 from tests.helpers import LAUNCH, REPO, launch_env
 
 
-def _acc(kind, n):
-    return SimpleNamespace(distributed_type=kind, num_processes=n)
+def _acc(kind, n, device="cpu"):
+    return SimpleNamespace(distributed_type=kind, num_processes=n, device=torch.device(device))
 
 
 def test_a_launched_group_that_trains_alone_is_refused(monkeypatch):
@@ -35,6 +35,17 @@ def test_a_sharding_config_that_accelerate_runs_as_ddp_is_refused(monkeypatch, v
     with pytest.raises(RuntimeError, match=rf"asks for {wanted.value}.*runs .*MULTI_CPU.*needs a GPU machine"):
         check_launch(_acc(DistributedType.MULTI_CPU, 2))
     check_launch(_acc(wanted, 2))
+
+
+def test_fsdp_on_one_gpu_is_refused_as_what_it_is(monkeypatch):
+    """accelerate turns FSDP on only for a multi-process group: one process on one GPU runs unsharded (state type
+    NO). The error must say that, not blame a CPU fallback."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(RuntimeError, match=r"one process on one cuda device.*without FSDP.*--num_processes 2"):
+        check_launch(_acc(DistributedType.NO, 1, "cuda"))
+    with pytest.raises(RuntimeError, match=r"falls back to DDP"):  # one CPU process: the CPU advice, as before
+        check_launch(_acc(DistributedType.NO, 1, "cpu"))
 
 
 def test_mps_or_xpu_machines_do_not_default_to_cpu(monkeypatch):
