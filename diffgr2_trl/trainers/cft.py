@@ -180,6 +180,7 @@ class BlockDiffusionTrainer(SFTTrainer):
                         "of the answer in each plain-text completion) or a token-level 'segment_ids' column, or leave "
                         "both weights at 1.0.")
         self._step_weight: torch.Tensor | None = None
+        self._step_batches_left = 0  # micro-batches of the current optimizer step still to use _step_weight
 
     @staticmethod
     def _maybe_convert(model, tokenizer, args) -> None:
@@ -255,6 +256,7 @@ class BlockDiffusionTrainer(SFTTrainer):
         for inputs in batch_samples:
             weight = weight + self._completion_weight(self._aligned(inputs)).to(device)
         self._step_weight = self._across_ranks(weight)
+        self._step_batches_left = len(batch_samples)
         return batch_samples, num_items_in_batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -277,12 +279,15 @@ class BlockDiffusionTrainer(SFTTrainer):
         )
         counts = self._across_ranks(torch.stack([m["normaliser"], self._completion_weight(batch)]).to(loss_sum.device))
         normaliser = counts[0]
-        if mode == "train" and self._step_weight is not None:
+        # The step's normaliser serves its own micro-batches only: a direct call after train() gets the batch's.
+        in_step = mode == "train" and self._step_weight is not None and self._step_batches_left > 0
+        self._step_batches_left -= int(in_step)
+        if in_step:
             normaliser = self._step_weight.to(counts) * counts[0] / torch.where(counts[1] > 0, counts[1], 1.0)
         # DDP/FSDP average gradients over ranks: a rank's share of the global sum is scaled back up by their number.
         ranks = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
         loss = loss_sum * ranks / torch.where(normaliser > 0, normaliser, 1.0)
-        if mode == "train" and self._step_weight is not None and loss_divided_by_accumulation(self, num_items_in_batch):
+        if in_step and loss_divided_by_accumulation(self, num_items_in_batch):
             loss = loss * getattr(self, "current_gradient_accumulation_steps", 1)
         gathered = {k: self.accelerator.gather_for_metrics(v.to(loss.device)).sum() for k, v in m.items()}
         masked = gathered["masked_total"].clamp_min(1)

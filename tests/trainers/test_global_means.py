@@ -50,3 +50,20 @@ def test_accumulated_micro_batches_equal_one_batch(name, tmp_path, monkeypatch):
         monkeypatch.setattr(BlockDiffusionTrainer, "get_batch_samples", per_micro_batch)
         naive = _params(name, tmp_path / "naive", 2, 2)
         assert _max_diff(one, naive) > 1e-3, _max_diff(one, naive)
+
+
+def test_a_direct_cft_loss_after_training_uses_its_own_normaliser(tmp_path):
+    """The step-wide normaliser belongs to the step's micro-batches; a ``compute_loss`` call after ``train()`` (model
+    still in train mode) must be the batch's own mean, the same as in eval mode, not scaled by the last step's
+    token count."""
+    trainer = ddp_train._trainer("cft", str(tmp_path), per_device=2, max_steps=1, use_cpu=True, accumulation=2)
+    trainer.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model
+    losses = {}
+    with torch.no_grad():
+        for mode in ("train", "eval"):
+            model.train(mode == "train")
+            torch.manual_seed(0)
+            losses[mode] = trainer.compute_loss(model, batch).item()
+    assert losses["train"] == pytest.approx(losses["eval"], rel=1e-6), losses
