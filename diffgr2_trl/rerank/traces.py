@@ -71,7 +71,11 @@ def _describe(sid: str, ev: _Evidence) -> str:
 
 
 def offline_explanation(
-    history: Sequence[ItemText], candidates: Sequence[ItemText], ranking: Sequence[str], max_cited: int = 2
+    history: Sequence[ItemText],
+    candidates: Sequence[ItemText],
+    ranking: Sequence[str],
+    max_cited: int = 2,
+    cite_others_by: str = "sid",
 ) -> str:
     """A deterministic multi-step explanation, from the prompt's evidence alone, that supports ``ranking[0]``.
 
@@ -80,7 +84,16 @@ def offline_explanation(
         candidates: the candidates in pre-rank order.
         ranking: the final ranking (its first item is the one the explanation argues for).
         max_cited: how many other candidates with evidence the second step discusses.
+        cite_others_by: ``"sid"`` cites every candidate by its semantic ID; ``"position"`` cites the candidates other
+            than ``ranking[0]`` by pre-rank position (``candidate 3``), so the only candidate ID the explanation
+            writes is the one the answer puts first ("skip an ID already written" is then the whole drop rule).
     """
+    if cite_others_by not in ("sid", "position"):
+        raise ValueError(f"cite_others_by must be 'sid' or 'position', got {cite_others_by!r}.")
+
+    def name(sid: str, ev: _Evidence) -> str:
+        return f"candidate {ev.position + 1}" if cite_others_by == "position" and sid != ranking[0] else sid
+
     evidence = _evidence(history, candidates)
     top = ranking[0]
     top_ev = evidence.get(top, _Evidence(len(candidates)))
@@ -103,14 +116,18 @@ def offline_explanation(
     )[:max_cited]
     n_none = sum(1 for ev in evidence.values() if not ev.matches)
     if others:
-        cited = "; ".join(_describe(s, evidence[s]) for s in others)
+        cited = "; ".join(_describe(name(s, evidence[s]), evidence[s]) for s in others)
         steps.append(f"2) Evidence: {cited}; {n_none} of {len(candidates)} candidates share nothing.")
     else:
         steps.append(
             f"2) Evidence: no other candidate shares a brand/category with the history ({n_none} share none)."
         )
 
-    steps.append(f"3) Pre-rank puts {candidates[0].sid} first." if candidates else "3) No pre-rank order is given.")
+    steps.append(
+        f"3) Pre-rank puts {name(candidates[0].sid, evidence[candidates[0].sid])} first."
+        if candidates
+        else "3) No pre-rank order is given."
+    )
 
     where = f"pre-ranked {top_ev.position + 1}" if top_ev.position < len(candidates) else "not pre-ranked"
     if top_ev.matches:

@@ -52,6 +52,25 @@ def test_offline_trace_is_deterministic_and_supports_top_choice():
             assert f"{cand.sid} shares" in final
 
 
+def test_offline_trace_can_cite_other_candidates_by_position():
+    """``cite_others_by="position"``: the only candidate ID the explanation writes is the answer's first one, and the
+    rest of the text is the ``"sid"`` text with each other candidate's ID replaced by ``candidate k``."""
+    hist, cands = _example()
+    sids = [c.sid for c in cands]
+    ranking = target_ranking(sids, cands[6].sid)
+    by_sid = offline_explanation(hist, cands, ranking)
+    by_pos = offline_explanation(hist, cands, ranking, cite_others_by="position")
+    assert [s for s in sids if s in by_pos] == [cands[6].sid]
+    assert sum(s in by_sid for s in sids) >= 2  # the default cites others by ID (the pre-ranker's first, at least)
+    expected = by_sid
+    for k, s in enumerate(sids):
+        if s != cands[6].sid:
+            expected = expected.replace(s, f"candidate {k + 1}")
+    assert by_pos == expected
+    with pytest.raises(ValueError, match="cite_others_by"):
+        offline_explanation(hist, cands, ranking, cite_others_by="name")
+
+
 def test_offline_trace_from_prompt_and_token_length():
     rows = []
     for seed in range(30):
