@@ -46,24 +46,31 @@ def test_block_size_one_replay_is_ar_loglikelihood(word_tokenizer):
         assert torch.allclose(lp[r], ar, atol=1e-5)
 
 
+def _tiny_lm(model_type: str, **fields):
+    """A one-layer ``model_type`` causal LM (vocabulary 40), seeded, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, **fields)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _logits_and_replayed(model):
+    from diffgr2_trl.block_diffusion.likelihood import output_logits
+
+    with torch.no_grad():
+        out = model(input_ids=torch.randint(0, 40, (2, 6)), output_hidden_states=True)
+        raw = model.get_output_embeddings()(out.hidden_states[-1])
+        return out.logits, output_logits(model, out.hidden_states[-1]), raw
+
+
 def test_output_logits_apply_the_forwards_final_soft_capping():
     """The replay applies the output layer to gathered states itself; it must post-process them as the model's
     forward does (Gemma 2's final logit soft-capping), or replayed log-probs stop matching the sampler's."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from diffgr2_trl.block_diffusion.likelihood import output_logits
-
-    config = AutoConfig.for_model("gemma2", vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                  final_logit_softcapping=0.1)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    ids = torch.randint(0, 40, (2, 6))
-    with torch.no_grad():
-        out = model(input_ids=ids, output_hidden_states=True)
-        got = output_logits(model, out.hidden_states[-1])
-    assert model.lm_head(out.hidden_states[-1]).abs().max() > 0.2 > 0.1 >= out.logits.abs().max()  # the cap bites
-    torch.testing.assert_close(got, out.logits)
+    logits, got, raw = _logits_and_replayed(_tiny_lm("gemma2", final_logit_softcapping=0.1))
+    assert raw.abs().max() > 0.2 > 0.1 >= logits.abs().max()  # the cap bites
+    torch.testing.assert_close(got, logits)
 
 
 @pytest.mark.parametrize("model_type, extra", [("cohere", {"logit_scale": 0.0625}),
@@ -72,35 +79,21 @@ def test_output_logits_apply_the_forwards_final_soft_capping():
 def test_output_logits_apply_the_forwards_logit_scaling(model_type, extra):
     """Cohere multiplies its logits by ``logit_scale`` and Granite divides them by ``logits_scaling`` in the forward;
     the replay's output layer must do the same, and the probe the trainers run must pass."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from diffgr2_trl.block_diffusion.likelihood import check_output_logits
 
-    from diffgr2_trl.block_diffusion.likelihood import check_output_logits, output_logits
-
-    config = AutoConfig.for_model(model_type, vocab_size=40, hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, **extra)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    ids = torch.randint(0, 40, (2, 6))
-    with torch.no_grad():
-        out = model(input_ids=ids, output_hidden_states=True)
-        got = output_logits(model, out.hidden_states[-1])
-        raw = model.get_output_embeddings()(out.hidden_states[-1])
+    model = _tiny_lm(model_type, **extra)
+    logits, got, raw = _logits_and_replayed(model)
     if extra:  # the scaling is really there, and large enough to matter
-        assert not torch.allclose(raw, out.logits, atol=1e-2)
-    torch.testing.assert_close(got, out.logits)
+        assert not torch.allclose(raw, logits, atol=1e-2)
+    torch.testing.assert_close(got, logits)
     check_output_logits(model)
 
 
 def test_check_output_logits_refuses_unknown_post_processing():
     """A forward that changes the logits in a way the replay does not know must be refused, naming the model."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from diffgr2_trl.block_diffusion.likelihood import check_output_logits
 
-    config = AutoConfig.for_model("qwen3", vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = _tiny_lm("qwen3")
     check_output_logits(model)
     forward = model.forward
 
