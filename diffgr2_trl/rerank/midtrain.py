@@ -17,8 +17,8 @@ alone, in the prompt and answer template the re-ranker uses, as SID-based LLM re
 - ``promote``: a re-ranking row's prompt with a random candidate other than the pre-ranker's first promoted, and the
   offline-trace completion written for that choice: promote-and-drop in the full prompt. A third of the real rows
   keep the pre-ranker's first item first (nothing to drop), and a model fed only those copies the pre-rank list
-  with the promoted item still in its old slot (``results/copy_learning.md``); this task makes every row a drop,
-  and a row never repeats (up to nine promotions per prompt).
+  with the promoted item still in its old slot (``results/copy_learning.md``); this task makes every row a drop.
+  Prompts and promotions are drawn independently (any of nine per prompt), so a row can repeat, like ``rerank``'s.
 
 With ``with_id_line=True`` the list tasks' prompts end with the candidate IDs written exactly as the answer writes them
 (``IDs: ["<sid>", "<sid>", ...]``): the answer list can then be copied token after token from one line, without
