@@ -40,6 +40,10 @@ class PrepareArguments:
         max_history: history items shown per prompt.
         id_line: follow the candidates with their IDs written as the answer writes them
             (:func:`diffgr2_trl.rerank.prompts.format_id_line`), in the re-ranking and mid-training prompts.
+        targets: the training completions' rankings: ``label`` puts the true next item first (an oracle trace: it also
+            promotes targets no evidence in the prompt points to), ``supported`` only where the prompt's brand/category
+            evidence singles the target out, else keeps the pre-rank order
+            (:func:`diffgr2_trl.rerank.traces.supported_ranking`; results/copy_learning.md measures both).
         match_positions: subsample train so the pre-rank position of the target follows this split's histogram
             (``none`` keeps the raw split; see :func:`diffgr2_trl.rerank.pipeline_data.match_target_positions`).
         codebook_size: semantic-ID codes per level (small catalogues need fewer).
@@ -64,6 +68,11 @@ class PrepareArguments:
     max_train_examples: int | None = field(default=None, metadata={"help": "Subsample the train split to N rows."})
     max_history: int = field(default=20, metadata={"help": "History items shown per prompt."})
     id_line: bool = field(default=True, metadata={"help": "Add a line with the candidate IDs as the answer writes them."})
+    targets: str = field(
+        default="label",
+        metadata={"help": "Completion rankings: label (true next item first) or supported (only where evidence "
+                          "singles it out).", "choices": ["label", "supported"]},
+    )
     match_positions: str = field(
         default="none",
         metadata={"help": "Subsample train so target positions follow this split's histogram ('none': raw train)."},
@@ -146,6 +155,7 @@ def run(args: PrepareArguments) -> dict[str, Any]:
         mid_rows=args.mid_rows,
         mid_mix=args.mid_mix,
         id_line=args.id_line,
+        targets=args.targets,
         provenance=inputs,
     )
     _print_summary(summary, time.perf_counter() - t0)

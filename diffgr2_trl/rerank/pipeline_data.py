@@ -37,7 +37,7 @@ from .candidates import SPLITS, PreparedData, load_prepared, write_jsonl
 from .metrics import summarize_ranks
 from .prompts import RECOMMENDATIONS_OPEN, build_rerank_row
 from .semantic_ids import SemanticIds
-from .traces import offline_explanation
+from .traces import TARGET_RULES, offline_explanation, supported_ranking
 
 __all__ = [
     "COLUMNS",
@@ -56,13 +56,20 @@ SUMMARY = "summary.json"
 
 def build_rows(
     examples: Sequence[dict], sids: SemanticIds, max_history: int | None = 20, progress: bool = False, desc: str = "",
-    id_line: bool = True,
+    id_line: bool = True, targets: str = "label",
 ) -> list[dict[str, Any]]:
-    """Dataset rows (see the module docstring) for ``{"user_id", "history", "candidates", "target"}`` examples."""
+    """Dataset rows (see the module docstring) for ``{"user_id", "history", "candidates", "target"}`` examples.
+
+    ``targets``: the completions' rankings, ``label`` (the true next item first, :func:`~.prompts.target_ranking`) or
+    ``supported`` (only where the prompt's evidence singles it out, :func:`~.traces.supported_ranking`).
+    """
+    if targets not in TARGET_RULES:
+        raise ValueError(f"targets must be one of {TARGET_RULES}, got {targets!r}.")
+    ranking = supported_ranking if targets == "supported" else None
     rows = []
     for ex in tqdm(examples, desc=desc or "rows", disable=not progress, leave=False):
         row = build_rerank_row(ex, sids.encode, sids.attribute_tokens, max_history, explanation=offline_explanation,
-                               id_line=id_line)
+                               id_line=id_line, ranking=ranking)
         row["answer_start"] = row["completion"].index(RECOMMENDATIONS_OPEN)
         row["user_id"] = int(ex["user_id"])
         rows.append({k: row[k] for k in COLUMNS})
@@ -126,6 +133,7 @@ def build_pipeline_data(
     mid_rows: int = 0,
     mid_mix: str | None = None,
     id_line: bool = True,
+    targets: str = "label",
     provenance: dict | None = None,
 ) -> dict[str, Any]:
     """Write datasets, JSONL copies, the tokenizer and ``summary.json`` into ``prepared.out_dir`` (atomically).
@@ -141,6 +149,8 @@ def build_pipeline_data(
             (:func:`~diffgr2_trl.rerank.midtrain.build_midtraining_rows`, from training sequences only); 0: none.
         mid_mix: task weights of the mid-training rows (``"front=0.5,repeat=0.15,..."``; default mix if ``None``).
         id_line: prompts follow the candidates with their ID line (:func:`~diffgr2_trl.rerank.prompts.format_id_line`).
+        targets: the completions' rankings (:func:`build_rows`); valid and test rows are built the same way (their
+            ``target`` column is always the true next item, which evaluation reads).
         provenance: what produced the directory, recorded in ``summary.json`` as ``inputs`` (``diffgr2 prepare``
             refuses to reuse a directory whose recorded inputs differ from its own).
 
@@ -162,7 +172,8 @@ def build_pipeline_data(
             examples = match_target_positions(examples, prepared.examples[match_positions], seed)
         if split == "train" and max_train_examples is not None and len(examples) > max_train_examples:
             examples = random.Random(seed).sample(examples, max_train_examples)
-        rows[split] = build_rows(examples, sids, max_history, progress, desc=f"{split} rows", id_line=id_line)
+        rows[split] = build_rows(examples, sids, max_history, progress, desc=f"{split} rows", id_line=id_line,
+                                 targets=targets)
 
     mid: list[dict] = []
     if mid_rows > 0:
@@ -206,6 +217,7 @@ def build_pipeline_data(
             "match_positions": match_positions,
             "mid_rows": mid_rows,
             "id_line": id_line,
+            "targets": targets,
             **({"inputs": provenance} if provenance is not None else {}),
             "train_floor_after_matching": summarize_ranks(
                 r["candidates"].index(r["target"]) for r in rows["train"]

@@ -171,13 +171,16 @@ def build_rerank_row(
     conversational: bool = False,
     explanation: str | Callable[..., str] | None = None,
     id_line: bool = True,
+    ranking: Callable[[Sequence[ItemText], Sequence[ItemText], str], list[str]] | None = None,
 ) -> dict[str, Any]:
     """Turn a ``{"user_id", "history", "candidates", "target"}`` example into dataset columns.
 
     Returns ``prompt`` (str, or messages when ``conversational``), ``candidates`` (SIDs in pre-rank order) and
     ``target`` (SID): the columns the ``rewards`` functions read. With ``explanation`` (a string, or a callable
     ``f(history_items, candidate_items, ranking) -> str`` such as ``traces.offline_explanation``) it also adds a
-    ``completion`` for SFT/CFT in the same form as the prompt. ``id_line``: see :func:`build_prompt`.
+    ``completion`` for SFT/CFT in the same form as the prompt. ``id_line``: see :func:`build_prompt`. ``ranking``
+    (``f(history_items, candidate_items, target_sid) -> ranking``, e.g. ``traces.supported_ranking``) chooses the
+    completion's ranking; default :func:`target_ranking`.
     """
     history = to_items(example["history"], sid_of, attrs_of)
     cands = to_items(example["candidates"], sid_of, attrs_of)
@@ -191,8 +194,9 @@ def build_rerank_row(
         "target": target,
     }
     if explanation is not None:
-        ranking = target_ranking(cand_sids, target)
-        text = explanation(_shown(history, max_history), cands, ranking) if callable(explanation) else explanation
-        completion = format_completion(text, ranking)
+        shown = _shown(history, max_history)
+        order = ranking(shown, cands, target) if ranking is not None else target_ranking(cand_sids, target)
+        text = explanation(shown, cands, order) if callable(explanation) else explanation
+        completion = format_completion(text, order)
         row["completion"] = [{"role": "assistant", "content": completion}] if conversational else completion
     return row

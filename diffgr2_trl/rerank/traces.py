@@ -144,6 +144,27 @@ def _attrs(candidates: Sequence[ItemText], sid: str) -> tuple[str, ...]:
     return next((c.attrs for c in candidates if c.sid == sid), ())
 
 
+TARGET_RULES = ("label", "supported")
+
+
+def supported_ranking(history: Sequence[ItemText], candidates: Sequence[ItemText], target: str) -> list[str]:
+    """The target first where the prompt's evidence singles it out, else the pre-rank order (``targets="supported"``).
+
+    The evidence writer of :func:`offline_explanation` would put first the candidate sharing brand/category tokens
+    with the most history items (ties: the most recent match, then pre-rank order). Rejection sampling on the rank
+    reward, as GR2 keeps LLM traces: that proposal is kept when it is the target (rank reward > 0), otherwise the
+    pre-rank order (reward 0) beats it, since promoting another candidate demotes the target (reward < 0). So the
+    model only ever learns promotions the prompt supports; an oracle trace (``"label"``) also promotes targets that
+    no evidence points to (two rows in three here), which a small model can only imitate as a guess.
+    """
+    order = [c.sid for c in candidates]
+    if target not in order:
+        raise ValueError(f"Target {target!r} is not among the candidates.")
+    evidence = _evidence(history, candidates)
+    best = max(order, key=lambda s: (evidence[s].strength, -evidence[s].position))
+    return target_ranking(order, target) if best == target else order
+
+
 def offline_completion(prompt: str | Sequence[Mapping[str, Any]], target: str) -> str:
     """The full training completion for a prompt: offline explanation + target ranking, canonical form."""
     history, candidates = parse_prompt(prompt)

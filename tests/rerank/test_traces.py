@@ -20,6 +20,7 @@ from diffgr2_trl.rerank.traces import (
     ServerUnavailableError,
     offline_completion,
     offline_explanation,
+    supported_ranking,
 )
 
 
@@ -69,6 +70,27 @@ def test_offline_trace_can_cite_other_candidates_by_position():
     assert by_pos == expected
     with pytest.raises(ValueError, match="cite_others_by"):
         offline_explanation(hist, cands, ranking, cite_others_by="name")
+
+
+def test_supported_ranking_promotes_only_what_the_evidence_singles_out():
+    """The target goes first only when it is the candidate sharing attributes with the most history items (the
+    offline writer's own choice); otherwise the pre-rank order stands, as rank-reward rejection sampling keeps it."""
+    hist = [ItemText("<a_1><b_1><c_1><d_1>", ("<attr_1>",)), ItemText("<a_2><b_2><c_2><d_2>", ("<attr_1>", "<attr_2>")),
+            ItemText("<a_3><b_3><c_3><d_3>", ("<attr_3>",))]
+    cands = [ItemText(f"<a_9><b_9><c_9><d_{i}>", attrs) for i, attrs in enumerate(
+        [("<attr_3>",), ("<attr_7>",), ("<attr_1>",), ("<attr_2>",), ("<attr_8>",)])]
+    order = [c.sid for c in cands]
+    # candidate 3 (<attr_1>) matches two history items, every other candidate at most one: the evidence's pick
+    assert supported_ranking(hist, cands, order[2]) == target_ranking(order, order[2])
+    for target in (order[1], order[3], order[4]):  # evidence points elsewhere (or nowhere): keep the pre-rank order
+        assert supported_ranking(hist, cands, target) == order
+    assert supported_ranking(hist, cands, order[0]) == order  # already first
+    # ties in strength keep the pre-rank order's choice: with <attr_1> gone, candidates 1 and 4 match one item each,
+    # the most recent match decides (candidate 1: the last item), so promoting candidate 4 is not supported
+    flat = [cands[0], cands[1], ItemText(cands[2].sid, ()), cands[3], cands[4]]
+    assert supported_ranking(hist, flat, order[3]) == order
+    with pytest.raises(ValueError, match="not among the candidates"):
+        supported_ranking(hist, cands, "<a_0><b_0><c_0><d_0>")
 
 
 def test_offline_trace_from_prompt_and_token_length():
@@ -243,3 +265,32 @@ def test_clear_error_when_server_is_down():
     writer = LLMTraceWriter(f"http://127.0.0.1:{port}", "my-model", timeout=2)
     with pytest.raises(ServerUnavailableError, match=rf"127.0.0.1:{port}/v1/models.*vllm"):
         writer.write([_row()])
+
+
+def test_prepared_rows_follow_the_target_rule():
+    """``build_rows(targets=...)``: ``label`` rows put the true next item first; ``supported`` rows do so only where
+    the evidence singles it out and keep the pre-rank order elsewhere; the ``target`` column is the truth in both."""
+    from diffgr2_trl.rerank.pipeline_data import build_rows
+    from diffgr2_trl.rerank.prompts import parse_prompt
+    from diffgr2_trl.rerank.semantic_ids import SemanticIds
+
+    rng = random.Random(0)
+    attrs = {i: [f"<attr_{rng.randrange(6)}>" for _ in range(2)] for i in range(60)}
+    sids = SemanticIds({i: (i % 5, i % 7, i % 3, i) for i in attrs}, 64, attrs)
+    examples = []
+    for u in range(40):
+        items = rng.sample(range(60), 16)
+        examples.append({"user_id": u, "history": items[:6], "candidates": items[6:], "target": items[6 + u % 10]})
+    label, supported = build_rows(examples, sids), build_rows(examples, sids, targets="supported")
+    promoted = 0
+    for a, b in zip(label, supported):
+        assert a["prompt"] == b["prompt"] and a["target"] == b["target"] and a["candidates"] == b["candidates"]
+        assert parse_ranking(a["completion"], a["candidates"]).ranking[0] == a["target"]
+        history, cands = parse_prompt(b["prompt"])
+        ranking = parse_ranking(b["completion"], b["candidates"]).ranking
+        assert ranking == supported_ranking(history, cands, b["target"])
+        assert ranking in (b["candidates"], target_ranking(b["candidates"], b["target"]))
+        promoted += ranking != b["candidates"]
+    assert 0 < promoted < sum(r["target"] != r["candidates"][0] for r in label)
+    with pytest.raises(ValueError, match="targets must be one of"):
+        build_rows(examples[:1], sids, targets="oracle")
