@@ -49,7 +49,14 @@ def test_smoke_pipeline_runs_every_stage_resumes_and_reports(tmp_path):
     assert {"eval_ar", "eval_naive", "eval_cft", "eval_opd", "eval_rl"} <= set(report["stages"])
     assert all("R@1" in report["stages"][s]["metrics"] for s in ("eval_ar", "eval_rl"))
     # every decoder runs unconstrained (the paper's rows) and constrained, side by side
-    assert report["decode"][0]["method"] == "ar" and len(report["decode"]) == 2 * (1 + len(report["config"]["decode"]["taus"]))
+    # ... at every batch size of the decode section, each speedup against AR at its own batch size
+    sizes, taus = report["config"]["decode"]["batch_sizes"], report["config"]["decode"]["taus"]
+    assert len(sizes) > 1 and len(report["decode"]) == 2 * (1 + len(taus)) * len(sizes)
+    assert [r["batch_size"] for r in report["decode"]] == [b for b in sizes for _ in range(2 * (1 + len(taus)))]
+    for b in sizes:
+        at_b = [r for r in report["decode"] if r["batch_size"] == b]
+        assert at_b[0]["method"] == "ar" and at_b[0]["speedup_vs_ar"] == 1.0
+        assert all(abs(r["speedup_vs_ar"] - r["tokens_per_s"] / at_b[0]["tokens_per_s"]) < 1e-9 for r in at_b)
     assert all(r["time_vs_unconstrained"] > 0 for r in report["decode"] if r["constrained"])
     # constrained decoding gives a valid ranking for every row of every model, trained or not, AR and block diffusion
     for stage in ("eval_ar", "eval_naive", "eval_cft", "eval_opd", "eval_rl"):
@@ -129,16 +136,18 @@ def test_override_values_are_parsed_before_anything_runs(tmp_path):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("cft: {learning_rate: fast, max_steps: 2.5, bf16: maybe}\nevaluate: {split: tst}\n"
-                   "decode: {taus: [0.9, x]}\ntargets: {speedup: quick}\n")
+                   "decode: {taus: [0.9, x], batch_sizes: [1, 0]}\ntargets: {speedup: quick}\n")
     with pytest.raises(UserError) as e:
         load_preset("smoke", str(bad))
     lines = str(e.value).splitlines()
-    assert lines[0] == f"{bad}: 6 problems:"
+    assert lines[0] == f"{bad}: 7 problems:"
     assert f"  {bad}: cft.learning_rate = 'fast': expected a number." in lines
     assert f"  {bad}: cft.max_steps = 2.5: expected an integer." in lines
     assert f"  {bad}: cft.bf16 = 'maybe': expected a boolean (true or false)." in lines
     assert f"  {bad}: evaluate.split = 'tst': expected one of train, valid, test." in lines
     assert any(line.startswith(f"  {bad}: decode.taus = [0.9, 'x']") for line in lines)
+    assert any(line.startswith(f"  {bad}: decode.batch_sizes = [1, 0]: expected a list of positive integers")
+               for line in lines)
     assert any(line.startswith(f"  {bad}: targets.speedup = 'quick'") for line in lines)
     # YAML reads 1e-3 as a string: the option's own parser accepts it, as the stage will
     (tmp_path / "ok.yaml").write_text("cft: {learning_rate: 1e-3, max_steps: 3, bf16: false}\n")

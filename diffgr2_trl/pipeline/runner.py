@@ -255,11 +255,13 @@ def stage_rl(ctx: Context, d: Path) -> dict:
 
 
 def _evaluate(ctx: Context, d: Path, model: str, decoder: str, tau: float | None = None, tag: str = "eval",
-              section: str = "evaluate", constrained: bool = False) -> dict:
+              section: str = "evaluate", constrained: bool = False, batch_size: int | None = None) -> dict:
     values = ctx.stage(section)
     for key in SECTIONS[section].pipeline_keys:  # read by the pipeline, not options of evaluate
         values.pop(key, None)
     values["constrained"] = constrained
+    if batch_size is not None:
+        values["batch_size"] = batch_size
     if tau is not None:
         values["tau"] = tau
     name = "args.yaml" if tag == "eval" else f"args_{tag}.yaml"  # the decode stage runs several evaluations
@@ -290,31 +292,42 @@ def stage_decode(ctx: Context, d: Path) -> dict:
     With ``constrained: true`` in the decode section every decoder also runs constrained, right after its
     unconstrained run on the same rows, so the overhead of the constraint is measured side by side too. With
     ``compiled_ar: true`` a compiled AR row (static cache + ``torch.compile``) joins, and every speedup is against the
-    faster of the two AR rows."""
+    faster of the two AR rows. ``batch_sizes`` (default: the section's ``batch_size`` alone) repeats every row at
+    each batch size on the same rows; speedups compare rows of one batch size."""
     taus = pipeline_key(ctx.preset, "decode", "taus")
+    sizes = pipeline_key(ctx.preset, "decode", "batch_sizes") or [None]
     both = [False, True] if ctx.stage("decode").get("constrained") else [False]
     rows = []
-    for constrained in both:
-        res = _evaluate(ctx, d, ctx.model("ar_rl"), "ar", tag="ar_constrained" if constrained else "ar",
-                        section="decode", constrained=constrained)
-        rows.append({"method": "ar", "tau": None, "constrained": constrained, **_speed_row(res)})
-    if pipeline_key(ctx.preset, "decode", "compiled_ar"):  # the fast AR baseline: static cache + torch.compile
-        res = _evaluate(ctx, d, ctx.model("ar_rl"), "ar_compiled", tag="ar_compiled", section="decode")
-        rows.append({"method": "ar_compiled", "tau": None, "constrained": False, **_speed_row(res)})
-    for tau in taus:
+    for size in sizes:
+        suffix = f"_b{size}" if len(sizes) > 1 else ""
+        batch = size if size is not None else ctx.stage("decode").get("batch_size")
+        here = []
         for constrained in both:
-            tag = f"tau{tau}_constrained" if constrained else f"tau{tau}"
-            res = _evaluate(ctx, d, ctx.model("rl"), "block", tau, tag=tag, section="decode", constrained=constrained)
-            rows.append({"method": "block_diffusion", "tau": tau, "constrained": constrained, **_speed_row(res)})
-    # A speedup is claimed against the faster AR row only (eager, or compiled when measured).
-    ar_tps = max((r["tokens_per_s"] or 0.0) for r in rows if r["method"].startswith("ar") and not r["constrained"])
-    for r in rows:
-        r["speedup_vs_ar"] = r["tokens_per_s"] / ar_tps if ar_tps else None
-        if r["constrained"]:  # decode time against the same decoder unconstrained, on the same rows
-            free = next(f for f in rows if not f["constrained"] and f["method"] == r["method"] and f["tau"] == r["tau"])
-            r["time_vs_unconstrained"] = r["decode_seconds"] / free["decode_seconds"] if free["decode_seconds"] else None
-            r["tokens_per_s_vs_unconstrained"] = (r["tokens_per_s"] / free["tokens_per_s"]
-                                                  if free["tokens_per_s"] else None)
+            res = _evaluate(ctx, d, ctx.model("ar_rl"), "ar", tag=("ar_constrained" if constrained else "ar") + suffix,
+                            section="decode", constrained=constrained, batch_size=size)
+            here.append({"method": "ar", "tau": None, "constrained": constrained, **_speed_row(res)})
+        if pipeline_key(ctx.preset, "decode", "compiled_ar"):  # the fast AR baseline: static cache + torch.compile
+            res = _evaluate(ctx, d, ctx.model("ar_rl"), "ar_compiled", tag="ar_compiled" + suffix, section="decode",
+                            batch_size=size)
+            here.append({"method": "ar_compiled", "tau": None, "constrained": False, **_speed_row(res)})
+        for tau in taus:
+            for constrained in both:
+                tag = (f"tau{tau}_constrained" if constrained else f"tau{tau}") + suffix
+                res = _evaluate(ctx, d, ctx.model("rl"), "block", tau, tag=tag, section="decode",
+                                constrained=constrained, batch_size=size)
+                here.append({"method": "block_diffusion", "tau": tau, "constrained": constrained, **_speed_row(res)})
+        # A speedup is claimed against the faster AR row of the same batch size only (eager, or compiled).
+        ar_tps = max((r["tokens_per_s"] or 0.0) for r in here if r["method"].startswith("ar") and not r["constrained"])
+        for r in here:
+            r["batch_size"] = batch
+            r["speedup_vs_ar"] = r["tokens_per_s"] / ar_tps if ar_tps else None
+            if r["constrained"]:  # decode time against the same decoder unconstrained, on the same rows
+                free = next(f for f in here if not f["constrained"] and f["method"] == r["method"] and f["tau"] == r["tau"])
+                r["time_vs_unconstrained"] = (r["decode_seconds"] / free["decode_seconds"]
+                                              if free["decode_seconds"] else None)
+                r["tokens_per_s_vs_unconstrained"] = (r["tokens_per_s"] / free["tokens_per_s"]
+                                                      if free["tokens_per_s"] else None)
+        rows += here
     return {"rows": rows}
 
 

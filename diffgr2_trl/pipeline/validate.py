@@ -118,12 +118,17 @@ def _bad_values(section: str, values: dict, describe) -> list[str]:
 
 
 def _check_pipeline_keys(section: str, values: dict) -> list[str]:
-    """The keys the pipeline reads itself: ``taus`` (a list of numbers in (0, 1]) and ``compiled_ar`` (a boolean)."""
+    """The keys the pipeline reads itself: ``taus`` (a list of numbers in (0, 1]), ``batch_sizes`` (a list of positive
+    integers) and ``compiled_ar`` (a boolean)."""
     problems = []
     taus = values.get("taus")
     if taus is not None and (not isinstance(taus, list) or not all(
             isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= 1 for t in taus)):
         problems.append(f"{section}.taus = {taus!r}: expected a list of numbers in (0, 1]")
+    sizes = values.get("batch_sizes")
+    if sizes is not None and (not isinstance(sizes, list) or not sizes or not all(
+            isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes)):
+        problems.append(f"{section}.batch_sizes = {sizes!r}: expected a list of positive integers")
     if "compiled_ar" in values and not isinstance(values["compiled_ar"], bool):
         problems.append(f"{section}.compiled_ar = {values['compiled_ar']!r}: expected a boolean (true or false)")
     return problems
