@@ -32,8 +32,12 @@ class BlockDecodingConfig:
     Parameters that control the parallel schedule:
 
         block_size (`int` or `None`, *optional*, defaults to `None`):
-            Decode with this block size instead of the one the model was converted with (experiments only: the model
-            was trained for its own block size).
+            Decode with this block size instead of the one the model was trained with. A smaller one decodes each
+            trained block in *sub-blocks*, left to right (Fast-dLLM v2's sub-blocks, without its stale cache of the
+            block's later positions): a step's forward covers only the active sub-block, and each finished sub-block
+            joins the exact KV cache as committed tokens. Where a forward costs what its query tokens cost (a CPU at
+            batch > 1) that is what makes block decoding faster than AR; the model sees fewer masked positions than
+            in training, so measure accuracy with it (``results/decode_bench.md``, ``scripts/measure_sub_blocks.py``).
         tau (`float`, *optional*, defaults to `0.9`):
             Confidence threshold in (0, 1]: each denoising step commits every masked position of the block whose
             confidence is at least ``tau``, plus the most confident one, so every step makes progress. Ignored when
@@ -54,7 +58,7 @@ class BlockDecodingConfig:
     tokens_per_step: int | None = field(default=None, metadata={"help": "Fixed commits per step (overrides tau)."})
     temperature: float = field(default=0.0, metadata={"help": "Sampling temperature (0 = greedy)."})
     top_k: int | None = field(default=None, metadata={"help": "Top-k filter when sampling (None or 0: off)."})
-    block_size: int | None = field(default=None, metadata={"help": "Decode-time block size (None: the model's)."})
+    block_size: int | None = field(default=None, metadata={"help": "Decode-time block size; smaller than the trained one: sub-blocks (None: the model's)."})
     stop_token_ids: list[int] | None = field(default=None, metadata={"help": "Extra stop token ids besides EOS."})
 
     def __post_init__(self) -> None:

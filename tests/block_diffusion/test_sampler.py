@@ -78,6 +78,32 @@ def test_batch_decodes_like_each_row_alone(word_tokenizer, mode):
         assert torch.equal(alone.step_map[0], batch.step_map[r])
 
 
+def test_sub_blocks_forward_only_the_active_sub_block(word_tokenizer):
+    """A block-8 model decoded with ``block_size=4`` (sub-blocks): after the prompt, every forward holds at most the
+    4 tokens just committed plus the 4-token active canvas (the full canvas: 8 + 8), sub-blocks commit left to right,
+    and the exact cache still equals the no-cache reference."""
+    model, tok = converted(word_tokenizer, block_size=8)
+    ids, am = left_pad(PROMPTS, tok.pad_token_id)
+    widths = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        full = BlockDiffusionSampler(model, eos_token_id=[]).generate(ids, am, max_completion_length=16,
+                                                                     tokens_per_step=2)
+        full_widths, widths[:] = widths[1:], []
+        sub = BlockDiffusionSampler(model, eos_token_id=[]).generate(ids, am, max_completion_length=16,
+                                                                    tokens_per_step=2, block_size=4)
+        sub_widths = widths[1:]
+    finally:
+        hook.remove()
+    assert max(full_widths) == 16 and max(sub_widths) == 8 and min(sub_widths) == 4
+    assert sub.forward_passes == full.forward_passes == 8
+    for r in range(len(PROMPTS)):  # sub-block j's commits start once sub-block j - 1 is done: step_map restarts at 0
+        assert all(sorted(sub.step_map[r, j:j + 4].tolist()) == [0, 0, 1, 1] for j in range(0, 16, 4))
+    ref = BlockDiffusionSampler(model, eos_token_id=[], use_cache=False).generate(
+        ids, am, max_completion_length=16, tokens_per_step=2, block_size=4)
+    assert torch.equal(sub.completion_ids, ref.completion_ids) and torch.equal(sub.step_map, ref.step_map)
+
+
 def test_never_hangs_and_fixed_schedule_counts(word_tokenizer):
     model, tok = converted(word_tokenizer, block_size=8)
     ids, am = left_pad(PROMPTS[:1], tok.pad_token_id)
