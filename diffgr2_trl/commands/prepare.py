@@ -47,6 +47,10 @@ class PrepareArguments:
         match_positions: subsample train so the pre-rank position of the target follows this split's histogram
             (``none`` keeps the raw split; see :func:`diffgr2_trl.rerank.pipeline_data.match_target_positions`).
         codebook_size: semantic-ID codes per level (small catalogues need fewer).
+        sid_last_level: how the last semantic-ID level resolves collisions: ``rank`` (the item's rank among the items
+            sharing the other levels: ``<d_0>`` for most items, rare ``<d_1>``, ``<d_2>``, ...) or ``random``
+            (distinct seeded codes spread over the codebook, so no last-level token is rare; a small model copies
+            them far better, see :mod:`diffgr2_trl.rerank.semantic_ids`).
         vocab_size: BPE size of the local tokenizer.
         overwrite: rebuild even if ``output_dir`` is complete.
         threads: torch intra-op CPU threads (0: torch's default), as in every subcommand.
@@ -82,6 +86,11 @@ class PrepareArguments:
         default=None, metadata={"help": "Mid-training task weights, e.g. front=0.5,repeat=0.15,drop=0.15,next=0.15."}
     )
     codebook_size: int = field(default=256, metadata={"help": "Semantic-ID tokens per level."})
+    sid_last_level: str = field(
+        default="rank",
+        metadata={"help": "Collision-resolving last SID level: rank (mostly <d_0>) or random (spread codes).",
+                  "choices": ["rank", "random"]},
+    )
     vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size of the local tokenizer."})
     seed: int = field(default=0, metadata={"help": "Seed (pre-rankers, semantic IDs, subsampling)."})
     overwrite: bool = field(default=False, metadata={"help": "Rebuild even if the output is complete."})
@@ -142,7 +151,7 @@ def run(args: PrepareArguments) -> dict[str, Any]:
     if prepared is None:  # the examples are the slow part (pre-rankers): reuse them when only the datasets are missing
         prepared = prepare_data(
             args.data_dir, args.output_dir, seed=args.seed, name=args.name, prerankers=prerankers, history_len=args.max_history,
-            codebook_size=args.codebook_size, train_rows=args.train_rows, progress=True, provenance=inputs,
+            codebook_size=args.codebook_size, sid_last_level=args.sid_last_level, train_rows=args.train_rows, progress=True, provenance=inputs,
             allow_truncated=args.allow_truncated,
         )
     summary = build_pipeline_data(

@@ -152,6 +152,7 @@ def prepare_data(
     history_len: int = 20,
     codebook_size: int = 256,
     n_residual_levels: int = 3,
+    sid_last_level: str = "rank",
     train_rows: str = "all_prefixes",
     progress: bool = True,
     provenance: dict | None = None,
@@ -170,6 +171,8 @@ def prepare_data(
         history_len: history items kept per example (most recent).
         codebook_size: semantic-ID tokens per level.
         n_residual_levels: residual k-means levels before the collision-resolving level.
+        sid_last_level: how that level resolves collisions, ``"rank"`` or ``"random"``
+            (:meth:`~diffgr2_trl.rerank.semantic_ids.SemanticIds.build`).
         train_rows: ``"all_prefixes"`` (every prefix of every user's training items, scored leave-one-out) or
             ``"last"`` (one row per user, its last training item).
         progress: tqdm bars for SASRec training.
@@ -246,6 +249,7 @@ def prepare_data(
         n_residual_levels=n_residual_levels,
         item_attributes=data.item_attributes,
         seed=seed,
+        last_level=sid_last_level,
     )
     lap("semantic_ids", t0)
     timings["total"] = round(time.perf_counter() - t_start, 1)

@@ -99,6 +99,26 @@ def test_ids_unique_invertible_and_formatted():
     assert sid.find_all(text) == [5, 7, None]
 
 
+def test_random_last_level_spreads_collision_codes_over_the_codebook():
+    """``last_level="random"``: the first three levels are the rank variant's; the last one gives a group's items
+    distinct seeded codes, so the IDs stay unique and invertible but most items no longer share ``<d_0>``."""
+    x = _emb()
+    items = list(range(1, 301))
+    rank = SemanticIds.build(x, items, codebook_size=16, seed=0)
+    rand = SemanticIds.build(x, items, codebook_size=16, seed=0, last_level="random")
+    assert all(rank.codes[i][:3] == rand.codes[i][:3] for i in items)
+    assert len({rand.encode(i) for i in items}) == len(items) and all(rand.decode(rand.encode(i)) == i for i in items)
+    last_rank = np.bincount([rank.codes[i][3] for i in items], minlength=16)
+    last_rand = np.bincount([rand.codes[i][3] for i in items], minlength=16)
+    assert last_rank[0] > 0.5 * len(items) and last_rand.max() < 0.25 * len(items)  # no dominant last-level token
+    again = SemanticIds.build(x, items, codebook_size=16, seed=0, last_level="random")
+    assert again.codes == rand.codes and rand.stats["last_level"] == "random"
+    dups = [1, *range(286, 301)]  # the 16 identical items: all 16 codes, in a seeded order
+    assert sorted(rand.codes[i][3] for i in dups) == list(range(16))
+    with pytest.raises(ValueError, match="last_level"):
+        SemanticIds.build(x, items, codebook_size=16, last_level="hash")
+
+
 def test_deterministic_and_save_load(tmp_path):
     x = _emb()
     items = list(range(1, 301))
