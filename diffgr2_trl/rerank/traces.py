@@ -47,6 +47,12 @@ class _Evidence:
         return (len(self.matches), -min((m[0] for m in self.matches), default=10**9))
 
 
+def _by_evidence(evidence: dict[str, _Evidence]):
+    """Sort key of the offline writer's preference: more matching history items, the most recent match, then the
+    earlier pre-rank position."""
+    return lambda sid: (evidence[sid].strength, -evidence[sid].position)
+
+
 def _ago(steps: int) -> str:
     return "last" if steps == 0 else f"{steps + 1} back"
 
@@ -111,7 +117,7 @@ def offline_explanation(
 
     others = sorted(
         (sid for sid, ev in evidence.items() if sid != top and ev.matches),
-        key=lambda s: (evidence[s].strength, -evidence[s].position),
+        key=_by_evidence(evidence),
         reverse=True,
     )[:max_cited]
     n_none = sum(1 for ev in evidence.values() if not ev.matches)
@@ -161,7 +167,7 @@ def supported_ranking(history: Sequence[ItemText], candidates: Sequence[ItemText
     if target not in order:
         raise ValueError(f"Target {target!r} is not among the candidates.")
     evidence = _evidence(history, candidates)
-    best = max(order, key=lambda s: (evidence[s].strength, -evidence[s].position))
+    best = max(order, key=_by_evidence(evidence))
     return target_ranking(order, target) if best == target else order
 
 
