@@ -14,18 +14,21 @@ import argparse
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
+from diffgr2_trl.rerank.candidates import read_jsonl
+from diffgr2_trl.rerank.semantic_ids import SemanticIds
+
+# the raw list, also when it is not a permutation (parse_ranking returns a ranking only for valid outputs)
 _RECS = re.compile(r'"recommendations": \[(.*?)\]')
 _TOKENS = re.compile(r"<(\w)_(\d+)>")
 
 
-def _sid(codes: dict[str, list[int]], item: int) -> str:
-    return "".join(f"<{level}_{code}>" for level, code in zip("abcd", codes[str(item)]))
+def copy_errors(rows: list[dict], outputs: list[dict], encode: Callable[[int], str]) -> dict:
+    """Counts for one evaluation: first-wrong-ID levels and slots, and miscopy rates by true last level.
 
-
-def copy_errors(rows: list[dict], outputs: list[dict], codes: dict[str, list[int]]) -> dict:
-    """Counts for one evaluation: first-wrong-ID levels and slots, and miscopy rates by true last level."""
+    ``encode`` maps an item id to its SID string (:meth:`SemanticIds.encode`)."""
     if len(outputs) > len(rows):
         raise SystemExit(f"{len(outputs)} outputs but only {len(rows)} rows in the split: wrong --split?")
     levels: Counter[str] = Counter()
@@ -37,7 +40,7 @@ def copy_errors(rows: list[dict], outputs: list[dict], codes: dict[str, list[int
         match = _RECS.search(out["completion"])
         if not match:
             continue
-        cands = [_sid(codes, c) for c in row["candidates"]]
+        cands = [encode(c) for c in row["candidates"]]
         recs = re.findall(r'"([^"]*)"', match.group(1))
         first_wrong = None
         for slot, (got, want) in enumerate(zip(recs, cands)):
@@ -62,10 +65,10 @@ def main() -> None:
     parser.add_argument("--data_dir", type=Path, required=True, help="the prepared data the outputs were decoded on")
     parser.add_argument("--split", default="test")
     args = parser.parse_args()
-    codes = json.loads((args.data_dir / "semantic_ids.json").read_text())["codes"]
-    rows = [json.loads(line) for line in (args.data_dir / f"{args.split}.jsonl").open()]
+    sids = SemanticIds.load(args.data_dir / "semantic_ids.json")
+    rows = read_jsonl(args.data_dir / f"{args.split}.jsonl")
     for path in args.outputs:
-        print(path, json.dumps(copy_errors(rows, json.loads(path.read_text()), codes)))
+        print(path, json.dumps(copy_errors(rows, json.loads(path.read_text()), sids.encode)))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,12 @@ _SPEC = importlib.util.spec_from_file_location("copy_errors", Path(__file__).par
 copy_errors_module = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(copy_errors_module)
 
-CODES = {"1": [1, 2, 3, 0], "2": [4, 5, 6, 0], "3": [7, 8, 9, 1]}
+CODES = {1: [1, 2, 3, 0], 2: [4, 5, 6, 0], 3: [7, 8, 9, 1]}
+
+
+def encode(item: int) -> str:
+    return "".join(f"<{level}_{code}>" for level, code in zip("abcd", CODES[item]))
+
 ROWS = [{"user_id": 10, "candidates": [1, 2, 3]}, {"user_id": 11, "candidates": [3, 1, 2]}]
 
 
@@ -26,7 +31,7 @@ def test_counts_first_wrong_level_slot_and_last_level_rates():
         # slot 0 (true last level 1) written with <d_0>: a last-level miscopy; later slots wrong too
         _output(11, ["<a_7><b_8><c_9><d_0>", "<a_1><b_2><c_3><d_0>", "<a_1><b_1><c_1><d_1>"], "out_of_set_id"),
     ]
-    counts = copy_errors_module.copy_errors(ROWS, outputs, CODES)
+    counts = copy_errors_module.copy_errors(ROWS, outputs, encode)
     assert counts["first_wrong_id_levels"] == {"c": 1, "d": 1}
     assert counts["first_wrong_id_slots"] == {0: 1, 1: 1}
     # 6 slots: true last level 0 in 4 (2 miscopied), 1 in 2 (1 miscopied)
@@ -36,11 +41,11 @@ def test_counts_first_wrong_level_slot_and_last_level_rates():
 def test_valid_and_unparseable_outputs_count_no_first_wrong_id():
     outputs = [_output(10, ["<a_1><b_2><c_3><d_0>", "<a_4><b_5><c_6><d_0>", "<a_7><b_8><c_9><d_1>"], None),
                {"user_id": 11, "completion": "no json here", "error": "unparseable"}]
-    counts = copy_errors_module.copy_errors(ROWS, outputs, CODES)
+    counts = copy_errors_module.copy_errors(ROWS, outputs, encode)
     assert counts["first_wrong_id_levels"] == {}
     assert counts["miscopied_by_true_last_level"] == {"d_0": [0, 2], "d_>0": [0, 1]}
 
 
 def test_outputs_from_another_split_are_refused():
     with pytest.raises(SystemExit, match="user 11 sits beside row of user 10"):
-        copy_errors_module.copy_errors(ROWS, [_output(11, [], "out_of_set_id")], CODES)
+        copy_errors_module.copy_errors(ROWS, [_output(11, [], "out_of_set_id")], encode)
