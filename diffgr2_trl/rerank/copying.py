@@ -148,13 +148,22 @@ def _pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     return torch.tensor([list(s) + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
 
 
+def _right_padded(attention: torch.Tensor) -> bool:
+    """Is every row's mask ones then zeros (pads only at the end)?"""
+    return bool((attention.cummin(dim=-1).values == attention).all())
+
+
 def _completion_loss(model, ids: torch.Tensor, attention: torch.Tensor, targets: torch.Tensor,
                      reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy (mean, or ``sum``) over positions whose next token is a completion token (``targets`` != -100).
 
-    The decoder runs once; the output layer is applied to those positions only.
+    The decoder runs once; the output layer is applied to those positions only. A right-padded batch runs without
+    its padding mask: under causal attention no real token sees a later pad, so the loss is the same, and the
+    attention kernel then takes its causal fast path with no mask to build (1.2-1.4x faster steps of the cpu
+    preset's mix, ``results/copy_learning.md``).
     """
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+    mask = None if _right_padded(attention) else attention
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     keep = targets != -100
     logits = model.get_output_embeddings()(hidden[keep])
     return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)

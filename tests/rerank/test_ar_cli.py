@@ -283,6 +283,14 @@ def test_completion_loss_equals_full_logits_cross_entropy(prepared):
     torch.testing.assert_close(split, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_only_right_padded_batches_drop_their_mask():
+    from diffgr2_trl.rerank.copying import _right_padded
+
+    assert _right_padded(torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]]))
+    assert not _right_padded(torch.tensor([[1, 1, 1], [0, 1, 1]]))  # left padding needs its mask
+    assert not _right_padded(torch.tensor([[1, 0, 1]]))
+
+
 def test_learning_rate_schedule():
     from diffgr2_trl.rerank.copying import CopyRecipe, lr_at
 
