@@ -2,10 +2,13 @@
 
     diffgr2 bench-copy --dataset_name runs/cpu/prepare/data --output_dir runs/copy/id-line \\
         [--shape mini] [--id_line] [--mix front=1] [--batch_size 32] [--learning_rate 3e-3] \\
-        [--schedule cosine --max_steps 1300] [--eval_steps 100] [--threads 2] [--compare runs/copy/base/curve.json]
+        [--schedule cosine --max_steps 1300] [--eval_steps 100] [--eval_rerank_rows 64] [--threads 2] \\
+        [--compare runs/copy/base/curve.json]
 
 Trains on fresh SID mid-training lists every step (:mod:`diffgr2_trl.rerank.copying`) and, every ``--eval_steps``, scores
-one fixed held-out set of ``front`` lists (teacher-forced exact answers, greedy-decode validity). Writes
+one fixed held-out set of ``front`` lists (teacher-forced exact answers, greedy-decode validity) and, with
+``--eval_rerank_rows N``, the first N re-ranking rows of the prepared valid split the same way (``rerank_*``: what the
+teacher must do; bare lists stop tracking it once re-ranking rows join the mix). Writes
 ``output_dir/curve.json`` after every point (an interrupted run keeps its curve) and ``output_dir/curve.png``
 (held-out exact and valid against lists seen and training minutes; ``--compare`` overlays other runs' curves).
 Time only on a quiet machine: the load average at the start is recorded, and a warning printed when it is high.
@@ -32,10 +35,11 @@ class BenchCopyArguments:
         output_dir: where ``curve.json`` and ``curve.png`` go.
         arch / shape: the model built from a config with the prepared tokenizer
             (:data:`diffgr2_trl.modeling.MODEL_SHAPES`).
-        id_line / mix / batch_size / learning_rate / beta1 / beta2 / weight_decay / clip / warmup_steps / schedule /
+        id_line / mix / mix_end / batch_size / learning_rate / beta1 / beta2 / weight_decay / clip / warmup_steps / schedule /
             min_lr_ratio / max_steps: the recipe (:class:`diffgr2_trl.rerank.copying.CopyRecipe`).
         eval_steps: steps between held-out evaluations.
         eval_lists: held-out ``front`` lists (the same lists for every recipe with the same seed).
+        eval_rerank_rows: held-out re-ranking rows (the first rows of the prepared valid split; 0: none).
         n_candidates: candidates per list.
         max_minutes: stop after this much training time (evaluations excluded); 0: no limit.
         stop_at_exact: stop once held-out exact reaches this share; 0: never.
@@ -49,7 +53,9 @@ class BenchCopyArguments:
     arch: str = field(default="qwen3", metadata={"help": "Architecture of the config-built model."})
     shape: str = field(default="mini", metadata={"help": "Model shape (tiny, mini, small, base, ...)."})
     id_line: bool = field(default=False, metadata={"help": "End list prompts with the IDs as the answer writes them."})
-    mix: str | None = field(default=None, metadata={"help": "Task weights, e.g. front=1 (None: prepare's mix)."})
+    mix: str | None = field(default=None, metadata={"help": "Task weights, e.g. front=1 (None: the default mix)."})
+    mix_end: str | None = field(
+        default=None, metadata={"help": "Task weights at the last step: a linear curriculum from --mix (None: none)."})
     batch_size: int = field(default=32, metadata={"help": "Fresh lists per step."})
     learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate (AdamW)."})
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
@@ -62,6 +68,7 @@ class BenchCopyArguments:
     max_steps: int = field(default=1300, metadata={"help": "Training steps (and the cosine horizon)."})
     eval_steps: int = field(default=100, metadata={"help": "Steps between held-out evaluations."})
     eval_lists: int = field(default=64, metadata={"help": "Held-out front lists."})
+    eval_rerank_rows: int = field(default=0, metadata={"help": "Held-out re-ranking rows of the valid split (0: none)."})
     n_candidates: int = field(default=10, metadata={"help": "Candidates per list."})
     max_minutes: float = field(default=0.0, metadata={"help": "Stop after this many training minutes (0: no limit)."})
     stop_at_exact: float = field(default=0.0, metadata={"help": "Stop once held-out exact reaches this (0: never)."})
@@ -92,10 +99,16 @@ def _check(args: BenchCopyArguments) -> None:
     for name in ("eval_steps", "eval_lists", "batch_size", "max_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.eval_rerank_rows < 0:
+        raise UserError(f"--eval_rerank_rows must be >= 0, got {args.eval_rerank_rows}.")
+    if args.eval_rerank_rows and not (Path(args.dataset_name) / "datasets" / "valid").is_dir():
+        raise UserError(f"--eval_rerank_rows {args.eval_rerank_rows}: {args.dataset_name} has no prepared valid split "
+                        "(datasets/valid); re-run `diffgr2 prepare` or pass --eval_rerank_rows 0.")
 
 
 def plot_curves(curves: Mapping[str, list[dict]], path: str | os.PathLike) -> None:
-    """Held-out exact (solid) and valid (dashed) against lists seen and training minutes, one colour per run."""
+    """Held-out exact (solid) and valid (dashed) against lists seen and training minutes, one colour per run; the
+    re-ranking rows' exact and valid (square markers, dotted) where a run scored them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,9 +121,14 @@ def plot_curves(curves: Mapping[str, list[dict]], path: str | os.PathLike) -> No
             xs = [p[x] for p in points]
             ax.plot(xs, [p["exact"] for p in points], "-o", ms=3, color=colour, label=f"{label} exact")
             ax.plot(xs, [p["valid"] for p in points], "--", color=colour, alpha=0.6, label=f"{label} valid")
+            if any("rerank_exact" in p for p in points):
+                ax.plot(xs, [p.get("rerank_exact") for p in points], "-s", ms=3, color=colour, alpha=0.8,
+                        label=f"{label} re-ranking exact")
+                ax.plot(xs, [p.get("rerank_valid") for p in points], ":", color=colour, alpha=0.8,
+                        label=f"{label} re-ranking valid")
     axes[0].set_xlabel("lists seen")
     axes[1].set_xlabel("training minutes")
-    axes[0].set_ylabel("held-out front lists")
+    axes[0].set_ylabel("held-out share (front lists; re-ranking rows)")
     for ax in axes:
         ax.axhline(0.9, color="grey", lw=0.5)
         ax.grid(alpha=0.3)
@@ -130,14 +148,21 @@ def run(args: BenchCopyArguments) -> dict:
     from ..errors import UserError
     from ..modeling import build_model
     from ..rerank.candidates import load_train_sequences
-    from ..rerank.copying import CopyRecipe, first_reaching, make_heldout, rerank_rows_for, train_copying
+    from ..rerank.copying import (
+        CopyRecipe,
+        first_reaching,
+        make_heldout,
+        make_rerank_heldout,
+        rerank_rows_for,
+        train_copying,
+    )
     from ..rerank.pipeline_data import load_tokenizer
     from ..rerank.semantic_ids import SemanticIds
     from ..utils import atomic_write_text, set_threads
 
     set_threads(args.threads)
     try:
-        recipe = CopyRecipe(id_line=args.id_line, mix=args.mix, batch_size=args.batch_size,
+        recipe = CopyRecipe(id_line=args.id_line, mix=args.mix, mix_end=args.mix_end, batch_size=args.batch_size,
                             learning_rate=args.learning_rate, betas=(args.beta1, args.beta2),
                             weight_decay=args.weight_decay, clip=args.clip, warmup_steps=args.warmup_steps,
                             schedule=args.schedule, min_lr_ratio=args.min_lr_ratio, max_steps=args.max_steps)
@@ -157,12 +182,14 @@ def run(args: BenchCopyArguments) -> dict:
                         seed=args.seed)
     heldout = make_heldout(sequences, sids, tokenizer, n=args.eval_lists, seed=args.seed, id_line=args.id_line,
                            n_candidates=args.n_candidates)
+    rerank_heldout = (make_rerank_heldout(args.dataset_name, tokenizer, n=args.eval_rerank_rows)
+                      if args.eval_rerank_rows else None)
     label = args.label or out.name
     result: dict[str, Any] = {
         "label": label, "dataset": str(args.dataset_name), "arch": args.arch, "shape": args.shape,
         "params": sum(p.numel() for p in model.parameters()), "recipe": asdict(recipe),
         "threads": torch.get_num_threads(), "load_average_at_start": round(load, 2), "seed": args.seed,
-        "eval_lists": args.eval_lists, "points": [],
+        "eval_lists": args.eval_lists, "eval_rerank_rows": args.eval_rerank_rows, "points": [],
     }
 
     def on_point(p: dict) -> None:
@@ -171,6 +198,8 @@ def run(args: BenchCopyArguments) -> dict:
         loss = "-" if p["loss"] is None else f"{p['loss']:.3f}"
         print(f"step {p['step']:5d} | lists {p['lists']:6d} | {p['train_minutes']:6.2f} min | loss {loss} | exact "
               f"{p['exact']:.3f} valid {p['valid']:.3f} correct {p['correct']:.3f}"
+              + ("" if "rerank_exact" not in p else
+                 f" | re-ranking exact {p['rerank_exact']:.3f} valid {p['rerank_valid']:.3f}")
               + ("" if p["s_per_step"] is None else f" | {p['s_per_step']:.3f} s/step {p['tokens_per_s']:.0f} tok/s"),
               flush=True)
 
@@ -181,10 +210,11 @@ def run(args: BenchCopyArguments) -> dict:
     train_copying(model, tokenizer, sequences, sids, recipe, heldout, eval_steps=args.eval_steps, seed=args.seed,
                   n_candidates=args.n_candidates, max_minutes=args.max_minutes or None,
                   stop_at_exact=args.stop_at_exact or None, on_point=on_point, progress=False,
-                  rerank_rows=rerank_rows_for(args.mix, args.dataset_name))
+                  rerank_rows=rerank_rows_for(recipe, args.dataset_name), rerank_heldout=rerank_heldout)
     points = result["points"]
     result["reached"] = {f"{key}>={level}": first_reaching(points, key, level)
-                         for key in ("exact", "valid") for level in (0.5, 0.9, 0.95)}
+                         for key in ("exact", "valid", "rerank_exact", "rerank_valid") for level in (0.5, 0.9, 0.95)
+                 if key in points[-1]}
     timed = [p for p in points if p["s_per_step"] is not None]
     result["s_per_step"] = sum(p["s_per_step"] for p in timed) / len(timed) if timed else None
     atomic_write_text(out / "curve.json", json.dumps(result, indent=1))
@@ -194,7 +224,9 @@ def run(args: BenchCopyArguments) -> dict:
         curves[other.get("label", Path(path).parent.name)] = other["points"]
     plot_curves(curves, out / "curve.png")
     hit = result["reached"]["exact>=0.9"]
-    print(f"bench-copy: {label}: final exact {points[-1]['exact']:.3f} valid {points[-1]['valid']:.3f}; 90% exact "
+    rerank = ("" if rerank_heldout is None else f", re-ranking exact {points[-1]['rerank_exact']:.3f} valid "
+              f"{points[-1]['rerank_valid']:.3f}")
+    print(f"bench-copy: {label}: final exact {points[-1]['exact']:.3f} valid {points[-1]['valid']:.3f}{rerank}; 90% exact "
           + ("not reached" if hit is None else f"at {hit['lists']} lists, {hit['train_minutes']:.1f} min")
           + f" | {out / 'curve.json'}")
     return result

@@ -54,8 +54,9 @@ class ARTrainArguments:
             sequences, trained by the copy-learning loop of :mod:`diffgr2_trl.rerank.copying`: no list repeats, the output
             layer runs on completion positions only, ~3x fewer seconds per list than SFTTrainer at CPU scale) or
             ``prepared`` (the ``mid`` split that ``prepare --mid_rows`` wrote, with TRL's SFTTrainer).
-        mid_*: mid-training steps, batch size (lists per step), learning rate, sequence cap (``prepared``), task mix,
-            warm-up, schedule (``cosine`` decays to ``mid_min_lr_ratio`` of the peak), held-out ``front`` lists scored
+        mid_*: mid-training steps, batch size (lists per step), learning rate, sequence cap (``prepared``), task mix
+            (and ``mid_mix_end``, the mix at the last step: a linear curriculum, ``fresh`` only), warm-up, schedule
+            (``cosine`` decays to ``mid_min_lr_ratio`` of the peak), held-out ``front`` lists scored
             at the end (``fresh``; 0: none).
         sft_*: SFT epochs / max steps (> 0 overrides epochs), batch size, gradient accumulation, learning rate,
             number of train rows used.
@@ -92,6 +93,8 @@ class ARTrainArguments:
     mid_max_length: int = field(default=400, metadata={"help": "Mid-training sequence cap (tokens, prepared source)."})
     mid_source: str = field(default="fresh", metadata={"help": "fresh (new lists every step) or prepared (mid split)."})
     mid_mix: str | None = field(default=None, metadata={"help": "Mid-training task weights (fresh source)."})
+    mid_mix_end: str | None = field(
+        default=None, metadata={"help": "Mid-training task weights at the last step: a linear curriculum from mid_mix."})
     mid_warmup_steps: int = field(default=50, metadata={"help": "Mid-training warm-up steps (fresh source)."})
     mid_schedule: str = field(default="cosine", metadata={"help": "Mid-training LR schedule: cosine or constant."})
     mid_min_lr_ratio: float = field(default=0.02, metadata={"help": "Cosine floor as a share of the peak LR."})
@@ -289,7 +292,7 @@ def run_mid(args: ARTrainArguments, model, tokenizer, output_dir: str) -> dict[s
     n_candidates = int(json.loads(prerank.read_text()).get("n_candidates", 10)) if prerank.is_file() else 10
     sids = SemanticIds.load(Path(args.dataset_name) / "semantic_ids.json")
     sequences = load_train_sequences(args.dataset_name)
-    recipe = CopyRecipe(id_line=id_line, mix=args.mid_mix, batch_size=args.mid_batch_size,
+    recipe = CopyRecipe(id_line=id_line, mix=args.mid_mix, mix_end=args.mid_mix_end, batch_size=args.mid_batch_size,
                         learning_rate=args.mid_learning_rate, warmup_steps=min(args.mid_warmup_steps, args.mid_max_steps),
                         schedule=args.mid_schedule, min_lr_ratio=args.mid_min_lr_ratio, max_steps=args.mid_max_steps)
     heldout = (make_heldout(sequences, sids, tokenizer, n=args.mid_eval_lists, seed=args.seed, id_line=id_line,
@@ -299,7 +302,7 @@ def run_mid(args: ARTrainArguments, model, tokenizer, output_dir: str) -> dict[s
     with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
         points = train_copying(model, tokenizer, sequences, sids, recipe, heldout, eval_steps=args.mid_max_steps,
                                seed=args.seed, n_candidates=n_candidates, evaluate_first=False, progress=False,
-                               log_steps=args.logging_steps, rerank_rows=rerank_rows_for(args.mid_mix, args.dataset_name))
+                               log_steps=args.logging_steps, rerank_rows=rerank_rows_for(recipe, args.dataset_name))
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     last = points[-1] if points else {}

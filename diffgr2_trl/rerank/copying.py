@@ -17,6 +17,11 @@ Held-out metrics (``front`` task: move a named candidate to the front, keep the 
   teacher forcing;
 - ``valid``: share of greedy decodes that parse as a permutation of the candidates;
 - ``correct``: share of greedy decodes whose ranking is the expected one.
+
+The same three on held-out *re-ranking* rows (the prepared valid split: full prompt, the model's own explanation in
+the greedy decode) are ``rerank_exact`` / ``rerank_valid`` / ``rerank_correct``: bare lists stop tracking what the
+teacher must do once re-ranking rows join the mix (their skill can fall while re-ranking validity rises), so a lever
+is judged on these.
 """
 
 from __future__ import annotations
@@ -31,14 +36,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .midtrain import build_midtraining_rows
+from .midtrain import build_midtraining_rows, parse_task_mix
 from .parsing import parse_ranking
 from .prompts import RECOMMENDATIONS_OPEN, SID_RE
 from .semantic_ids import SemanticIds
 from .tokenizer import encode_prompt_completion
 
-__all__ = ["CopyRecipe", "HeldOut", "evaluate_copying", "first_reaching", "greedy_answers", "lr_at", "make_heldout",
-           "rerank_rows_for", "teacher_forced_exact", "train_copying"]
+__all__ = ["CopyRecipe", "HeldOut", "evaluate_copying", "first_reaching", "greedy_answers", "heldout_from_rows", "lr_at",
+           "make_heldout", "make_rerank_heldout", "mix_at", "rerank_rows_for", "teacher_forced_exact", "train_copying"]
 
 # Held-out lists are drawn with this seed offset, far from any training step's seed (seed + step).
 _HELDOUT_SEED = 10**7
@@ -53,6 +58,10 @@ class CopyRecipe:
     Parameters:
         id_line: end list prompts with the candidate IDs as the answer writes them (``IDs: ["<sid>", ...]``).
         mix: task weights (:func:`~diffgr2_trl.rerank.midtrain.parse_task_mix`; ``None``: the default mix).
+        mix_end: a curriculum: the task weights at the last step; each step's weights move linearly from ``mix`` to
+            these (``None``: ``mix`` throughout). Lists drive the copy phase change at a quarter of a re-ranking
+            row's cost, and re-ranking rows carry the copy into the full prompt; this schedules the one before the
+            other (``results/copy_learning.md``).
         batch_size: fresh lists per step.
         learning_rate / betas / weight_decay / clip: AdamW and gradient-norm clipping.
         warmup_steps: linear warm-up from 0.
@@ -62,6 +71,7 @@ class CopyRecipe:
 
     id_line: bool = False
     mix: str | None = None
+    mix_end: str | None = None
     batch_size: int = 32
     learning_rate: float = 3e-3
     betas: tuple[float, float] = (0.9, 0.95)
@@ -80,6 +90,25 @@ class CopyRecipe:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
+        parse_task_mix(self.mix)  # a bad mix fails here, not at the first step
+        if self.mix_end is not None:
+            parse_task_mix(self.mix_end)
+
+    @property
+    def tasks(self) -> set[str]:
+        """Every task some step of the recipe draws from."""
+        return set(parse_task_mix(self.mix)) | (set(parse_task_mix(self.mix_end)) if self.mix_end is not None else set())
+
+
+def mix_at(step: int, recipe: CopyRecipe) -> dict[str, float]:
+    """The task weights of step ``step`` (0-based): ``recipe.mix``, moved linearly towards ``recipe.mix_end``."""
+    start = parse_task_mix(recipe.mix)
+    if recipe.mix_end is None:
+        return start
+    end = parse_task_mix(recipe.mix_end)
+    f = min(1.0, step / max(1, recipe.max_steps - 1))
+    mixed = {t: (1 - f) * start.get(t, 0.0) + f * end.get(t, 0.0) for t in sorted(set(start) | set(end))}
+    return {t: w for t, w in mixed.items() if w > 0}
 
 
 def lr_at(step: int, recipe: CopyRecipe) -> float:
@@ -110,11 +139,11 @@ def _answer_of(completion: str) -> list[str]:
     return SID_RE.findall(completion.split(RECOMMENDATIONS_OPEN, 1)[1])
 
 
-def make_heldout(train_sequences: Mapping[int, Sequence[int]], sids: SemanticIds, tokenizer, n: int = 64,
-                 seed: int = 0, id_line: bool = False, n_candidates: int = 10) -> HeldOut:
-    """``n`` seeded ``front`` lists, the same items and order for every recipe (the ID line only adds a line)."""
-    rows = build_midtraining_rows(train_sequences, sids, n, n_candidates=n_candidates, mix="front=1",
-                                  seed=seed + _HELDOUT_SEED, with_id_line=id_line)
+def heldout_from_rows(rows: Sequence[Mapping[str, Any]], tokenizer) -> HeldOut:
+    """A :class:`HeldOut` from ``{"prompt", "completion"}`` rows whose completion ends in the answer template.
+
+    The candidates are the IDs of the completion's answer (a valid permutation of the row's candidates).
+    """
     ids, masks = encode_prompt_completion([r["prompt"] for r in rows], [r["completion"] for r in rows], tokenizer)
     opener = tokenizer.convert_tokens_to_ids(RECOMMENDATIONS_OPEN)
     prompt_lengths = [m.index(1) for m in masks]
@@ -128,13 +157,32 @@ def make_heldout(train_sequences: Mapping[int, Sequence[int]], sids: SemanticIds
     return HeldOut(ids, prompt_lengths, starts, [sorted(e) for e in expected], expected, [r["prompt"] for r in rows])
 
 
-def rerank_rows_for(mix: str | Mapping[str, float] | None, prepared_dir) -> list[dict[str, str]] | None:
-    """The prepared train split's ``{"prompt", "completion"}`` rows when ``mix`` has a ``rerank`` or ``promote`` task,
-    else None."""
-    from .midtrain import parse_task_mix
+def make_heldout(train_sequences: Mapping[int, Sequence[int]], sids: SemanticIds, tokenizer, n: int = 64,
+                 seed: int = 0, id_line: bool = False, n_candidates: int = 10) -> HeldOut:
+    """``n`` seeded ``front`` lists, the same items and order for every recipe (the ID line only adds a line)."""
+    rows = build_midtraining_rows(train_sequences, sids, n, n_candidates=n_candidates, mix="front=1",
+                                  seed=seed + _HELDOUT_SEED, with_id_line=id_line)
+    return heldout_from_rows(rows, tokenizer)
+
+
+def make_rerank_heldout(prepared_dir, tokenizer, n: int = 64, split: str = "valid") -> HeldOut:
+    """The first ``n`` rows of a prepared split (the valid split by default: never trained on, never the test rows)."""
     from .pipeline_data import load_split
 
-    if not {"rerank", "promote"} & set(parse_task_mix(mix)):
+    ds = load_split(prepared_dir, split)
+    if len(ds) == 0:
+        raise ValueError(f"the prepared {split!r} split of {prepared_dir} is empty; nothing to hold out.")
+    return heldout_from_rows(ds.select(range(min(n, len(ds)))).select_columns(["prompt", "completion"]).to_list(),
+                             tokenizer)
+
+
+def rerank_rows_for(mix: str | Mapping[str, float] | CopyRecipe | None, prepared_dir) -> list[dict[str, str]] | None:
+    """The prepared train split's ``{"prompt", "completion"}`` rows when ``mix`` (a task mix, or a recipe: any step of
+    its curriculum) has a ``rerank`` or ``promote`` task, else None."""
+    from .pipeline_data import load_split
+
+    tasks = mix.tasks if isinstance(mix, CopyRecipe) else set(parse_task_mix(mix))
+    if not {"rerank", "promote"} & tasks:
         return None
     return load_split(prepared_dir, "train").select_columns(["prompt", "completion"]).to_list()
 
@@ -250,6 +298,7 @@ def train_copying(
     evaluate_first: bool = True,
     log_steps: int = 0,
     rerank_rows: Sequence[Mapping[str, Any]] | None = None,
+    rerank_heldout: HeldOut | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` on fresh lists with ``recipe``; return the curve (a point at step 0 and every ``eval_steps``).
 
@@ -261,9 +310,10 @@ def train_copying(
     Stops at ``recipe.max_steps``, after ``max_minutes`` of training time, or once held-out exact reaches
     ``stop_at_exact``. ``evaluate_first=False`` skips the step-0 point (a training run that only needs the last one);
     ``heldout=None`` makes points without held-out metrics; ``log_steps > 0`` prints the training loss that often.
-    ``rerank_rows`` feed a ``rerank`` or ``promote`` task in ``recipe.mix``; such rows (~4x longer than a list) are
+    ``rerank_rows`` feed a ``rerank`` or ``promote`` task in the recipe's mix; such rows (~4x longer than a list) are
     padded and run apart from the short rows in the same step, the loss being the mean over all completion tokens of
-    the step.
+    the step. ``rerank_heldout`` (:func:`make_rerank_heldout`) adds ``rerank_exact`` / ``rerank_valid`` /
+    ``rerank_correct`` to every point.
     The model may sit on any device; batches follow it.
     """
     from tqdm.auto import tqdm
@@ -287,7 +337,9 @@ def train_copying(
              "s_per_step": window["seconds"] / steps if window["steps"] else None,
              "lists_per_s": recipe.batch_size * window["steps"] / window["seconds"] if window["seconds"] else None,
              "tokens_per_s": window["tokens"] / window["seconds"] if window["seconds"] else None,
-             **(evaluate_copying(model, tokenizer, heldout) if heldout is not None else {})}
+             **(evaluate_copying(model, tokenizer, heldout) if heldout is not None else {}),
+             **({f"rerank_{k}": v for k, v in evaluate_copying(model, tokenizer, rerank_heldout, 32).items()}
+                if rerank_heldout is not None else {})}
         window.update(loss=0.0, steps=0, seconds=0.0, tokens=0)
         points.append(p)
         if on_point is not None:
@@ -301,7 +353,7 @@ def train_copying(
     bar = tqdm(range(recipe.max_steps), desc="copy", disable=not progress, mininterval=5)
     for step in bar:
         rows = build_midtraining_rows(train_sequences, sids, recipe.batch_size, n_candidates=n_candidates,
-                                      mix=recipe.mix, seed=seed + step, with_id_line=recipe.id_line,
+                                      mix=mix_at(step, recipe), seed=seed + step, with_id_line=recipe.id_line,
                                       rerank_rows=rerank_rows)
         t0 = time.perf_counter()
         for group in opt.param_groups:

@@ -97,7 +97,7 @@ def test_train_ar_sft_rl_then_evaluate(prepared, tmp_path):
     out = tmp_path / "model"
     argv = ["train-ar", "--dataset_name", str(prepared), "--output_dir", str(out), "--stage", "all", "--preset", "cpu",
             "--shape", "tiny", "--threads", "0", "--mid_max_steps", "2", "--mid_batch_size", "4", "--mid_eval_lists", "4",
-            "--sft_max_steps", "4", "--sft_batch_size", "4", "--rl_max_steps", "1",
+            "--mid_mix", "front=1", "--mid_mix_end", "front=1,rerank=1", "--sft_max_steps", "4", "--sft_batch_size", "4", "--rl_max_steps", "1",
             "--rl_prompts_per_step", "2", "--rl_num_generations", "2", "--rl_max_completion_length", "16",
             "--logging_steps", "1"]
     assert main(argv) == 0
@@ -263,6 +263,28 @@ def test_teacher_forced_exact_counts_every_answer_token(prepared):
     assert got == [True] * 6
 
 
+def test_rerank_heldout_scores_the_answer_of_valid_rows(prepared):
+    """Held-out re-ranking rows: the first rows of the valid split, the answer's IDs as the expected ranking, and
+    teacher-forced exact judged on the answer only (the explanation is the model's own business)."""
+    from diffgr2_trl.rerank.copying import make_rerank_heldout, teacher_forced_exact
+    from diffgr2_trl.rerank.pipeline_data import load_split, load_tokenizer
+
+    tok = load_tokenizer(prepared)
+    held = make_rerank_heldout(prepared, tok, n=4)
+    rows = load_split(prepared, "valid").select(range(4))
+    assert held.prompts == rows["prompt"] and len(held.input_ids) == 4
+    for expected, cands, row in zip(held.expected, held.candidates, rows):
+        assert parse_ranking(row["completion"], row["candidates"]).valid
+        assert len(expected) == len(row["candidates"]) and sorted(expected) == cands
+    oracle = _Oracle(len(tok))
+    assert teacher_forced_exact(oracle, held, tok.pad_token_id) == [True] * 4
+    slot = held.answer_starts[1] + 3  # inside the first answer ID of row 1
+    assert teacher_forced_exact(_Oracle(len(tok), wrong=(1, slot)), held, tok.pad_token_id) == [True, False, True, True]
+    cited = held.prompt_lengths[3] + 2  # an explanation token of row 3
+    assert teacher_forced_exact(_Oracle(len(tok), wrong=(3, cited)), held, tok.pad_token_id) == [True] * 4
+    assert len(make_rerank_heldout(prepared, tok, n=10**6).input_ids) == len(load_split(prepared, "valid"))
+
+
 def test_completion_loss_equals_full_logits_cross_entropy(prepared):
     from diffgr2_trl.modeling import build_model
     from diffgr2_trl.rerank.copying import _batch, _completion_loss
@@ -303,6 +325,21 @@ def test_learning_rate_schedule():
         CopyRecipe(schedule="linear")
 
 
+def test_mix_curriculum_moves_linearly_from_mix_to_mix_end(prepared):
+    from diffgr2_trl.rerank.copying import CopyRecipe, mix_at, rerank_rows_for
+
+    r = CopyRecipe(mix="front=3,rerank=1", mix_end="front=1,drop=1,rerank=2", max_steps=11)
+    assert mix_at(0, r) == pytest.approx({"front": 0.75, "rerank": 0.25})
+    assert mix_at(5, r) == pytest.approx({"drop": 0.125, "front": 0.5, "rerank": 0.375})
+    assert mix_at(10, r) == pytest.approx({"drop": 0.25, "front": 0.25, "rerank": 0.5}) == mix_at(99, r)
+    assert mix_at(7, CopyRecipe(mix="front=2,drop=2")) == {"front": 0.5, "drop": 0.5}  # no curriculum
+    # the re-ranking rows load when any step of the curriculum needs them
+    assert rerank_rows_for(CopyRecipe(mix="front=1"), prepared) is None
+    assert rerank_rows_for(CopyRecipe(mix="front=1", mix_end="front=1,rerank=1"), prepared)
+    with pytest.raises(ValueError, match="unknown tasks"):
+        CopyRecipe(mix="front=1", mix_end="fronts=1")
+
+
 def test_bench_copy_writes_a_curve(prepared, tmp_path, capsys):
     out = tmp_path / "copy"
     argv = ["bench-copy", "--dataset_name", str(prepared), "--output_dir", str(out), "--shape", "tiny",
@@ -317,7 +354,15 @@ def test_bench_copy_writes_a_curve(prepared, tmp_path, capsys):
     assert result["recipe"]["id_line"] is True and result["params"] > 0 and "exact>=0.9" in result["reached"]
     assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
     assert "90% exact" in capsys.readouterr().out
-    assert main([*argv[:4], str(tmp_path / "copy2"), *argv[5:], "--max_steps", "3", "--compare",
-                 str(out / "curve.json")]) == 0
+    assert "rerank_exact" not in points[0] and result["eval_rerank_rows"] == 0
+    # held-out re-ranking rows: scored at every point, reported and plotted beside the lists
+    assert main([*argv[:4], str(tmp_path / "copy2"), *argv[5:], "--max_steps", "3", "--eval_rerank_rows", "3",
+                 "--compare", str(out / "curve.json")]) == 0
+    second = json.loads((tmp_path / "copy2" / "curve.json").read_text())
+    assert second["eval_rerank_rows"] == 3 and "rerank_exact>=0.9" in second["reached"]
+    assert all(0 <= p[f"rerank_{k}"] <= 1 for p in second["points"] for k in ("exact", "valid", "correct"))
+    assert "re-ranking exact" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="eval_rerank_rows must be >= 0"):
+        main([*argv, "--eval_rerank_rows", "-1"])
     with pytest.raises(ValueError, match="no semantic_ids.json"):
         main(["bench-copy", "--dataset_name", str(tmp_path), "--output_dir", str(out)])
