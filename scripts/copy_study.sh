@@ -27,6 +27,13 @@ for v in "${variants[@]}"; do
                           --eval_rerank_rows 64) ;;                   # more full-prompt rows
     rerank50_b16)  extra=(--id_line --mix $PRESET_MIX --batch_size 16 --max_steps 1800 --eval_steps 600
                           --eval_rerank_rows 64) ;;                   # (e) twice the updates on the same lists
+    rerank50_b8)   extra=(--id_line --mix $PRESET_MIX --batch_size 8 --max_steps 3600 --eval_steps 1200
+                          --eval_rerank_rows 64) ;;                   # (e) four times the updates
+    rerank50_b16_lr6e-3) extra=(--id_line --mix $PRESET_MIX --batch_size 16 --max_steps 1800 --eval_steps 600
+                          --learning_rate 0.006 --eval_rerank_rows 64) ;;  # (e) and twice the learning rate
+    curriculum_s900) extra=(--id_line --mix front=0.55,repeat=0.1,drop=0.15,next=0.1,rerank=0.1
+                          --mix_end front=0.15,drop=0.1,rerank=0.75 --max_steps 900 --eval_steps 300
+                          --eval_rerank_rows 64) ;;                   # (c) lists first, re-ranking rows last
     *) echo "unknown variant $v" >&2; exit 2 ;;
   esac
   echo "== $v (load average: $(cut -d' ' -f1-3 /proc/loadavg))"

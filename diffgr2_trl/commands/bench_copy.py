@@ -108,32 +108,39 @@ def _check(args: BenchCopyArguments) -> None:
 
 def plot_curves(curves: Mapping[str, list[dict]], path: str | os.PathLike) -> None:
     """Held-out exact (solid) and valid (dashed) against lists seen and training minutes, one colour per run; the
-    re-ranking rows' exact and valid (square markers, dotted) where a run scored them."""
+    re-ranking rows' exact (square markers) and valid (dotted) where a run scored them. The legend names each run
+    once (its colour) and each line style once, below the plots, so many runs stay readable."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for i, (label, points) in enumerate(curves.items()):
-        colour = f"C{i}"
-        for ax, x in zip(axes, ("lists", "train_minutes")):
-            xs = [p[x] for p in points]
-            ax.plot(xs, [p["exact"] for p in points], "-o", ms=3, color=colour, label=f"{label} exact")
-            ax.plot(xs, [p["valid"] for p in points], "--", color=colour, alpha=0.6, label=f"{label} valid")
-            if any("rerank_exact" in p for p in points):
-                ax.plot(xs, [p.get("rerank_exact") for p in points], "-s", ms=3, color=colour, alpha=0.8,
-                        label=f"{label} re-ranking exact")
-                ax.plot(xs, [p.get("rerank_valid") for p in points], ":", color=colour, alpha=0.8,
-                        label=f"{label} re-ranking valid")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    styles = {"exact": ("-", "o", "front lists: exact"), "valid": ("--", None, "front lists: valid"),
+              "rerank_exact": ("-", "s", "re-ranking rows: exact"), "rerank_valid": (":", None, "re-ranking rows: valid")}
+    used: set[str] = set()
+    for i, points in enumerate(curves.values()):
+        for key, (line, marker, _) in styles.items():
+            if not any(p.get(key) is not None for p in points):
+                continue
+            used.add(key)
+            for ax, x in zip(axes, ("lists", "train_minutes")):
+                ax.plot([p[x] for p in points], [p.get(key) for p in points], linestyle=line, marker=marker, ms=3,
+                        color=f"C{i}",
+                        alpha=1.0 if key.endswith("exact") else 0.6)
     axes[0].set_xlabel("lists seen")
     axes[1].set_xlabel("training minutes")
-    axes[0].set_ylabel("held-out share (front lists; re-ranking rows)")
+    axes[0].set_ylabel("held-out share")
     for ax in axes:
         ax.axhline(0.9, color="grey", lw=0.5)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles = [Line2D([], [], color=f"C{i}", lw=3) for i in range(len(curves))]
+    handles += [Line2D([], [], color="black", linestyle=styles[k][0], marker=styles[k][1], ms=3)
+                for k in styles if k in used]
+    labels = [*curves, *(styles[k][2] for k in styles if k in used)]
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(labels) - 1) // 4), 1, 1))
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
