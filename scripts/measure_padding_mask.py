@@ -48,9 +48,9 @@ def main() -> None:
     tok = load_tokenizer(args.dataset_name)
     sids = SemanticIds.load(Path(args.dataset_name) / "semantic_ids.json")
     seqs = load_train_sequences(args.dataset_name)
-    rerank_rows = copying.rerank_rows_for(args.mix, args.dataset_name)
     n = args.steps + args.warmup
     recipe = copying.CopyRecipe(id_line=True, mix=args.mix, batch_size=args.batch_size, max_steps=n, warmup_steps=1)
+    rerank_rows = copying.rerank_rows_for(recipe, args.dataset_name)
 
     def run(with_mask: bool) -> tuple[list[float], list[float]]:
         model = build_model("qwen3", tokenizer=tok, shape=args.shape, max_position_embeddings=1024, seed=0)

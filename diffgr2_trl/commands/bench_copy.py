@@ -127,8 +127,7 @@ def plot_curves(curves: Mapping[str, list[dict]], path: str | os.PathLike) -> No
             used.add(key)
             for ax, x in zip(axes, ("lists", "train_minutes")):
                 ax.plot([p[x] for p in points], [p.get(key) for p in points], linestyle=line, marker=marker, ms=3,
-                        color=f"C{i}",
-                        alpha=1.0 if key.endswith("exact") else 0.6)
+                        color=f"C{i}", alpha=1.0 if key.endswith("exact") else 0.6)
     axes[0].set_xlabel("lists seen")
     axes[1].set_xlabel("training minutes")
     axes[0].set_ylabel("held-out share")
@@ -219,9 +218,9 @@ def run(args: BenchCopyArguments) -> dict:
                   stop_at_exact=args.stop_at_exact or None, on_point=on_point, progress=False,
                   rerank_rows=rerank_rows_for(recipe, args.dataset_name), rerank_heldout=rerank_heldout)
     points = result["points"]
+    scored = [k for k in ("exact", "valid", "rerank_exact", "rerank_valid") if k in points[-1]]
     result["reached"] = {f"{key}>={level}": first_reaching(points, key, level)
-                         for key in ("exact", "valid", "rerank_exact", "rerank_valid") for level in (0.5, 0.9, 0.95)
-                 if key in points[-1]}
+                         for key in scored for level in (0.5, 0.9, 0.95)}
     timed = [p for p in points if p["s_per_step"] is not None]
     result["s_per_step"] = sum(p["s_per_step"] for p in timed) / len(timed) if timed else None
     atomic_write_text(out / "curve.json", json.dumps(result, indent=1))

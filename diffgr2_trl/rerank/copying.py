@@ -102,13 +102,23 @@ class CopyRecipe:
 
 def mix_at(step: int, recipe: CopyRecipe) -> dict[str, float]:
     """The task weights of step ``step`` (0-based): ``recipe.mix``, moved linearly towards ``recipe.mix_end``."""
+    return _mix_schedule(recipe)(step)
+
+
+def _mix_schedule(recipe: CopyRecipe):
+    """``step -> task weights``, with both mixes parsed once (the training loop asks every step)."""
     start = parse_task_mix(recipe.mix)
     if recipe.mix_end is None:
-        return start
+        return lambda step: start
     end = parse_task_mix(recipe.mix_end)
-    f = min(1.0, step / max(1, recipe.max_steps - 1))
-    mixed = {t: (1 - f) * start.get(t, 0.0) + f * end.get(t, 0.0) for t in sorted(set(start) | set(end))}
-    return {t: w for t, w in mixed.items() if w > 0}
+    tasks = sorted(set(start) | set(end))
+
+    def at(step: int) -> dict[str, float]:
+        f = min(1.0, step / max(1, recipe.max_steps - 1))
+        mixed = {t: (1 - f) * start.get(t, 0.0) + f * end.get(t, 0.0) for t in tasks}
+        return {t: w for t, w in mixed.items() if w > 0}
+
+    return at
 
 
 def lr_at(step: int, recipe: CopyRecipe) -> float:
@@ -176,13 +186,12 @@ def make_rerank_heldout(prepared_dir, tokenizer, n: int = 64, split: str = "vali
                              tokenizer)
 
 
-def rerank_rows_for(mix: str | Mapping[str, float] | CopyRecipe | None, prepared_dir) -> list[dict[str, str]] | None:
-    """The prepared train split's ``{"prompt", "completion"}`` rows when ``mix`` (a task mix, or a recipe: any step of
-    its curriculum) has a ``rerank`` or ``promote`` task, else None."""
+def rerank_rows_for(recipe: CopyRecipe, prepared_dir) -> list[dict[str, str]] | None:
+    """The prepared train split's ``{"prompt", "completion"}`` rows when some step of ``recipe`` draws a ``rerank`` or
+    ``promote`` task, else None."""
     from .pipeline_data import load_split
 
-    tasks = mix.tasks if isinstance(mix, CopyRecipe) else set(parse_task_mix(mix))
-    if not {"rerank", "promote"} & tasks:
+    if not {"rerank", "promote"} & recipe.tasks:
         return None
     return load_split(prepared_dir, "train").select_columns(["prompt", "completion"]).to_list()
 
@@ -351,9 +360,10 @@ def train_copying(
     device = _device(model)
     model.train()
     bar = tqdm(range(recipe.max_steps), desc="copy", disable=not progress, mininterval=5)
+    mix_of = _mix_schedule(recipe)
     for step in bar:
         rows = build_midtraining_rows(train_sequences, sids, recipe.batch_size, n_candidates=n_candidates,
-                                      mix=mix_at(step, recipe), seed=seed + step, with_id_line=recipe.id_line,
+                                      mix=mix_of(step), seed=seed + step, with_id_line=recipe.id_line,
                                       rerank_rows=rerank_rows)
         t0 = time.perf_counter()
         for group in opt.param_groups:
