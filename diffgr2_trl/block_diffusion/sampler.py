@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, StaticCache
 
+from .attention import cpu_gqa_attention
 from .constraints import DecodingConstraint, constrain_logits, keep_consistent, row_canvases
 from .convert import check_full_attention
 from .decoding import BlockDecodingConfig, resolve_deprecated
@@ -324,7 +325,7 @@ class BlockDiffusionSampler:
             attention_mask = torch.ones_like(input_ids)
         if (attention_mask[:, -1] == 0).any():
             raise ValueError("Prompts must be left-padded (the last column must be real tokens for every row).")
-        with torch.no_grad():
+        with torch.no_grad(), cpu_gqa_attention():
             return self._decode(input_ids, attention_mask, cfg, spec, generator, constraints)
 
     # ------------------------------------------------------------------ internals

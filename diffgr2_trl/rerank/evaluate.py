@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..block_diffusion.attention import cpu_gqa_attention
 from ..utils import write_json_atomic
 from .metrics import summarize_ranks
 from .parsing import ERRORS, parse_ranking
@@ -114,19 +115,20 @@ def ar_greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, 
         from .constraints import RankingLogitsProcessor
 
         processors = LogitsProcessorList([RankingLogitsProcessor(constraints, enc["input_ids"].shape[1])])
-    out = model.generate(
-        **enc,
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad,
-        eos_token_id=sorted(stop),
-        logits_processor=processors,
-        **_compiled_generation(compile),
-        # Greedy only: stop transformers from warning about (or applying) sampling knobs saved in a checkpoint.
-        temperature=None,
-        top_p=None,
-        top_k=None,
-    )
+    with cpu_gqa_attention():
+        out = model.generate(
+            **enc,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=sorted(stop),
+            logits_processor=processors,
+            **_compiled_generation(compile),
+            # Greedy only: stop transformers from warning about (or applying) sampling knobs saved in a checkpoint.
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
     gen = out[:, enc["input_ids"].shape[1] :]
     counts = [_count_until_stop(row, stop, pad) for row in gen]
     texts = tokenizer.batch_decode([row[:n] for row, n in zip(gen, counts)], skip_special_tokens=False)
