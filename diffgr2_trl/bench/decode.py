@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..block_diffusion import BlockDiffusionSampler, BlockDiffusionSpec, get_spec
+from ..block_diffusion.attention import cpu_gqa_attention
 
 
 @dataclass
@@ -130,9 +131,11 @@ def _decoder(model, method, ids, am, new_tokens, base_spec, bs, k, tau, pad, com
             extra = dict(cache_implementation="static", compile_config=config)
 
         def run():
-            return model.generate(input_ids=ids, attention_mask=am, max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=None,
-                                  **extra)
+            # the AR baseline gets the sampler's CPU attention path too, so the ratio compares decoders, not kernels
+            with cpu_gqa_attention():
+                return model.generate(input_ids=ids, attention_mask=am, max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=None,
+                                      **extra)
         return run
     spec = BlockDiffusionSpec(**{**base_spec.to_dict(), "block_size": bs})
     compiled = method == "block_diffusion_compiled"

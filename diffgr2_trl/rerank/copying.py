@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..block_diffusion.attention import cpu_gqa_attention
 from .midtrain import build_midtraining_rows, parse_task_mix
 from .parsing import parse_ranking
 from .prompts import RECOMMENDATIONS_OPEN, SID_RE
@@ -268,8 +269,9 @@ def greedy_answers(model, tokenizer, heldout: HeldOut, batch_size: int = 64) -> 
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         budget = max(len(heldout.input_ids[r]) - heldout.prompt_lengths[r] for r in rows) + 8
         device = _device(model)
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=budget, do_sample=False,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        with cpu_gqa_attention():
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=budget,
+                                 do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         for text, r in zip(tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True), rows):
             out.append(parse_ranking(text, heldout.candidates[r]).ranking)  # None unless a valid permutation
     return out
