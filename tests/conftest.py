@@ -14,8 +14,8 @@ from tests.helpers import SMALL_SHAPE, WORDS, train_sort_cft
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
-
+# Under pytest-xdist (`-n 2`, the inner loop) each worker gets one core's worth of intra-op threads.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
+import random
 from pathlib import Path
 
 import torch
@@ -107,3 +109,25 @@ def launch_env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     return env
+
+
+def write_toy_amazon(d: Path, n_users: int = 120, n_items: int = 40, seed: int = 1, name: str = "Toy") -> Path:
+    """A dataset in the Amazon Beauty file format (``{name}.txt``, ``{name}_item2attributes.json``) in ``d``.
+
+    Each item has a fixed successor that 85% of steps follow, so a transition pre-ranker puts most targets in its top
+    10 and every split has rows; each item has 2 attributes.
+    """
+    rng = random.Random(seed)
+    succ = list(range(1, n_items + 1))
+    rng.shuffle(succ)
+    lines = []
+    for u in range(1, n_users + 1):
+        s = [rng.randint(1, n_items)]
+        for _ in range(rng.randint(5, 10)):
+            s.append(succ[s[-1] - 1] if rng.random() < 0.85 else rng.randint(1, n_items))
+        lines.append(f"{u} {' '.join(map(str, s))}")
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    attributes = {str(i): [1 + i % 5, 6 + i % 3] for i in range(1, n_items + 1)}
+    (d / f"{name}_item2attributes.json").write_text(json.dumps(attributes))
+    return d

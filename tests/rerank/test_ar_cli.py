@@ -15,29 +15,13 @@ from diffgr2_trl.rerank.data import locate_data_dir
 from diffgr2_trl.rerank.parsing import parse_ranking
 from diffgr2_trl.rerank.pipeline_data import COLUMNS, build_rows, match_target_positions
 from diffgr2_trl.rerank.prompts import RECOMMENDATIONS_OPEN
-
-
-def _write_toy(d: Path, n_users: int = 120, n_items: int = 40, seed: int = 1) -> Path:
-    """Items with a fixed successor (85% of steps follow it), 2 attributes each: the Beauty file format."""
-    rng = random.Random(seed)
-    succ = list(range(1, n_items + 1))
-    rng.shuffle(succ)
-    lines = []
-    for u in range(1, n_users + 1):
-        s = [rng.randint(1, n_items)]
-        for _ in range(rng.randint(5, 10)):
-            s.append(succ[s[-1] - 1] if rng.random() < 0.85 else rng.randint(1, n_items))
-        lines.append(f"{u} {' '.join(map(str, s))}")
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "Toy.txt").write_text("\n".join(lines) + "\n")
-    (d / "Toy_item2attributes.json").write_text(json.dumps({str(i): [1 + i % 5, 6 + i % 3] for i in range(1, n_items + 1)}))
-    return d
+from tests.helpers import write_toy_amazon
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ar")
-    data = _write_toy(root / "data")
+    data = write_toy_amazon(root / "data")
     out = root / "prepared"
     argv = ["prepare", "--data_dir", str(data), "--output_dir", str(out), "--codebook_size", "4",  # name inferred: Toy
             "--max_history", "5", "--vocab_size", "600", "--mid_rows", "40"]
@@ -79,7 +63,7 @@ def test_prepare_writes_datasets_tokenizer_summary(prepared, capsys):
         with pytest.raises(ValueError, match=r"data.files"):
             main(argv)
     finally:
-        _write_toy(prepared.parent / "data")
+        write_toy_amazon(prepared.parent / "data")
     assert main(argv) == 0
 
 
