@@ -83,7 +83,7 @@ def main() -> None:
         print(f"{kind}: {run['speedup']:.2f}x with cpu_gqa_attention, same outputs: {run['same_outputs']} "
               f"({run['seconds']})", flush=True)
     if args.json:
-        write_json_atomic(args.json, results)
+        write_json_atomic(results, args.json)
 
 
 if __name__ == "__main__":
