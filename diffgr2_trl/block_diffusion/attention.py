@@ -53,9 +53,11 @@ def cpu_gqa_attention() -> Iterator[None]:
     if getattr(before, "fallback", None) is not None:  # already inside
         yield
         return
-    ALL_ATTENTION_FUNCTIONS["sdpa"] = _gqa_sdpa(before)
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = _gqa_sdpa(before)  # a local entry of this registry instance
     try:
         yield
     finally:
-        ALL_ATTENTION_FUNCTIONS["sdpa"] = before
+        del ALL_ATTENTION_FUNCTIONS["sdpa"]  # drops the local entry only: a later global register() stays visible
+        if ALL_ATTENTION_FUNCTIONS["sdpa"] is not before:  # someone else's local entry was there before ours
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = before
 

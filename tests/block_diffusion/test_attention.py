@@ -70,3 +70,21 @@ def test_reentrant_and_restored_on_error():
             raise RuntimeError("boom")
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
 
+
+def test_leaves_no_entry_that_would_shadow_a_later_global_registration():
+    from transformers import AttentionInterface
+
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    with cpu_gqa_attention():
+        pass
+    try:
+        AttentionInterface.register("sdpa", _marker)
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is _marker
+    finally:
+        AttentionInterface.register("sdpa", original)
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is original
+
+
+def _marker(*args, **kwargs):  # pragma: no cover - never called
+    raise AssertionError
+
