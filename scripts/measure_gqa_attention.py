@@ -14,7 +14,6 @@ Time it on a quiet machine (one job, threads pinned); the fastest of ``--repeats
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -43,10 +42,9 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import diffgr2_trl.block_diffusion.sampler as sampler_module
     import diffgr2_trl.rerank.evaluate as evaluate_module
     from diffgr2_trl.block_diffusion import BlockDecodingConfig
-    from diffgr2_trl.block_diffusion.attention import cpu_gqa_attention
+    from diffgr2_trl.block_diffusion.attention import cpu_gqa_attention, without_cpu_gqa_attention
     from diffgr2_trl.rerank.pipeline_data import load_split
     from diffgr2_trl.utils import set_threads, write_json_atomic
 
@@ -55,7 +53,7 @@ def main() -> None:
     rows = ds.select(range(min(args.limit, len(ds)))).select_columns(["prompt", "candidates", "target"]).to_list()
     results = {"rows": len(rows), "batch_size": args.batch_size, "threads": torch.get_num_threads(),
                "load_average": os.getloadavg()[0], "runs": []}
-    arms = {"transformers_sdpa": contextlib.nullcontext, "cpu_gqa_attention": cpu_gqa_attention}
+    arms = {"transformers_sdpa": without_cpu_gqa_attention, "cpu_gqa_attention": cpu_gqa_attention}
     block_config = BlockDecodingConfig(tau=args.tau, block_size=args.decode_block_size or None)
     for kind, path in (("ar", args.ar_model), ("block", args.block_model)):
         if path is None:
@@ -67,15 +65,14 @@ def main() -> None:
         texts: dict[str, list] = {}
         for _ in range(args.repeats):
             for arm, context in arms.items():
-                # both decoders enter the helper themselves: swap what they enter
-                evaluate_module.cpu_gqa_attention = sampler_module.cpu_gqa_attention = context
                 t0 = time.perf_counter()
-                out = evaluate_module.evaluate_model(model, tok, rows, decode_fn=decode, batch_size=args.batch_size,
-                                                     max_new_tokens=args.max_completion_length, progress=False,
-                                                     keep_outputs=True)
+                with context():  # the decoders enter cpu_gqa_attention themselves; the off arm makes that a no-op
+                    out = evaluate_module.evaluate_model(model, tok, rows, decode_fn=decode,
+                                                         batch_size=args.batch_size,
+                                                         max_new_tokens=args.max_completion_length, progress=False,
+                                                         keep_outputs=True)
                 seconds[arm].append(time.perf_counter() - t0)
                 texts.setdefault(arm, out["outputs"])
-        evaluate_module.cpu_gqa_attention = sampler_module.cpu_gqa_attention = cpu_gqa_attention
         run = {"decoder": kind, "model": path, "seconds": {a: [round(s, 3) for s in v] for a, v in seconds.items()},
                "speedup": min(seconds["transformers_sdpa"]) / min(seconds["cpu_gqa_attention"]),
                "same_outputs": texts["transformers_sdpa"] == texts["cpu_gqa_attention"]}

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import torch.nn.functional as F
 
-__all__ = ["cpu_gqa_attention"]
+__all__ = ["cpu_gqa_attention", "without_cpu_gqa_attention"]
 
 
 def _gqa_sdpa(fallback: Callable) -> Callable:
@@ -42,18 +42,15 @@ def _gqa_sdpa(fallback: Callable) -> Callable:
 
 
 @contextmanager
-def cpu_gqa_attention() -> Iterator[None]:
-    """Inside the block, models with ``attn_implementation="sdpa"`` run masked GQA on CPU without ``repeat_kv``.
-
-    Re-entrant; the previous ``sdpa`` entry of transformers' attention registry is restored on exit.
-    """
+def _registered(make: Callable[[Callable], Callable]) -> Iterator[None]:
+    """Install ``make(current sdpa entry)`` unless one of ours is installed already; restore the registry on exit."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     before = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    if getattr(before, "fallback", None) is not None:  # already inside
+    if getattr(before, "fallback", None) is not None:  # already inside (either context): leave it as it is
         yield
         return
-    ALL_ATTENTION_FUNCTIONS["sdpa"] = _gqa_sdpa(before)  # a local entry of this registry instance
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = make(before)  # a local entry of this registry instance
     try:
         yield
     finally:
@@ -61,3 +58,24 @@ def cpu_gqa_attention() -> Iterator[None]:
         if ALL_ATTENTION_FUNCTIONS["sdpa"] is not before:  # someone else's local entry was there before ours
             ALL_ATTENTION_FUNCTIONS["sdpa"] = before
 
+
+def cpu_gqa_attention():
+    """Inside the block, models with ``attn_implementation="sdpa"`` run masked GQA on CPU without ``repeat_kv``.
+
+    Re-entrant; the previous ``sdpa`` entry of transformers' attention registry is restored on exit.
+    """
+    return _registered(_gqa_sdpa)
+
+
+def _passthrough(fallback: Callable) -> Callable:
+    def sdpa(*args, **kwargs):
+        return fallback(*args, **kwargs)
+
+    sdpa.fallback = fallback
+    return sdpa
+
+
+def without_cpu_gqa_attention():
+    """The reference for measurements and tests: inside it, :func:`cpu_gqa_attention` changes nothing, so every
+    decoder runs transformers' own ``sdpa`` (with ``repeat_kv``)."""
+    return _registered(_passthrough)

@@ -1,12 +1,10 @@
-import contextlib
-
 import pytest
 import torch
 import transformers.integrations.sdpa_attention as hf_sdpa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from diffgr2_trl.block_diffusion import BlockDecodingConfig, BlockDiffusionSampler
-from diffgr2_trl.block_diffusion.attention import cpu_gqa_attention
+from diffgr2_trl.block_diffusion.attention import cpu_gqa_attention, without_cpu_gqa_attention
 from diffgr2_trl.modeling import build_model
 from tests.helpers import SMALL_SHAPE, converted
 
@@ -51,9 +49,9 @@ def test_sampler_output_unchanged_and_registry_restored(word_tokenizer):
     sampler = BlockDiffusionSampler(model, config=BlockDecodingConfig(tau=0.9, max_completion_length=8))
     out = sampler.generate(ids, am)  # runs inside cpu_gqa_attention
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
-    with pytest.MonkeyPatch.context() as mp:  # the reference: the same forwards through transformers' sdpa
-        mp.setattr("diffgr2_trl.block_diffusion.sampler.cpu_gqa_attention", contextlib.nullcontext)
+    with without_cpu_gqa_attention():  # the reference: the same forwards through transformers' sdpa
         reference = sampler.generate(ids, am)
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
     assert torch.equal(out.completion_ids, reference.completion_ids)
     assert torch.equal(out.step_map, reference.step_map)
 
@@ -68,6 +66,15 @@ def test_reentrant_and_restored_on_error():
                 assert ALL_ATTENTION_FUNCTIONS["sdpa"] is inner  # not wrapped twice
             assert ALL_ATTENTION_FUNCTIONS["sdpa"] is inner
             raise RuntimeError("boom")
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
+
+
+def test_inside_the_reference_context_the_helper_changes_nothing():
+    before = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    with without_cpu_gqa_attention():
+        reference = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        with cpu_gqa_attention():
+            assert ALL_ATTENTION_FUNCTIONS["sdpa"] is reference
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
 
 
