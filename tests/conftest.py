@@ -99,3 +99,11 @@ def sort_cft_model_dir(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("sort-cft"))
     train_sort_cft(path)
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``-n 2 --dist loadgroup``, the README's test command) every ``vllm`` test runs on one
+    worker: the session's vLLM server then starts once, and two vLLM engines never hold memory side by side."""
+    for item in items:
+        if item.get_closest_marker("vllm") is not None:
+            item.add_marker(pytest.mark.xdist_group("vllm"))
