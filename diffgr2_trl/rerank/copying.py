@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..block_diffusion.attention import cpu_gqa_attention
-from .midtrain import build_midtraining_rows, parse_task_mix
+from .midtrain import ItemPool, build_midtraining_rows, parse_task_mix
 from .parsing import parse_ranking
 from .prompts import RECOMMENDATIONS_OPEN, SID_RE
 from .semantic_ids import SemanticIds
@@ -363,10 +363,11 @@ def train_copying(
     model.train()
     bar = tqdm(range(recipe.max_steps), desc="copy", disable=not progress, mininterval=5)
     mix_of = _mix_schedule(recipe)
+    pool = ItemPool.build(train_sequences, sids)
     for step in bar:
         rows = build_midtraining_rows(train_sequences, sids, recipe.batch_size, n_candidates=n_candidates,
                                       mix=mix_of(step), seed=seed + step, with_id_line=recipe.id_line,
-                                      rerank_rows=rerank_rows)
+                                      rerank_rows=rerank_rows, pool=pool)
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, recipe)

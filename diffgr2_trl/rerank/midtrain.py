@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .prompts import CANDIDATES_HEADER, HISTORY_HEADER, format_completion, format_id_line, parse_prompt, to_items
 from .semantic_ids import SemanticIds
 from .traces import offline_completion
 
-__all__ = ["MID_TASKS", "build_midtraining_rows", "parse_task_mix"]
+__all__ = ["MID_TASKS", "ItemPool", "build_midtraining_rows", "parse_task_mix"]
 
 MID_TASKS = ("front", "repeat", "drop", "next", "attributes", "rerank", "promote")
 DEFAULT_MIX = {"front": 0.5, "repeat": 0.15, "drop": 0.15, "next": 0.15, "attributes": 0.05}
@@ -67,6 +68,25 @@ def parse_task_mix(spec: str | Mapping[str, float] | None) -> dict[str, float]:
     return {k: v / total for k, v in mix.items() if v > 0}
 
 
+@dataclass(frozen=True)
+class ItemPool:
+    """What the list and ``next`` tasks draw from: training sequences restricted to items with an SID (two items or
+    more), and the sorted catalogue of their items.
+
+    Built once per run (:meth:`build`) and passed to every :func:`build_midtraining_rows` call: rebuilding it from
+    ~22k Beauty sequences took 0.07-0.1 s, ~15% of a cpu-preset mid step's wall time.
+    """
+
+    sequences: tuple[tuple[int, ...], ...]
+    catalog: tuple[int, ...]
+
+    @classmethod
+    def build(cls, train_sequences: Mapping[int, Sequence[int]], sids: SemanticIds) -> ItemPool:
+        seqs = [tuple(i for i in s if i in sids) for s in train_sequences.values()]
+        seqs = [s for s in seqs if len(s) >= 2]
+        return cls(tuple(seqs), tuple(sorted({i for s in seqs for i in s})))
+
+
 def _list_prompt(instruction: str, items: Sequence[Any], with_ids: bool = False) -> str:
     # No system line or output spec: they are constant, and every token costs compute that copying needs more.
     lines = [instruction, CANDIDATES_HEADER, *(it.render() for it in items)]
@@ -83,6 +103,7 @@ def build_midtraining_rows(
     seed: int = 0,
     with_id_line: bool = False,
     rerank_rows: Sequence[Mapping[str, Any]] | None = None,
+    pool: ItemPool | None = None,
 ) -> list[dict[str, Any]]:
     """``n_rows`` seeded ``{"prompt", "completion", "task"}`` rows of the mid-training tasks (module docstring).
 
@@ -95,15 +116,16 @@ def build_midtraining_rows(
         with_id_line: end the list tasks' prompts with the candidates' ID line (:func:`~.prompts.format_id_line`).
         rerank_rows: ``{"prompt", "completion"}`` re-ranking training rows the ``rerank`` and ``promote`` tasks draw
             from.
+        pool: ``ItemPool.build(train_sequences, sids)``, when the caller builds many batches from the same data
+            (``train_sequences`` is then not read).
     """
     weights = parse_task_mix(mix)
     for task in ("rerank", "promote"):
         if task in weights and not rerank_rows:
             raise ValueError(f"mid-training mix: the {task!r} task needs rerank_rows (the prepared train split's rows).")
     rng = random.Random(seed)
-    seqs = [[i for i in s if i in sids] for s in train_sequences.values()]
-    seqs = [s for s in seqs if len(s) >= 2]
-    catalog = sorted({i for s in seqs for i in s})
+    pool = pool if pool is not None else ItemPool.build(train_sequences, sids)
+    seqs, catalog = pool.sequences, pool.catalog
     if len(catalog) < n_candidates + 1:
         raise ValueError(f"mid-training needs at least {n_candidates + 1} training items with SIDs, got {len(catalog)}.")
     names, probs = zip(*weights.items())

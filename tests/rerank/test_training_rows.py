@@ -13,7 +13,7 @@ from diffgr2_trl.rerank.baselines import LogisticReRanker, candidate_features
 from diffgr2_trl.rerank.candidates import _split_inputs
 from diffgr2_trl.rerank.data import infer_dataset_name, leave_one_out, load_sequence_data
 from diffgr2_trl.rerank.metrics import paired_bootstrap_ci
-from diffgr2_trl.rerank.midtrain import build_midtraining_rows, parse_task_mix
+from diffgr2_trl.rerank.midtrain import ItemPool, build_midtraining_rows, parse_task_mix
 from diffgr2_trl.rerank.parsing import parse_ranking
 from diffgr2_trl.rerank.prerank import PopularityPreRanker, TransitionPreRanker, recommend
 from diffgr2_trl.rerank.prompts import SID_RE
@@ -80,6 +80,8 @@ def test_midtraining_rows_are_correct_seeded_and_diverse():
     train = _sequences(n_items=60)
     rows = build_midtraining_rows(train, _Sids(), 300, seed=3)
     assert rows == build_midtraining_rows(train, _Sids(), 300, seed=3)
+    # the training loop builds the item pool once and passes it to every step: the same rows
+    assert rows == build_midtraining_rows({}, _Sids(), 300, seed=3, pool=ItemPool.build(train, _Sids()))
     assert {r["task"] for r in rows} == {"front", "repeat", "drop", "next", "attributes"}
     for r in rows:
         shown = SID_RE.findall(r["prompt"].split("Candidates (pre-rank order):")[-1])
