@@ -34,11 +34,15 @@ def test_smoke_pipeline_runs_every_stage_resumes_and_reports(tmp_path):
     # "Toys": the dataset name is inferred from the directory's files, as it must be for any Amazon dataset
     data = write_toy_amazon(tmp_path / "toys", n_users=400, n_items=120, name="Toys")
     overrides = tmp_path / "overrides.yaml"
-    overrides.write_text("prepare: {codebook_size: 8}\n")  # 120 items: 8 codes per level keep every level in use
+    # 120 items: 8 codes per level keep every level in use; the AR teacher's two passes run side by side
+    overrides.write_text("prepare: {codebook_size: 8}\nevaluate: {parallel_passes: true}\n")
     common = ["--preset", "smoke", "--output_dir", str(out), "--data_dir", str(data), "--overrides", str(overrides)]
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always", FutureWarning)
         assert main(["pipeline", *common]) == 0
+    # the constrained pass of the AR evaluation ran in a child process (block evaluations keep both passes here)
+    assert "(constrained)" in (out / "eval_ar" / "constrained.log").read_text()
+    assert not (out / "eval_cft" / "constrained.log").exists()
     # the pipeline passes every stage the current option names: no deprecated spelling anywhere
     assert not [str(w.message) for w in seen if str(w.message).startswith("diffgr2 ")]
     for name, _ in PIPELINE_STAGES:

@@ -254,32 +254,79 @@ def stage_rl(ctx: Context, d: Path) -> dict:
     return _train_stage(ctx, d, grpo_command, model_name_or_path=ctx.model("opd"), dataset_name=ctx.prepared)
 
 
-def _evaluate(ctx: Context, d: Path, model: str, decoder: str, tau: float | None = None, tag: str = "eval",
-              section: str = "evaluate", constrained: bool = False, batch_size: int | None = None) -> dict:
+def _evaluate_options(ctx: Context, d: Path, model: str, decoder: str, tau: float | None = None, tag: str = "eval",
+                      section: str = "evaluate", constrained: bool = False, batch_size: int | None = None,
+                      threads: int | None = None) -> tuple[Path, dict]:
+    """``(args file, options)`` of one ``diffgr2 evaluate`` run of a stage; the file is written."""
     values = ctx.stage(section)
     for key in SECTIONS[section].pipeline_keys:  # read by the pipeline, not options of evaluate
         values.pop(key, None)
     values["constrained"] = constrained
-    if batch_size is not None:
-        values["batch_size"] = batch_size
-    if tau is not None:
-        values["tau"] = tau
+    for key, value in (("batch_size", batch_size), ("tau", tau), ("threads", threads)):
+        if value is not None:
+            values[key] = value
     name = "args.yaml" if tag == "eval" else f"args_{tag}.yaml"  # the decode stage runs several evaluations
+    return d / name, _stage_options(d, values, name, model_name_or_path=model, dataset_name=ctx.prepared,
+                                    decoder=decoder, json=d / f"{tag}.json", outputs=d / f"{tag}_outputs.json")
+
+
+def _evaluate(ctx: Context, d: Path, model: str, decoder: str, tau: float | None = None, tag: str = "eval",
+              section: str = "evaluate", constrained: bool = False, batch_size: int | None = None,
+              threads: int | None = None) -> dict:
     from ..commands import evaluate as evaluate_command
 
-    values = _stage_options(d, values, name, model_name_or_path=model, dataset_name=ctx.prepared, decoder=decoder,
-                     json=d / f"{tag}.json", outputs=d / f"{tag}_outputs.json")
+    _, values = _evaluate_options(ctx, d, model, decoder, tau, tag, section, constrained, batch_size, threads)
     evaluate_command.run(*evaluate_command.parse(values=values))
     return json.loads((d / f"{tag}.json").read_text())
+
+
+def _evaluate_side_by_side(ctx: Context, d: Path, model: str, decoder: str, tau: float | None) -> dict:
+    """The unconstrained pass in this process and the constrained pass in a child process, one thread each, at once
+    (the evaluate section's ``parallel_passes``; AR evaluations only).
+
+    On 2 CPU cores AR decoding of a small model is bound by per-step overhead, which a second intra-op thread barely
+    shortens: the teacher's two passes over 384 test rows took 47 s side by side against 59 s one after the other
+    (1.26x). The block sampler's forwards are heavier and gained nothing (73 s against 71 s; session 12,
+    ``results/copy_learning.md``). Both passes write the same files as they do one after the other.
+    """
+    import subprocess
+    import sys
+
+    import torch
+
+    args_file, _ = _evaluate_options(ctx, d, model, decoder, tau, tag="constrained", constrained=True, threads=1)
+    log = d / "constrained.log"
+    with open(log, "w") as out:
+        child = subprocess.Popen([sys.executable, "-m", "diffgr2_trl.cli", "evaluate", "--config", str(args_file)],
+                                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    threads = torch.get_num_threads()
+    try:
+        result = _evaluate(ctx, d, model, decoder, tau, threads=1)
+    except BaseException:
+        child.kill()
+        child.wait()
+        raise
+    finally:
+        torch.set_num_threads(threads)  # later stages keep the pipeline's threads
+    if child.wait() != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+        raise RuntimeError(f"{d.name}: the constrained pass (diffgr2 evaluate --config {args_file}, a child process) "
+                           f"exited with code {child.returncode}; the end of {log}:\n{tail}")
+    result["constrained"] = json.loads((d / "constrained.json").read_text())
+    return result
 
 
 def _eval_stage(model_stage: str, decoder: str) -> Callable[[Context, Path], dict]:
     def run(ctx: Context, d: Path) -> dict:
         tau = ctx.stage("evaluate").get("tau") if decoder == "block" else None  # None: evaluate's own default
-        result = _evaluate(ctx, d, ctx.model(model_stage), decoder, tau)
-        if ctx.stage("evaluate").get("constrained"):  # the paper's row stays unconstrained; this one goes beside it
-            result["constrained"] = _evaluate(ctx, d, ctx.model(model_stage), decoder, tau, tag="constrained",
-                                              constrained=True)
+        model = ctx.model(model_stage)
+        if not ctx.stage("evaluate").get("constrained"):
+            return _evaluate(ctx, d, model, decoder, tau)
+        # the paper's row stays unconstrained; the constrained row goes beside it
+        if decoder == "ar" and pipeline_key(ctx.preset, "evaluate", "parallel_passes"):
+            return _evaluate_side_by_side(ctx, d, model, decoder, tau)
+        result = _evaluate(ctx, d, model, decoder, tau)
+        result["constrained"] = _evaluate(ctx, d, model, decoder, tau, tag="constrained", constrained=True)
         return result
 
     run.__name__ = f"eval_{model_stage}"

@@ -119,7 +119,7 @@ def _bad_values(section: str, values: dict, describe) -> list[str]:
 
 def _check_pipeline_keys(section: str, values: dict) -> list[str]:
     """The keys the pipeline reads itself: ``taus`` (a list of numbers in (0, 1]), ``batch_sizes`` (a list of positive
-    integers) and ``compiled_ar`` (a boolean)."""
+    integers), ``compiled_ar`` and ``parallel_passes`` (booleans)."""
     problems = []
     taus = values.get("taus")
     if taus is not None and (not isinstance(taus, list) or not all(
@@ -129,8 +129,9 @@ def _check_pipeline_keys(section: str, values: dict) -> list[str]:
     if sizes is not None and (not isinstance(sizes, list) or not sizes or not all(
             isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes)):
         problems.append(f"{section}.batch_sizes = {sizes!r}: expected a list of positive integers")
-    if "compiled_ar" in values and not isinstance(values["compiled_ar"], bool):
-        problems.append(f"{section}.compiled_ar = {values['compiled_ar']!r}: expected a boolean (true or false)")
+    for key in ("compiled_ar", "parallel_passes"):
+        if key in values and not isinstance(values[key], bool):
+            problems.append(f"{section}.{key} = {values[key]!r}: expected a boolean (true or false)")
     return problems
 
 
