@@ -7,6 +7,18 @@ class UserError(ValueError):
     """Bad input a user can fix (a path, a value, a changed input): the message says what to do."""
 
 
+class OptionError(UserError):
+    """A config dataclass's field out of range: ``option`` names the field, ``detail`` says what is wrong.
+
+    The message reads ``"<option> <detail>"`` (``tau must be in (0, 1], got 2``); the command line prefixes the field
+    with ``--``, as it is spelled there (``diffgr2_trl.commands._args``).
+    """
+
+    def __init__(self, option: str, detail: str):
+        self.option, self.detail = option, detail
+        super().__init__(f"{option} {detail}")
+
+
 def check_model_dir(path: str, what: str = "--model_name_or_path") -> None:
     """Fail with a clear message unless ``path`` is a directory written by ``save_pretrained``.
 

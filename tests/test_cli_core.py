@@ -6,7 +6,9 @@ import os
 import pytest
 from transformers import AutoConfig
 
+from diffgr2_trl.block_diffusion import BlockDecodingConfig
 from diffgr2_trl.cli import main
+from diffgr2_trl.errors import OptionError
 from diffgr2_trl.modeling import build_model, build_word_tokenizer
 from tests.helpers import WORDS
 
@@ -86,6 +88,13 @@ def test_console_errors_are_one_line_with_a_debug_escape(tmp_path, capsys, monke
     assert console_main(["evaluate", "--model_name_or_path", str(empty), "--dataset_name", str(tmp_path),
                          "--tau", "2"]) == 2
     assert "--tau must be in (0, 1]" in capsys.readouterr().err
+    # a trainer config's check too: the error carries its field (OptionError), nothing is read from its text
+    assert console_main(["cft", "--model_name_or_path", str(empty), "--dataset_name", str(tmp_path),
+                         "--output_dir", str(tmp_path / "o"), "--block_size", "0"]) == 2
+    assert "error: --block_size must be a positive integer, got 0." in capsys.readouterr().err
+    with pytest.raises(OptionError, match=r"^tau must be in \(0, 1\]") as raised:  # Python API: the field's name
+        BlockDecodingConfig(tau=2.0)
+    assert raised.value.option == "tau" and isinstance(raised.value, ValueError)
     with pytest.raises(ValueError, match="no such file or directory"):  # --debug: the exception itself, traceback and all
         console_main(["evaluate", "--model_name_or_path", str(tmp_path / "nope"), "--dataset_name", str(tmp_path),
                       "--debug"])

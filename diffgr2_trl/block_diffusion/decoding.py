@@ -14,6 +14,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import OptionError
+
 DECODING_FIELDS = ("max_completion_length", "tau", "tokens_per_step", "temperature", "top_k", "block_size",
                    "stop_token_ids")
 
@@ -67,18 +69,18 @@ class BlockDecodingConfig:
     def check_decoding(self) -> None:
         """Raise ``ValueError`` naming the first decoding field out of range (trainer configs call it too)."""
         if self.max_completion_length is None or self.max_completion_length <= 0:
-            raise ValueError(f"max_completion_length must be a positive integer, got {self.max_completion_length!r}.")
+            raise OptionError("max_completion_length", f"must be a positive integer, got {self.max_completion_length!r}.")
         if self.tokens_per_step is None:
             if self.tau is None or not 0.0 < self.tau <= 1.0:
-                raise ValueError(f"tau must be in (0, 1], got {self.tau!r}.")
+                raise OptionError("tau", f"must be in (0, 1], got {self.tau!r}.")
         elif self.tokens_per_step <= 0:
-            raise ValueError(f"tokens_per_step must be a positive integer, got {self.tokens_per_step!r}.")
+            raise OptionError("tokens_per_step", f"must be a positive integer, got {self.tokens_per_step!r}.")
         if self.temperature is None or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}.")
+            raise OptionError("temperature", f"must be >= 0, got {self.temperature!r}.")
         if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 or None: off), got {self.top_k!r}.")
+            raise OptionError("top_k", f"must be >= 0 (0 or None: off), got {self.top_k!r}.")
         if self.block_size is not None and self.block_size <= 0:
-            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}.")
+            raise OptionError("block_size", f"must be a positive integer, got {self.block_size!r}.")
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> BlockDecodingConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from ..errors import OptionError
 from .wrappers import unwrap_model
 
 SPEC_KEY = "block_diffusion"
@@ -54,11 +55,11 @@ class BlockDiffusionSpec:
 
     def validate(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size <= 0:
-            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}.")
+            raise OptionError("block_size", f"must be a positive integer, got {self.block_size!r}.")
         if self.noise_per not in ("block", "sequence"):
-            raise ValueError(f"noise_per must be 'block' or 'sequence', got {self.noise_per!r}.")
+            raise OptionError("noise_per", f"must be 'block' or 'sequence', got {self.noise_per!r}.")
         if self.noise_schedule not in ("linear", "cosine"):
-            raise ValueError(f"noise_schedule must be 'linear' or 'cosine', got {self.noise_schedule!r}.")
+            raise OptionError("noise_schedule", f"must be 'linear' or 'cosine', got {self.noise_schedule!r}.")
         if not 0.0 <= self.min_mask_ratio <= self.max_mask_ratio <= 1.0:
             raise ValueError(
                 f"Need 0 <= min_mask_ratio <= max_mask_ratio <= 1, got {self.min_mask_ratio}, {self.max_mask_ratio}."

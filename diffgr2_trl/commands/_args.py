@@ -186,15 +186,9 @@ def parse_command(
     if unknown:
         where = f"config file {config_path}" if config_path else "options"
         raise ValueError(f"Unknown arguments from {where}: {unknown}. Please remove them.")
+    from ..errors import OptionError, UserError
+
     try:
         return tuple(parser.parse_args_into_dataclasses(args=argv))
-    except ValueError as e:  # a dataclass's own check: name the option as it is spelled on the command line
-        from dataclasses import fields
-
-        from ..errors import UserError
-
-        msg = str(e)
-        names = {f.name for t in dataclass_types for f in fields(t)}
-        if not isinstance(e, UserError) and msg.split(" ", 1)[0] in names:
-            raise UserError(f"--{msg}") from e
-        raise
+    except OptionError as e:  # a dataclass's own check names its field: spell it as the command line does
+        raise UserError(f"--{e.option} {e.detail}") from e

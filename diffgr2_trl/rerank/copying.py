@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..block_diffusion.attention import cpu_gqa_attention
+from ..errors import OptionError
 from .midtrain import ItemPool, build_midtraining_rows, parse_task_mix
 from .parsing import parse_ranking
 from .prompts import RECOMMENDATIONS_OPEN, SID_RE
@@ -85,12 +86,12 @@ class CopyRecipe:
 
     def __post_init__(self) -> None:
         if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"schedule must be constant or cosine, got {self.schedule!r}.")
+            raise OptionError("schedule", f"must be constant or cosine, got {self.schedule!r}.")
         for name in ("batch_size", "max_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+                raise OptionError(name, f"must be >= 1, got {getattr(self, name)}.")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
+            raise OptionError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}.")
         parse_task_mix(self.mix)  # a bad mix fails here, not at the first step
         if self.mix_end is not None:
             parse_task_mix(self.mix_end)

@@ -15,6 +15,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from ..block_diffusion import BlockDiffusionSpec, align_completions, block_diffusion_loss, get_spec, set_spec
 from ..block_diffusion.convert import check_attention_honours_masks, convert_to_block_diffusion
+from ..errors import OptionError
 from ._launch import check_launch
 from ._paper import DIFFUSION_GR2_PAPER
 from ._quantized import keep_4bit_layers_trainable
@@ -85,9 +86,9 @@ class BlockDiffusionConfig(SFTConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.loss_normalization not in ("masked", "completion"):
-            raise ValueError(f"loss_normalization must be 'masked' or 'completion', got {self.loss_normalization!r}.")
+            raise OptionError("loss_normalization", f"must be 'masked' or 'completion', got {self.loss_normalization!r}.")
         if self.block_size is not None and self.block_size <= 0:
-            raise ValueError(f"block_size must be a positive integer, got {self.block_size}.")
+            raise OptionError("block_size", f"must be a positive integer, got {self.block_size}.")
 
 
 @dataclass

@@ -50,6 +50,7 @@ from trl.trainer.utils import nanstd
 from ..block_diffusion import BlockDecodingConfig, BlockDiffusionSampler, get_spec, left_pad
 from ..block_diffusion.convert import check_attention_honours_masks
 from ..block_diffusion.estimators import ESTIMATORS, check_estimator, estimate_token_logprobs
+from ..errors import OptionError
 from ._decoding_fields import trl_field
 from ._launch import check_launch
 from ._paper import DIFFUSION_GR2_PAPER
@@ -127,9 +128,9 @@ class DiffusionGRPOConfig(BlockDecodingConfig, GRPOConfig):
                              "the one the likelihood uses; leave block_size unset for training.")
         check_estimator(self.likelihood_estimator)
         if not 0.0 <= self.prompt_mask_prob < 1.0:
-            raise ValueError(f"prompt_mask_prob must be in [0, 1), got {self.prompt_mask_prob}.")
+            raise OptionError("prompt_mask_prob", f"must be in [0, 1), got {self.prompt_mask_prob}.")
         if self.elbo_samples < 1:
-            raise ValueError(f"elbo_samples must be >= 1, got {self.elbo_samples}.")
+            raise OptionError("elbo_samples", f"must be >= 1, got {self.elbo_samples}.")
         if self.top_p != 1.0 or self.min_p is not None or self.repetition_penalty != 1.0:
             raise ValueError("The block-diffusion sampler supports temperature and top_k only: leave top_p=1.0, "
                              "min_p=None and repetition_penalty=1.0.")

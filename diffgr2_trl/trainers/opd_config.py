@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from trl import DistillationConfig
 
 from ..block_diffusion import BlockDecodingConfig
+from ..errors import OptionError
 from ._decoding_fields import trl_field
 
 __all__ = ["REPLAY_MODES", "OnPolicyDistillationConfig"]
@@ -143,15 +144,15 @@ class OnPolicyDistillationConfig(BlockDecodingConfig, DistillationConfig):
         if isinstance(self.teacher_kwargs, str):
             self.teacher_kwargs = json.loads(self.teacher_kwargs)
         if self.num_generations <= 0:
-            raise ValueError(f"num_generations must be a positive integer, got {self.num_generations}.")
+            raise OptionError("num_generations", f"must be a positive integer, got {self.num_generations}.")
         if self.replay not in REPLAY_MODES:
-            raise ValueError(f"replay must be one of {REPLAY_MODES}, got {self.replay!r}.")
+            raise OptionError("replay", f"must be one of {REPLAY_MODES}, got {self.replay!r}.")
         if self.loss_temperature <= 0:
-            raise ValueError(f"loss_temperature must be > 0, got {self.loss_temperature}.")
+            raise OptionError("loss_temperature", f"must be > 0, got {self.loss_temperature}.")
         if self.teacher_top_k <= 0:
-            raise ValueError(f"teacher_top_k must be positive, got {self.teacher_top_k}.")
+            raise OptionError("teacher_top_k", f"must be positive, got {self.teacher_top_k}.")
         if self.max_prompt_length is not None and self.max_prompt_length <= 0:
-            raise ValueError(f"max_prompt_length must be positive, got {self.max_prompt_length}.")
+            raise OptionError("max_prompt_length", f"must be positive, got {self.max_prompt_length}.")
         if self.top_p != 1.0 or self.min_p is not None or self.repetition_penalty != 1.0:
             raise ValueError("The block-diffusion sampler supports temperature and top_k only: leave top_p=1.0, "
                              "min_p=None and repetition_penalty=1.0.")
