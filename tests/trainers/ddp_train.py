@@ -39,6 +39,7 @@ import torch
 from diffgr2_trl.block_diffusion import convert_to_block_diffusion, unwrap_model
 from diffgr2_trl.modeling import build_model
 from diffgr2_trl.synthetic import sort_example, sort_tokenizer
+from tests.helpers import leave_without_finalizing
 
 TRAINERS = ("cft", "opd", "grpo")
 SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -167,13 +168,7 @@ def main() -> None:
     for name in args.trainers:
         train(name, args.output_dir, args.per_device_train_batch_size, args.max_steps, args.use_cpu,
               args.gradient_accumulation_steps)
-    # Leave together, with gloo's threads stopped before interpreter exit: a rank once aborted at exit ("terminate
-    # called without an active exception", SIGABRT) after training and writing its record, under a loaded 2-core CI.
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_without_finalizing()
 
 
 if __name__ == "__main__":
