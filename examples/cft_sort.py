@@ -89,10 +89,6 @@ def main() -> None:
         for p, c in list(zip(prompts, texts))[:4]:
             print(f"{p}-> {c}")
         print(f"accuracy {accuracy:.3f} tokens/forward {tpf:.2f}", flush=True)
-    # Every rank leaves once rank 0 is done, with its process group destroyed: gloo threads left running at
-    # interpreter exit can abort a rank (SIGABRT) after its work is done.
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
