@@ -147,19 +147,22 @@ class _Stub:
                 try:
                     time.sleep(stub.slow_first if call == 1 else stub.sleep)
                     if call <= stub.fail_first:
-                        return self._send(503, {"error": "overloaded"})
-                    texts = stub.texts(body["prompt"]) if callable(stub.texts) else stub.texts
-                    choices = [
-                        {"index": i, "text": t, "finish_reason": "stop"} for i, t in enumerate(texts[: body["n"]])
-                    ]
-                    self._send(
-                        200, {"id": "cmpl-1", "object": "text_completion", "model": body["model"], "choices": choices}
-                    )
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
+                        code, payload = 503, {"error": "overloaded"}
+                    else:
+                        texts = stub.texts(body["prompt"]) if callable(stub.texts) else stub.texts
+                        choices = [{"index": i, "text": t, "finish_reason": "stop"}
+                                   for i, t in enumerate(texts[: body["n"]])]
+                        code, payload = 200, {"id": "cmpl-1", "object": "text_completion", "model": body["model"],
+                                              "choices": choices}
                 finally:
+                    # done before the answer leaves: a client that sends its next request on receiving this one must
+                    # not find it still counted (on loaded cores this thread can stall between the two)
                     with stub.lock:
                         stub.in_flight -= 1
+                try:
+                    self._send(code, payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
