@@ -297,7 +297,7 @@ def _evaluate_side_by_side(ctx: Context, d: Path, model: str, decoder: str, tau:
     args_file, _ = _evaluate_options(ctx, d, model, decoder, tau, tag="constrained", constrained=True, threads=1)
     log = d / "constrained.log"
     with open(log, "w") as out:
-        child = subprocess.Popen([sys.executable, "-m", "diffgr2_trl.cli", "evaluate", "--config", str(args_file)],
+        child = subprocess.Popen([sys.executable, "-m", "diffgr2_trl.commands.evaluate", "--config", str(args_file)],
                                  stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     threads = torch.get_num_threads()
     try:
