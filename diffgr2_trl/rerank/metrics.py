@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-__all__ = ["ndcg_at_k", "paired_bootstrap_ci", "rank_of", "recall_at_k", "summarize_ranks"]
+__all__ = ["copy_rate", "ndcg_at_k", "paired_bootstrap_ci", "paired_bootstrap_mean_ci", "rank_of", "ranking_agreement",
+           "recall_at_k", "summarize_ranks"]
 
 
 def recall_at_k(rank_of_target: int | None, k: int) -> float:
@@ -68,19 +69,59 @@ def paired_bootstrap_ci(
     same resample for both sides, so the interval reflects the per-example difference rather than two independent
     noises. Returns ``{"diff", "lo", "hi", "n"}`` (the observed difference and the percentile interval at ``level``).
     """
-    import numpy as np
-    from scipy.stats import bootstrap
-
     if len(ranks_a) != len(ranks_b):
         raise ValueError(f"paired bootstrap needs the same examples: {len(ranks_a)} vs {len(ranks_b)} ranks.")
     if not ranks_a:
         raise ValueError("paired bootstrap over no examples.")
     kind, k = metric.split("@")
     score = recall_at_k if kind == "R" else ndcg_at_k
-    sa = np.array([score(r, int(k)) for r in ranks_a])
-    sb = np.array([score(r, int(k)) for r in ranks_b])
+    return paired_bootstrap_mean_ci([score(r, int(k)) for r in ranks_a], [score(r, int(k)) for r in ranks_b],
+                                    n_boot, level, seed)
+
+
+def copy_rate(rankings: Sequence[Sequence[str] | None], candidates: Sequence[Sequence[str]]) -> float | None:
+    """Share of the valid rankings (``None``: invalid) that are their candidates' pre-rank order, verbatim: how often a
+    re-ranker returns its input. ``None`` when no ranking is valid."""
+    pairs = [(list(r), list(c)) for r, c in zip(rankings, candidates, strict=True) if r is not None]
+    return sum(r == c for r, c in pairs) / len(pairs) if pairs else None
+
+
+def _kendall_tau(a: Sequence[str], b: Sequence[str]) -> float:
+    pos = {x: i for i, x in enumerate(b)}
+    seq = [pos[x] for x in a]
+    n = len(seq)
+    if n < 2:
+        return 1.0
+    conc = sum(1 if seq[i] < seq[j] else -1 for i in range(n) for j in range(i + 1, n))
+    return conc / (n * (n - 1) / 2)
+
+
+def ranking_agreement(a: Sequence[Sequence[str] | None], b: Sequence[Sequence[str] | None]) -> dict[str, float | int]:
+    """Agreement of two re-rankers on the same rows, over the rows where both rankings are valid (not ``None``) and
+    rank the same items: ``top1`` (same first item), ``exact`` (same full ranking), ``kendall_tau`` (mean Kendall's
+    tau), ``n`` (rows compared). Values are ``nan`` when no row qualifies."""
+    if len(a) != len(b):
+        raise ValueError(f"ranking_agreement needs the same rows: {len(a)} vs {len(b)} rankings.")
+    pairs = [(list(x), list(y)) for x, y in zip(a, b) if x is not None and y is not None and sorted(x) == sorted(y)]
+    if not pairs:
+        return {"top1": math.nan, "exact": math.nan, "kendall_tau": math.nan, "n": 0}
+    return {"top1": sum(x[0] == y[0] for x, y in pairs) / len(pairs),
+            "exact": sum(x == y for x, y in pairs) / len(pairs),
+            "kendall_tau": sum(_kendall_tau(x, y) for x, y in pairs) / len(pairs), "n": len(pairs)}
+
+
+def paired_bootstrap_mean_ci(values_a: Sequence[float], values_b: Sequence[float], n_boot: int = 2000,
+                             level: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """Paired bootstrap of ``mean(a) - mean(b)`` for per-row values (e.g. 1.0 where a student's top-1 equals the
+    teacher's): ``{"diff", "lo", "hi", "n"}`` as :func:`paired_bootstrap_ci`."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    if len(values_a) != len(values_b) or not values_a:
+        raise ValueError(f"paired bootstrap needs the same, non-empty rows: {len(values_a)} vs {len(values_b)}.")
+    sa, sb = np.asarray(values_a, dtype=float), np.asarray(values_b, dtype=float)
     diff = float(sa.mean() - sb.mean())
-    if len(sa) == 1:  # scipy needs two examples; every resample of one is that example
+    if len(sa) == 1:
         return {"diff": diff, "lo": diff, "hi": diff, "n": 1}
     res = bootstrap((sa, sb), lambda x, y, axis: x.mean(axis) - y.mean(axis), n_resamples=n_boot, paired=True,
                     vectorized=True, confidence_level=level, method="percentile", rng=np.random.default_rng(seed))

@@ -17,6 +17,7 @@ the target (or keeps it first when it already was); otherwise the offline trace 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from diffgr2_trl.rerank.evidence import AttributeRarity, EvidenceRanker, grouped_ranking, strongest_link
 from diffgr2_trl.rerank.parsing import parse_ranking
 from diffgr2_trl.rerank.prompts import ItemText, format_completion, parse_prompt, target_ranking
 from diffgr2_trl.rerank.scoring import rank_promotion_score
@@ -150,7 +152,49 @@ def _attrs(candidates: Sequence[ItemText], sid: str) -> tuple[str, ...]:
     return next((c.attrs for c in candidates if c.sid == sid), ())
 
 
-TARGET_RULES = ("label", "supported")
+TARGET_RULES = ("label", "supported", "evidence")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evidence traces: the ranking follows from the prompt (targets="evidence")
+# ----------------------------------------------------------------------------------------------------------------
+
+_LEVEL_RE = re.compile(r"(<a_\d+><b_\d+><c_\d+><d_\d+>) (?:none|<attr_\d+> (?:last|\d+ back)) L(\d+)")
+
+
+def evidence_explanation(history: Sequence[ItemText], candidates: Sequence[ItemText], levels: Sequence[int],
+                         rarity: AttributeRarity) -> str:
+    """The trace of an evidence ranking: every candidate, in pre-rank order, with the rarest attribute token it shares
+    with the history (and how far back), then its level; the ranking that follows is those candidates grouped by level,
+    highest first, pre-rank order inside a level (:func:`~diffgr2_trl.rerank.evidence.grouped_ranking`).
+
+    Everything it writes is copied from the prompt except the levels, so the answer is a copy of an order the trace
+    has already written. :func:`explanation_levels` reads the levels back; the two never disagree (tested).
+    """
+    if len(levels) != len(candidates):
+        raise ValueError(f"{len(candidates)} candidates but {len(levels)} levels.")
+    last = f"last bought {history[-1].sid}" if history else "no history"
+    entries = []
+    for cand, level in zip(candidates, levels):
+        link = strongest_link(history, cand, rarity)
+        where = "none" if link is None else f"{link[0]} {'last' if link[1] == 0 else f'{link[1] + 1} back'}"
+        entries.append(f"{cand.sid} {where} L{level}")
+    order = ", then ".join(f"L{lv}" for lv in sorted(set(levels), reverse=True))
+    return f"1) History: {last}. 2) Links: {'; '.join(entries)}. 3) Rank {order}, pre-rank order within each."
+
+
+def explanation_levels(explanation: str) -> dict[str, int]:
+    """The level :func:`evidence_explanation` gave each candidate, read back from its text (``{sid: level}``)."""
+    return {sid: int(level) for sid, level in _LEVEL_RE.findall(explanation)}
+
+
+def evidence_completion(history: Sequence[ItemText], candidates: Sequence[ItemText], ranker: EvidenceRanker,
+                        fold: int | None = None) -> tuple[str, list[str]]:
+    """``(completion, ranking)`` of one prompt under ``ranker`` (``fold``: a cross-fitting model, for train rows)."""
+    levels = ranker.levels(history, candidates, fold)
+    ranking = grouped_ranking([c.sid for c in candidates], levels)
+    return format_completion(evidence_explanation(history, candidates, levels, ranker.rarity), ranking), ranking
+
 
 
 def supported_ranking(history: Sequence[ItemText], candidates: Sequence[ItemText], target: str) -> list[str]:
