@@ -47,8 +47,9 @@ class EvaluateArguments:
             either decoder (see :mod:`diffgr2_trl.rerank.constraints`); the unconstrained numbers are the paper's.
         threads: torch intra-op CPU threads (0: torch's default).
         json: write ``{"n", "metrics", "prerank", ...}`` here (atomically).
-        outputs: also write the decoded texts (a JSON list of {user_id, completion, valid, error, rank, prerank_rank},
-            0-based ranks of the target after re-ranking and in the pre-rank order) to this path.
+        outputs: also write the decoded texts (a JSON list of {user_id, completion, valid, error, rank, prerank_rank,
+            ranking, copy}: 0-based ranks of the target after re-ranking and in the pre-rank order, the parsed ranking
+            or null when invalid, and whether it is the pre-rank order verbatim) to this path.
     """
 
     model_name_or_path: str = field(metadata={"help": "Model directory."})
@@ -142,7 +143,9 @@ def run(args: EvaluateArguments, decoding: BlockDecodingConfig) -> dict[str, Any
             parsed = parse_ranking(text, row["candidates"])
             records.append(
                 dict(user_id=row["user_id"], completion=text, valid=parsed.valid, error=parsed.error, rank=rank,
-                     prerank_rank=row["candidates"].index(row["target"]))
+                     prerank_rank=row["candidates"].index(row["target"]),
+                     ranking=parsed.ranking if parsed.valid else None,
+                     copy=parsed.valid and parsed.ranking == list(row["candidates"]))
             )
         write_json_atomic(records, args.outputs)
     return result

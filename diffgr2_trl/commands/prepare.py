@@ -43,7 +43,11 @@ class PrepareArguments:
         targets: the training completions' rankings: ``label`` puts the true next item first (an oracle trace: it also
             promotes targets no evidence in the prompt points to), ``supported`` only where the prompt's brand/category
             evidence singles the target out, else keeps the pre-rank order
-            (:func:`diffgr2_trl.rerank.traces.supported_ranking`; results/copy_learning.md measures both).
+            (:func:`diffgr2_trl.rerank.traces.supported_ranking`; results/copy_learning.md measures both), or
+            ``evidence``: the ranking of a label-free procedure fitted on the train split
+            (:mod:`diffgr2_trl.rerank.evidence`), whose trace states each candidate's evidence and level, so the
+            ranking follows from the prompt.
+        evidence_levels: levels the evidence ranker groups the candidates into (2: promote / keep).
         match_positions: subsample train so the pre-rank position of the target follows this split's histogram
             (``none`` keeps the raw split; see :func:`diffgr2_trl.rerank.pipeline_data.match_target_positions`).
         codebook_size: semantic-ID codes per level (small catalogues need fewer).
@@ -74,8 +78,12 @@ class PrepareArguments:
     id_line: bool = field(default=True, metadata={"help": "Add a line with the candidate IDs as the answer writes them."})
     targets: str = field(
         default="label",
-        metadata={"help": "Completion rankings: label (true next item first) or supported (only where evidence "
-                          "singles it out).", "choices": ["label", "supported"]},
+        metadata={"help": "Completion rankings: label (true next item first), supported (only where evidence "
+                          "singles it out) or evidence (a label-free ranker fitted on train; its trace states each "
+                          "candidate's evidence and level).", "choices": ["label", "supported", "evidence"]},
+    )
+    evidence_levels: int = field(
+        default=3, metadata={"help": "Levels the evidence ranker groups candidates into (targets=evidence)."}
     )
     match_positions: str = field(
         default="none",
@@ -165,6 +173,7 @@ def run(args: PrepareArguments) -> dict[str, Any]:
         mid_mix=args.mid_mix,
         id_line=args.id_line,
         targets=args.targets,
+        evidence_levels=args.evidence_levels,
         provenance=inputs,
     )
     _print_summary(summary, time.perf_counter() - t0)

@@ -36,7 +36,8 @@ def _plot_curves(run: Path, records: dict[str, dict | None]) -> list[str]:
     made = []
     for stage, title in CURVES.items():
         hist = [h for h in _log_history(records.get(stage)) if "step" in h]
-        keys = [k for k in ("loss", "reward", "kl", "loss_answer", "loss_reasoning") if any(k in h for h in hist)]
+        keys = [k for k in ("loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "loss_answer",
+                            "loss_reasoning") if any(k in h for h in hist)]
         if not keys:
             continue
         fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
@@ -85,15 +86,21 @@ def _plot_speed(run: Path, rows: list[dict]) -> str | None:
 CONSTRAINED = ":constrained"  # suffix of a stage's constrained row in the CI table
 
 
-def _eval_ranks(run: Path, stage: str) -> tuple[list[int], list[int], list[int]] | None:
-    """(user ids, ranks, pre-rank ranks) of one evaluation stage's rows, or ``None`` when it wrote none.
-    ``STAGE:constrained`` reads that stage's constrained evaluation."""
-    if stage == "baseline":
-        p = run / "baseline" / "eval.json"
+REFERENCE_STAGES = ("baseline", "reference")  # rows computed without a model: RUN/<stage>/eval.json
+
+
+def _eval_rows(run: Path, stage: str) -> dict[str, list] | None:
+    """``{"users", "ranks", "prerank", "rankings", "copy_rate"}`` of one evaluation stage's rows (``rankings[i]``: the
+    parsed ranking, ``None`` when invalid; ``copy_rate``: share of the valid rankings that are the pre-rank order), or
+    ``None`` when it wrote none. ``STAGE:constrained`` reads that stage's constrained
+    evaluation."""
+    if stage in REFERENCE_STAGES:
+        p = run / stage / "eval.json"
         if not p.exists():
             return None
         r = json.loads(p.read_text())
-        return r["user_ids"], r["ranks"], r["prerank_ranks"]
+        return {"users": r["user_ids"], "ranks": r["ranks"], "prerank": r["prerank_ranks"],
+                "rankings": r.get("rankings"), "copy_rate": (r.get("metrics") or {}).get("copy_rate")}
     stage, constrained, _ = stage.partition(CONSTRAINED)
     p = run / stage / ("constrained_outputs.json" if constrained else "eval_outputs.json")
     if not p.exists():
@@ -101,27 +108,73 @@ def _eval_ranks(run: Path, stage: str) -> tuple[list[int], list[int], list[int]]
     recs = json.loads(p.read_text())
     if not recs or "prerank_rank" not in recs[0]:
         return None
-    return [r["user_id"] for r in recs], [r["rank"] for r in recs], [r["prerank_rank"] for r in recs]
+    copies = [r["copy"] for r in recs if r.get("valid") and "copy" in r]
+    return {"users": [r["user_id"] for r in recs], "ranks": [r["rank"] for r in recs],
+            "prerank": [r["prerank_rank"] for r in recs],
+            "rankings": [r["ranking"] for r in recs] if "ranking" in recs[0] else None,
+            "copy_rate": sum(copies) / len(copies) if copies else None}
+
+
+def _eval_ranks(run: Path, stage: str) -> tuple[list[int], list[int], list[int]] | None:
+    """(user ids, ranks, pre-rank ranks) of one evaluation stage's rows (:func:`_eval_rows`)."""
+    r = _eval_rows(run, stage)
+    return None if r is None else (r["users"], r["ranks"], r["prerank"])
+
+
+def _teacher_stage(stage: str) -> str:
+    return "eval_ar" + (CONSTRAINED if stage.endswith(CONSTRAINED) else "")
 
 
 def _confidence_intervals(run: Path, stages: list[str]) -> dict[str, dict]:
-    """Paired bootstrap 95% CIs of each row's R@1 difference to the floor and to the AR teacher (same rows); a
-    constrained row (``STAGE:constrained``) is compared with the constrained AR teacher, like with like."""
-    from ..rerank.metrics import paired_bootstrap_ci
+    """Per row of the table: paired bootstrap 95% CIs of its R@1 and R@3 differences to the floor and its R@1
+    difference to the AR teacher (same rows); its copy rate; and its agreement with the AR teacher (top-1, exact,
+    Kendall's tau over the rows where both rankings are valid). A constrained row (``STAGE:constrained``) is compared
+    with the constrained AR teacher, like with like."""
+    from ..rerank.metrics import paired_bootstrap_ci, ranking_agreement
 
     stages = [*stages, *(s + CONSTRAINED for s in stages)]
-    ranks = {s: _eval_ranks(run, s) for s in stages}
+    rows = {s: _eval_rows(run, s) for s in stages}
     out: dict[str, dict] = {}
-    for stage, r in ranks.items():
+    for stage, r in rows.items():
         if r is None:
             continue
-        users, rk, pre = r
-        teacher_stage = "eval_ar" + (CONSTRAINED if stage.endswith(CONSTRAINED) else "")
-        teacher = ranks.get(teacher_stage)
-        out[stage] = {"vs_floor": paired_bootstrap_ci(rk, pre)}
-        if teacher is not None and stage != teacher_stage and teacher[0] == users:
-            out[stage]["vs_teacher"] = paired_bootstrap_ci(rk, teacher[1])
+        out[stage] = {"vs_floor": paired_bootstrap_ci(r["ranks"], r["prerank"]),
+                      "r3_vs_floor": paired_bootstrap_ci(r["ranks"], r["prerank"], metric="R@3")}
+        rankings = r.get("rankings")
+        out[stage]["copy_rate"] = r.get("copy_rate")
+        teacher = rows.get(_teacher_stage(stage))
+        if teacher is not None and stage != _teacher_stage(stage) and teacher["users"] == r["users"]:
+            out[stage]["vs_teacher"] = paired_bootstrap_ci(r["ranks"], teacher["ranks"])
+            if rankings is not None and teacher.get("rankings") is not None:
+                out[stage]["agreement"] = ranking_agreement(rankings, teacher["rankings"])
+    gain = _agreement_gain(rows.get("eval_opd"), rows.get("eval_cft"), rows.get("eval_ar"))
+    if gain is not None:
+        out["opd_vs_cft_agreement"] = gain
     return out
+
+
+def _agreement_gain(student: dict | None, before: dict | None, teacher: dict | None) -> dict | None:
+    """Paired bootstrap CI of the difference in top-1 agreement with the teacher between two students, over the rows
+    where the teacher's ranking is valid (a student's invalid ranking counts as disagreeing)."""
+    from ..rerank.metrics import paired_bootstrap_mean_ci
+
+    if not (student and before and teacher) or any(x.get("rankings") is None for x in (student, before, teacher)):
+        return None
+    if not (student["users"] == before["users"] == teacher["users"]):
+        return None
+
+    def top1(x: list | None, t: list) -> float:
+        return float(x is not None and x[0] == t[0])
+
+    keep = [i for i, t in enumerate(teacher["rankings"]) if t is not None]
+    if not keep:
+        return None
+    return paired_bootstrap_mean_ci([top1(student["rankings"][i], teacher["rankings"][i]) for i in keep],
+                                    [top1(before["rankings"][i], teacher["rankings"][i]) for i in keep])
+
+
+def _fmt_share(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{x:.3f}"  # x != x: nan (no row where both rankings are valid)
 
 
 def _fmt_ci(ci: dict | None) -> str:
@@ -159,14 +212,29 @@ def _targets(evals: dict, floor: dict | None, decode_rows: list[dict], cis: dict
             f"{gain * 100:+.2f} points, CI {_fmt_ci(ci)}", met)
     if teacher and floor and wanted.get("teacher_r1_ci_lo_points") is not None:
         ci = (cis.get("eval_ar") or {}).get("vs_floor")
-        lo = wanted["teacher_r1_ci_lo_points"]
-        met = teacher["R@1"] >= floor["R@1"] and bool(ci) and ci["lo"] * 100 >= lo
-        add(f"AR teacher R@1 >= floor, lower end of its 95% CI >= {lo:+.1f} point", f"CI {_fmt_ci(ci)}", met,
-            vacuous=not teacher.get("valid_rate"))
+        lo, gain_min = wanted["teacher_r1_ci_lo_points"], wanted.get("teacher_r1_min_gain_points") or 0.0
+        gain = (teacher["R@1"] - floor["R@1"]) * 100
+        met = gain >= gain_min and bool(ci) and ci["lo"] * 100 >= lo
+        add(f"AR teacher R@1 >= floor + {gain_min:g} point{'s' if gain_min != 1 else ''}, lower end of its 95% CI "
+            f">= {lo:+.1f} point", f"{gain:+.2f} points, CI {_fmt_ci(ci)}", met, vacuous=not teacher.get("valid_rate"))
     if teacher and floor and wanted.get("teacher_r3_gain_points") is not None and "R@3" in floor:
         gain3 = (teacher["R@3"] - floor["R@3"]) * 100
-        add(f"AR teacher R@3 >= floor + {wanted['teacher_r3_gain_points']} point", f"{gain3:+.2f} points",
-            gain3 >= wanted["teacher_r3_gain_points"])
+        ci3 = (cis.get("eval_ar") or {}).get("r3_vs_floor")
+        lo3 = wanted.get("teacher_r3_ci_lo_points")
+        met = gain3 >= wanted["teacher_r3_gain_points"] and (lo3 is None or (bool(ci3) and ci3["lo"] * 100 > lo3))
+        add(f"AR teacher R@3 >= floor + {wanted['teacher_r3_gain_points']} point"
+            + (f", lower end of its 95% CI > {lo3:+.1f}" if lo3 is not None else ""),
+            f"{gain3:+.2f} points" + (f", CI {_fmt_ci(ci3)}" if ci3 else ""), met)
+    copy = (cis.get("eval_ar") or {}).get("copy_rate")
+    if copy is not None and wanted.get("teacher_copy_rate_max") is not None:
+        add(f"AR teacher copy rate < {wanted['teacher_copy_rate_max']:.0%} (valid rankings equal to the pre-rank order)",
+            f"{copy:.1%}", copy < wanted["teacher_copy_rate_max"])
+    reference = (evals.get("reference") or {}).get("metrics")
+    if reference and floor and wanted.get("reference_r1_gain_points") is not None:
+        gain = (reference["R@1"] - floor["R@1"]) * 100
+        add(f"evidence ranker (the traces' procedure) R@1 >= floor + {wanted['reference_r1_gain_points']} points",
+            f"{gain:+.2f} points, CI {_fmt_ci((cis.get('reference') or {}).get('vs_floor'))}",
+            gain >= wanted["reference_r1_gain_points"])
     cft = (evals.get("eval_cft") or {}).get("metrics")
     if cft and wanted.get("cft_valid") is not None:
         add(f"+ CFT valid >= {wanted['cft_valid']:.0%} at tau=0.9", f"{cft['valid_rate']:.1%}",
@@ -179,6 +247,20 @@ def _targets(evals: dict, floor: dict | None, decode_rows: list[dict], cis: dict
         ratio = final["R@1"] / teacher["R@1"] if teacher["R@1"] else float("nan")
         add(f"final R@1 >= {wanted['final_vs_teacher']:.0%} of the AR teacher's", f"{ratio:.1%}",
             ratio >= wanted["final_vs_teacher"], vacuous=on_floor)
+    if final and teacher and floor and wanted.get("final_r3_vs_teacher") is not None:
+        t3, f3 = teacher["R@3"] - floor["R@3"], final["R@3"] - floor["R@3"]
+        share = f3 / t3 if t3 > 0 else float("nan")
+        add(f"final ΔR@3 >= {wanted['final_r3_vs_teacher']:.0%} of the AR teacher's",
+            f"{f3 * 100:+.2f} vs {t3 * 100:+.2f} points" + (f" ({share:.0%})" if t3 > 0 else " (teacher gains nothing)"),
+            t3 > 0 and f3 >= wanted["final_r3_vs_teacher"] * t3)
+    agree = (cis.get("eval_rl") or {}).get("agreement")
+    if agree and wanted.get("final_top1_agreement") is not None:
+        add(f"final top-1 agreement with the AR teacher >= {wanted['final_top1_agreement']:.0%}",
+            f"{agree['top1']:.1%} of {agree['n']} rows", agree["top1"] >= wanted["final_top1_agreement"])
+    opd_gain = cis.get("opd_vs_cft_agreement")
+    if opd_gain and wanted.get("opd_agreement_gain"):
+        add("OPD raises top-1 agreement with the AR teacher over CFT, 95% CI excluding 0",
+            f"{_fmt_ci(opd_gain)} points", opd_gain["lo"] > 0)
     if final and wanted.get("final_valid") is not None:
         add(f"final valid >= {wanted['final_valid']:.1%} at tau=0.9", f"{final['valid_rate']:.1%}",
             final["valid_rate"] >= wanted["final_valid"])
@@ -282,15 +364,19 @@ def write_report(run: str | Path, preset: str, config: dict[str, Any]) -> dict:
               "Glossary: *floor* = the pre-ranker's own order of the 10 candidates (what a re-ranker must beat); "
               "*R@k* = share of rows with the target in the top k; *N@k* = NDCG@k with one relevant item "
               "(1/log2(rank+2)); *valid* = share of outputs that parse as a permutation of the candidates; "
-              "*ΔR@1 [95% CI]* = R@1 difference in points with its paired bootstrap interval (2,000 resamples).", ""]
+              "*ΔR@1 [95% CI]* = R@1 difference in points with its paired bootstrap interval (2,000 resamples); "
+              "*copy rate* = share of the valid rankings that are the pre-rank order verbatim; *agreement* = with the "
+              "AR teacher (the constrained teacher for constrained rows) over the rows where both rankings are valid: "
+              "same first item, same full ranking, mean Kendall's tau.", ""]
     errs = sorted({k for e in evals.values() if e for k in (e["metrics"].get("errors") or {})}
                   | {k for e in evals.values() if e and e.get("constrained")
                      for k in (e["constrained"]["metrics"].get("errors") or {})})
-    header = ["row", *METRICS, "valid", "ΔR@1 vs floor", "ΔR@1 vs AR teacher", *errs]
+    header = ["row", *METRICS, "valid", "ΔR@1 vs floor", "ΔR@3 vs floor", "ΔR@1 vs AR teacher", "copy rate",
+              "top-1 agreement", "exact agreement", "Kendall τ", *errs]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     if floor:
-        lines.append("| pre-rank order (floor) | " + " | ".join(_fmt(floor.get(k)) for k in METRICS) + " | - | - | - |"
-                     + " - |" * len(errs))
+        lines.append("| pre-rank order (floor) | " + " | ".join(_fmt(floor.get(k)) for k in METRICS) + " | - | - | - | - |"
+                     " 1.000 | - | - | - |" + " - |" * len(errs))
     for label, stage in TABLE_ROWS:
         e = evals.get(stage)
         if not e:
@@ -301,9 +387,13 @@ def write_report(run: str | Path, preset: str, config: dict[str, Any]) -> dict:
             paired.append((f"{label}, constrained", e["constrained"]["metrics"], cis.get(stage + CONSTRAINED) or {}))
         for row_label, m, ci in paired:
             err = m.get("errors") or {}
+            agree = ci.get("agreement") or {}
             lines.append(f"| {row_label} | " + " | ".join(_fmt(m.get(k)) for k in METRICS)
                          + f" | {_fmt(m.get('valid_rate'), 3)} | {_fmt_ci(ci.get('vs_floor'))} | "
-                         + f"{_fmt_ci(ci.get('vs_teacher'))} | " + " | ".join(_fmt(err.get(k, 0)) for k in errs) + " |")
+                         + f"{_fmt_ci(ci.get('r3_vs_floor'))} | {_fmt_ci(ci.get('vs_teacher'))} | "
+                         + f"{_fmt(ci.get('copy_rate'), 3)} | {_fmt_share(agree.get('top1'))} | "
+                         + f"{_fmt_share(agree.get('exact'))} | {_fmt_share(agree.get('kendall_tau'))} | "
+                         + " | ".join(_fmt(err.get(k, 0)) for k in errs) + " |")
     if decode_rows:
         n_speed = next((r.get("n") for r in decode_rows if r.get("n")), None)
         batches = sorted({r["batch_size"] for r in decode_rows if r.get("batch_size")})

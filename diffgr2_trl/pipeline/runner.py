@@ -202,7 +202,21 @@ def stage_baseline(ctx: Context, d: Path) -> dict:
     values = ctx.stage("evaluate")
     result = evaluate_logistic(ctx.prepared, split=values.get("split", "test"), limit=values.get("limit"))
     atomic_write_text(d / "eval.json", json.dumps(result, indent=2))
-    return {k: v for k, v in result.items() if k not in ("ranks", "prerank_ranks", "user_ids")}
+    return {k: v for k, v in result.items() if k not in ("ranks", "prerank_ranks", "user_ids", "rankings")}
+
+
+def stage_reference(ctx: Context, d: Path) -> dict:
+    """The evidence ranker the training traces follow (``prepare.targets: evidence``), on the evaluation rows: the
+    reference row of what the teacher imitates. Skipped when the traces come from another rule."""
+    from ..rerank.baselines import evaluate_evidence_ranker
+    from ..rerank.pipeline_data import load_summary
+
+    if load_summary(ctx.prepared).get("targets") != "evidence":
+        return {"skipped": "the training traces do not follow the evidence ranker (prepare.targets is not evidence)"}
+    values = ctx.stage("evaluate")
+    result = evaluate_evidence_ranker(ctx.prepared, split=values.get("split", "test"), limit=values.get("limit"))
+    atomic_write_text(d / "eval.json", json.dumps(result, indent=2))
+    return {k: v for k, v in result.items() if k not in ("ranks", "prerank_ranks", "user_ids", "rankings")}
 
 
 def stage_ar_rl(ctx: Context, d: Path) -> dict:

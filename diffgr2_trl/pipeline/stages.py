@@ -79,6 +79,7 @@ def _eval(name: str, model_stage: str, decoder: str, row: str) -> Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", "prepare"),
     Stage("baseline", "evaluate", ("prepare",), report_row="logistic re-ranker (6 features)"),
+    Stage("reference", "evaluate", ("prepare",), report_row="evidence ranker (what the traces teach)"),
     Stage("ar_mid", "ar_mid", ("prepare",)),
     Stage("ar_sft", "ar_sft", ("prepare", "ar_mid")),
     Stage("ar_rl", "ar_rl", ("prepare", "ar_sft")),

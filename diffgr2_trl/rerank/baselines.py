@@ -108,11 +108,12 @@ def popularity_counts(train_sequences: Mapping[int, Sequence[int]]) -> Counter:
 def evaluate_logistic(prepared_dir, split: str = "test", limit: int | None = None, max_history: int = 20) -> dict:
     """Fit :class:`LogisticReRanker` on a prepared directory's train split and rank ``split``'s first ``limit`` rows.
 
-    Returns ``{"n", "metrics", "prerank", "ranks", "prerank_ranks", "user_ids", "coefficients"}``; rows line up with
+    Returns ``{"n", "metrics", "prerank", "ranks", "prerank_ranks", "user_ids", "rankings", "coefficients"}``
+    (``rankings``: semantic IDs, best first); rows line up with
     ``diffgr2 evaluate`` on the same split and limit (both read the examples in the prepared order).
     """
     from .candidates import SPLITS, load_prepared, load_train_sequences
-    from .metrics import summarize_ranks
+    from .metrics import copy_rate, summarize_ranks
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
@@ -126,12 +127,46 @@ def evaluate_logistic(prepared_dir, split: str = "test", limit: int | None = Non
     train = prepared.examples["train"]
     model = LogisticReRanker().fit([feats(ex) for ex in train], [ex["candidates"].index(ex["target"]) for ex in train])
     rows = prepared.examples[split][:limit] if limit is not None else prepared.examples[split]
-    ranks, pre = [], []
+    ranks, pre, rankings = [], [], []
     for ex in rows:
         order = model.rerank(feats(ex))
         t = ex["candidates"].index(ex["target"])
         ranks.append(order.index(t))
         pre.append(t)
-    return {"n": len(rows), "metrics": {**summarize_ranks(ranks), "valid_rate": 1.0}, "prerank": summarize_ranks(pre),
-            "ranks": ranks, "prerank_ranks": pre, "user_ids": [int(ex["user_id"]) for ex in rows],
+        rankings.append([sids.encode(ex["candidates"][i]) for i in order])
+    copy = copy_rate(rankings, [[sids.encode(c) for c in ex["candidates"]] for ex in rows])
+    return {"n": len(rows), "metrics": {**summarize_ranks(ranks), "valid_rate": 1.0, "copy_rate": copy},
+            "prerank": summarize_ranks(pre), "ranks": ranks, "prerank_ranks": pre,
+            "user_ids": [int(ex["user_id"]) for ex in rows], "rankings": rankings,
             "coefficients": model.coefficients(), "train_examples": len(train)}
+
+
+def evaluate_evidence_ranker(prepared_dir, split: str = "test", limit: int | None = None) -> dict:
+    """The evidence ranker a ``targets="evidence"`` preparation fitted (:mod:`~diffgr2_trl.rerank.evidence`), applied to
+    each prepared row's **prompt** (nothing else of the row is read but the target, for scoring): the ranking the
+    traces teach, i.e. what a teacher imitating them could reach. Same return layout as :func:`evaluate_logistic`, plus
+    ``score_metrics``: the continuous score's ranking (the procedure before it is cut into levels)."""
+    from .metrics import copy_rate, summarize_ranks
+    from .pipeline_data import load_evidence_ranker, load_split
+    from .prompts import parse_prompt
+
+    ranker = load_evidence_ranker(prepared_dir)
+    ds = load_split(prepared_dir, split)
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    rows = ds.select_columns(["prompt", "candidates", "target", "user_id"]).to_list()
+    ranks, score_ranks, pre, rankings = [], [], [], []
+    for row in rows:
+        history, cands = parse_prompt(row["prompt"])
+        if [c.sid for c in cands] != list(row["candidates"]):
+            raise ValueError(f"user {row['user_id']}: the prompt's candidates differ from the row's 'candidates' column.")
+        ranking = ranker.ranking(history, cands)
+        rankings.append(ranking)
+        ranks.append(ranking.index(row["target"]))
+        score_ranks.append(ranker.score_ranking(history, cands).index(row["target"]))
+        pre.append(list(row["candidates"]).index(row["target"]))
+    copy = copy_rate(rankings, [r["candidates"] for r in rows])
+    return {"n": len(rows), "metrics": {**summarize_ranks(ranks), "valid_rate": 1.0, "copy_rate": copy},
+            "score_metrics": summarize_ranks(score_ranks), "prerank": summarize_ranks(pre), "ranks": ranks,
+            "prerank_ranks": pre, "user_ids": [int(r["user_id"]) for r in rows], "rankings": rankings,
+            "levels": ranker.n_levels, "thresholds": ranker.thresholds}

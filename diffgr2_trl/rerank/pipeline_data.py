@@ -8,6 +8,7 @@ into place, so an interrupted run never leaves a half-written directory that a l
     DIR/datasets/{train,valid,test}/        datasets.Dataset.save_to_disk
     DIR/datasets/{train,valid,test}.jsonl   the same rows, for reading with one's eyes (and ``trl`` CLIs)
     DIR/tokenizer/                          the local BPE tokenizer (tokenizer.train_rerank_tokenizer)
+    DIR/evidence_ranker.pkl                 with targets="evidence": the fitted procedure the traces follow
     DIR/summary.json                        statistics, pre-rank floor, token lengths; its presence marks "complete"
 
 Columns of every split: ``prompt`` (plain text), ``completion`` (offline trace + target ranking, canonical JSON),
@@ -34,15 +35,17 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .candidates import SPLITS, PreparedData, load_prepared, write_jsonl
+from .evidence import AttributeRarity, EvidenceRanker
 from .metrics import summarize_ranks
-from .prompts import RECOMMENDATIONS_OPEN, build_rerank_row
+from .prompts import RECOMMENDATIONS_OPEN, build_rerank_row, parse_prompt, to_items
 from .semantic_ids import SemanticIds
-from .traces import TARGET_RULES, offline_explanation, supported_ranking
+from .traces import TARGET_RULES, evidence_completion, offline_explanation, supported_ranking
 
 __all__ = [
     "COLUMNS",
     "build_pipeline_data",
     "build_rows",
+    "fit_evidence_ranker",
     "is_complete",
     "load_split",
     "load_tokenizer",
@@ -52,28 +55,69 @@ __all__ = [
 
 COLUMNS = ("prompt", "completion", "candidates", "target", "answer_start", "user_id")
 SUMMARY = "summary.json"
+EVIDENCE_RANKER = "evidence_ranker.pkl"
+
+
+def copy_rate(rows: Sequence[dict]) -> float:
+    """Share of rows whose completion ranks the candidates in their pre-rank order (the "copy the input" rate)."""
+    from .parsing import parse_ranking
+
+    if not rows:
+        return 0.0
+    return sum(parse_ranking(r["completion"], r["candidates"]).ranking == list(r["candidates"]) for r in rows) / len(rows)
 
 
 def build_rows(
     examples: Sequence[dict], sids: SemanticIds, max_history: int | None = 20, progress: bool = False, desc: str = "",
-    id_line: bool = True, targets: str = "label",
+    id_line: bool = True, targets: str = "label", ranker: EvidenceRanker | None = None, cross_fitted: bool = False,
+    store: str | None = None,
 ) -> list[dict[str, Any]]:
     """Dataset rows (see the module docstring) for ``{"user_id", "history", "candidates", "target"}`` examples.
 
-    ``targets``: the completions' rankings, ``label`` (the true next item first, :func:`~.prompts.target_ranking`) or
-    ``supported`` (only where the prompt's evidence singles it out, :func:`~.traces.supported_ranking`).
+    ``targets``: the completions' rankings, ``label`` (the true next item first, :func:`~.prompts.target_ranking`),
+    ``supported`` (only where the prompt's evidence singles it out, :func:`~.traces.supported_ranking`) or
+    ``evidence`` (``ranker``'s label-free ranking with its evidence trace, :func:`~.traces.evidence_completion`).
+    ``cross_fitted``: the examples are ``ranker``'s own training rows, so each row's trace comes from the cross-fitting
+    model that did not see it (fold ``user_id % 2``). ``store``: what the prompt's role line says is sold.
     """
     if targets not in TARGET_RULES:
         raise ValueError(f"targets must be one of {TARGET_RULES}, got {targets!r}.")
+    if targets == "evidence" and ranker is None:
+        raise ValueError("targets='evidence' needs a fitted EvidenceRanker (ranker=...).")
     ranking = supported_ranking if targets == "supported" else None
     rows = []
     for ex in tqdm(examples, desc=desc or "rows", disable=not progress, leave=False):
-        row = build_rerank_row(ex, sids.encode, sids.attribute_tokens, max_history, explanation=offline_explanation,
-                               id_line=id_line, ranking=ranking)
+        if targets == "evidence":
+            row = build_rerank_row(ex, sids.encode, sids.attribute_tokens, max_history, id_line=id_line, store=store)
+            history, cands = parse_prompt(row["prompt"])
+            row["completion"], _ = evidence_completion(history, cands, ranker,
+                                                       fold=int(ex["user_id"]) % 2 if cross_fitted else None)
+        else:
+            row = build_rerank_row(ex, sids.encode, sids.attribute_tokens, max_history, explanation=offline_explanation,
+                                   id_line=id_line, ranking=ranking, store=store)
         row["answer_start"] = row["completion"].index(RECOMMENDATIONS_OPEN)
         row["user_id"] = int(ex["user_id"])
         rows.append({k: row[k] for k in COLUMNS})
     return rows
+
+
+def fit_evidence_ranker(prepared: PreparedData, max_history: int | None = 20, n_levels: int = 3,
+                        seed: int = 0) -> EvidenceRanker:
+    """Fit :class:`~.evidence.EvidenceRanker` on the prepared train split, with attribute rarity from the training
+    sequences' items. Prompts show at most ``max_history`` history items, so the features see exactly those."""
+    from .candidates import load_train_sequences
+
+    sids = prepared.semantic_ids
+    items = {i for seq in load_train_sequences(prepared.out_dir).values() for i in seq}
+    rarity = AttributeRarity.from_items(sids.attribute_tokens(i) for i in sorted(items))
+    rows, groups = [], []
+    for ex in prepared.examples["train"]:
+        history = to_items(list(ex["history"])[-max_history:] if max_history else ex["history"], sids.encode,
+                           sids.attribute_tokens)
+        cands = to_items(ex["candidates"], sids.encode, sids.attribute_tokens)
+        rows.append((history, cands, list(ex["candidates"]).index(ex["target"])))
+        groups.append(int(ex["user_id"]))
+    return EvidenceRanker(rarity, n_levels=n_levels, seed=seed).fit(rows, groups)
 
 
 def token_lengths(tokenizer, texts: Sequence[str]) -> dict[str, float]:
@@ -135,6 +179,8 @@ def build_pipeline_data(
     id_line: bool = True,
     targets: str = "label",
     provenance: dict | None = None,
+    evidence_levels: int = 3,
+    store: str | None = None,
 ) -> dict[str, Any]:
     """Write datasets, JSONL copies, the tokenizer and ``summary.json`` into ``prepared.out_dir`` (atomically).
 
@@ -153,6 +199,9 @@ def build_pipeline_data(
             ``target`` column is always the true next item, which evaluation reads).
         provenance: what produced the directory, recorded in ``summary.json`` as ``inputs`` (``diffgr2 prepare``
             refuses to reuse a directory whose recorded inputs differ from its own).
+        evidence_levels: levels of the evidence ranker (``targets="evidence"``), fitted on the train split and saved
+            as ``evidence_ranker.pkl`` (the pipeline's reference row reads it).
+        store: what the prompts' role line says is sold (default: the dataset's name from ``provenance``).
 
     Returns:
         The summary dict (also written to ``summary.json``).
@@ -165,6 +214,14 @@ def build_pipeline_data(
 
     out_dir = Path(prepared.out_dir)
     sids = prepared.semantic_ids
+    if store is None:
+        store = ((provenance or {}).get("data") or {}).get("dataset")
+    ranker = None
+    if targets == "evidence":
+        if progress:
+            print(f"prepare: fitting the evidence ranker ({evidence_levels} levels) on "
+                  f"{len(prepared.examples['train'])} train rows", flush=True)
+        ranker = fit_evidence_ranker(prepared, max_history, evidence_levels, seed)
     rows: dict[str, list[dict]] = {}
     for split in SPLITS:
         examples = prepared.examples[split]
@@ -173,7 +230,7 @@ def build_pipeline_data(
         if split == "train" and max_train_examples is not None and len(examples) > max_train_examples:
             examples = random.Random(seed).sample(examples, max_train_examples)
         rows[split] = build_rows(examples, sids, max_history, progress, desc=f"{split} rows", id_line=id_line,
-                                 targets=targets)
+                                 targets=targets, ranker=ranker, cross_fitted=split == "train", store=store)
 
     mid: list[dict] = []
     if mid_rows > 0:
@@ -191,6 +248,8 @@ def build_pipeline_data(
         tokenizer = train_rerank_tokenizer(
             corpus, sids.tokens(), sids.attribute_vocab(), vocab_size=vocab_size, out_dir=tmp / "tokenizer"
         )
+        if ranker is not None:
+            ranker.save(tmp / EVIDENCE_RANKER)
         for split in SPLITS:
             Dataset.from_list(rows[split]).save_to_disk(str(tmp / "datasets" / split))
             write_jsonl(rows[split], tmp / "datasets" / f"{split}.jsonl")
@@ -218,6 +277,9 @@ def build_pipeline_data(
             "mid_rows": mid_rows,
             "id_line": id_line,
             "targets": targets,
+            "store": store,
+            **({"evidence_ranker": {"levels": ranker.n_levels, "thresholds": ranker.thresholds,
+                                    "train_copy_rate": copy_rate(rows["train"])}} if ranker is not None else {}),
             **({"inputs": provenance} if provenance is not None else {}),
             "train_floor_after_matching": summarize_ranks(
                 r["candidates"].index(r["target"]) for r in rows["train"]
@@ -225,14 +287,15 @@ def build_pipeline_data(
         }
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
         # Replace the previous outputs only now that the new ones are complete.
-        for name in ("datasets", "tokenizer", SUMMARY):
+        for name in ("datasets", "tokenizer", EVIDENCE_RANKER, SUMMARY):
             target = out_dir / name
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
-        for name in ("datasets", "tokenizer"):
-            (tmp / name).rename(out_dir / name)
+        for name in ("datasets", "tokenizer", EVIDENCE_RANKER):
+            if (tmp / name).exists():
+                (tmp / name).rename(out_dir / name)
         (tmp / SUMMARY).rename(out_dir / SUMMARY)  # last: its presence marks the directory complete
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -257,6 +320,14 @@ def load_tokenizer(prepared_dir: str | os.PathLike):
     if not path.is_dir():
         raise FileNotFoundError(f"No tokenizer at {path}; run `diffgr2 prepare --output_dir {prepared_dir}` first.")
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_evidence_ranker(prepared_dir: str | os.PathLike) -> EvidenceRanker:
+    """The :class:`~.evidence.EvidenceRanker` a ``targets="evidence"`` preparation fitted and saved."""
+    path = Path(prepared_dir) / EVIDENCE_RANKER
+    if not path.is_file():
+        raise FileNotFoundError(f"No evidence ranker at {path}: prepare the data with --targets evidence.")
+    return EvidenceRanker.load(path)
 
 
 def load_summary(prepared_dir: str | os.PathLike) -> dict:

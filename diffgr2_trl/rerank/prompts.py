@@ -41,7 +41,15 @@ SEPARATOR = '", "'
 CLOSE = '"]}'
 FORMAT_PIECES: tuple[str, ...] = (EXPLANATION_OPEN, RECOMMENDATIONS_OPEN, SEPARATOR, CLOSE)
 
-SYSTEM_PROMPT = "You are a re-ranking assistant for a beauty store."
+SYSTEM_PROMPT = "You are a re-ranking assistant for an online store."  # when the dataset's store is not known
+
+
+def system_prompt(store: str | None = None) -> str:
+    """The role line, naming what the store sells (the dataset's name, e.g. ``Toys_and_Games`` -> "a Toys and Games
+    store"); :data:`SYSTEM_PROMPT` when ``store`` is ``None``."""
+    if not store:
+        return SYSTEM_PROMPT
+    return f"You are a re-ranking assistant for a {' '.join(store.replace('_', ' ').split())} store."
 INSTRUCTION = (
     "Rank the candidates by how likely the user buys each next. Items: semantic ID, then brand/category tokens."
 )
@@ -95,16 +103,17 @@ def format_id_line(sids: Sequence[str]) -> str:
 
 
 def build_prompt(history: Sequence[ItemText], candidates: Sequence[ItemText], max_history: int | None = 20,
-                 id_line: bool = True) -> str:
+                 id_line: bool = True, store: str | None = None) -> str:
     """The plain-text prompt (GR2 layout: role, instruction, history oldest first, candidates, output format).
 
     Args:
         history: the user's items, oldest first; only the last ``max_history`` are shown (``None``: all).
         candidates: the items to re-rank, in pre-rank order (best first).
         id_line: follow the candidates with :func:`format_id_line` of their IDs.
+        store: what the store sells, for the role line (:func:`system_prompt`).
     """
     history = _shown(history, max_history)
-    lines = [SYSTEM_PROMPT, INSTRUCTION, HISTORY_HEADER]
+    lines = [system_prompt(store), INSTRUCTION, HISTORY_HEADER]
     lines += [item.render() for item in history]
     lines.append(CANDIDATES_HEADER)
     lines += [item.render() for item in candidates]
@@ -115,11 +124,12 @@ def build_prompt(history: Sequence[ItemText], candidates: Sequence[ItemText], ma
 
 
 def build_messages(
-    history: Sequence[ItemText], candidates: Sequence[ItemText], max_history: int | None = 20, id_line: bool = True
+    history: Sequence[ItemText], candidates: Sequence[ItemText], max_history: int | None = 20, id_line: bool = True,
+    store: str | None = None,
 ) -> list[dict[str, str]]:
     """The conversational form of :func:`build_prompt` (a system and a user message), as TRL expects it."""
     user = build_prompt(history, candidates, max_history, id_line).split("\n", 1)[1]
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": system_prompt(store)}, {"role": "user", "content": user}]
 
 
 def parse_prompt(prompt: str | Sequence[Mapping[str, Any]]) -> tuple[list[ItemText], list[ItemText]]:
@@ -172,6 +182,7 @@ def build_rerank_row(
     explanation: str | Callable[..., str] | None = None,
     id_line: bool = True,
     ranking: Callable[[Sequence[ItemText], Sequence[ItemText], str], list[str]] | None = None,
+    store: str | None = None,
 ) -> dict[str, Any]:
     """Turn a ``{"user_id", "history", "candidates", "target"}`` example into dataset columns.
 
@@ -180,16 +191,16 @@ def build_rerank_row(
     ``f(history_items, candidate_items, ranking) -> str`` such as ``traces.offline_explanation``) it also adds a
     ``completion`` for SFT/CFT in the same form as the prompt. ``id_line``: see :func:`build_prompt`. ``ranking``
     (``f(history_items, candidate_items, target_sid) -> ranking``, e.g. ``traces.supported_ranking``) chooses the
-    completion's ranking; default :func:`target_ranking`.
+    completion's ranking; default :func:`target_ranking`. ``store``: see :func:`system_prompt`.
     """
     history = to_items(example["history"], sid_of, attrs_of)
     cands = to_items(example["candidates"], sid_of, attrs_of)
     cand_sids = [c.sid for c in cands]
     target = _lookup(sid_of, example["target"])
     row: dict[str, Any] = {
-        "prompt": build_messages(history, cands, max_history, id_line)
+        "prompt": build_messages(history, cands, max_history, id_line, store)
         if conversational
-        else build_prompt(history, cands, max_history, id_line),
+        else build_prompt(history, cands, max_history, id_line, store),
         "candidates": cand_sids,
         "target": target,
     }

@@ -25,7 +25,7 @@ EXAMPLE = {"user_id": 1, "history": list(range(25)), "candidates": list(range(25
 def test_prompt_layout_orders_and_truncation():
     hist, cands = to_items(EXAMPLE["history"], SID, ATTRS), to_items(EXAMPLE["candidates"], SID.get, ATTRS.get)
     prompt = build_prompt(hist, cands, max_history=20)
-    assert prompt.startswith("You are a re-ranking assistant for a beauty store.")
+    assert prompt.startswith("You are a re-ranking assistant for an online store.")
     assert SID[4] not in prompt and f"\n{SID[5]}<attr_2><attr_11>\n" in prompt  # last 20, oldest first
     positions = [prompt.index(SID[i]) for i in list(range(5, 25)) + list(range(25, 35))]
     assert positions == sorted(positions)  # history oldest first, then candidates in pre-rank order
@@ -45,7 +45,7 @@ def test_conversational_form():
     hist, cands = to_items(EXAMPLE["history"], SID, ATTRS), to_items(EXAMPLE["candidates"], SID, ATTRS)
     messages = build_messages(hist, cands)
     assert [m["role"] for m in messages] == ["system", "user"]
-    assert "beauty store" in messages[0]["content"] and SID[25] in messages[1]["content"]
+    assert "online store" in messages[0]["content"] and SID[25] in messages[1]["content"]
     assert parse_prompt(messages) == parse_prompt(build_prompt(hist, cands))
 
 
