@@ -19,7 +19,7 @@ from ..errors import OptionError
 from ._launch import check_launch
 from ._paper import DIFFUSION_GR2_PAPER
 from ._quantized import keep_4bit_layers_trainable
-from ._trl_compat import loss_divided_by_accumulation, sum_across_ranks
+from ._trl_compat import sum_across_ranks
 
 SPEC_OVERRIDES = (
     "noise_per", "noise_schedule", "min_mask_ratio", "max_mask_ratio", "inverse_t_weighting", "complementary_masks",
@@ -288,8 +288,6 @@ class BlockDiffusionTrainer(SFTTrainer):
         # DDP/FSDP average gradients over ranks: a rank's share of the global sum is scaled back up by their number.
         ranks = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
         loss = loss_sum * ranks / torch.where(normaliser > 0, normaliser, 1.0)
-        if in_step and loss_divided_by_accumulation(self, num_items_in_batch):
-            loss = loss * getattr(self, "current_gradient_accumulation_steps", 1)
         gathered = {k: self.accelerator.gather_for_metrics(v.to(loss.device)).sum() for k, v in m.items()}
         masked = gathered["masked_total"].clamp_min(1)
         correct = sum(v for k, v in gathered.items() if k.startswith("correct/"))
