@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from trl import SFTConfig, SFTTrainer
+from trl.data_utils import common_prefix_length
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from ..block_diffusion import BlockDiffusionSpec, align_completions, block_diffusion_loss, get_spec, set_spec
@@ -218,11 +219,13 @@ class BlockDiffusionTrainer(SFTTrainer):
                 if offset is None or offset < 0 or offset > len(example["completion"]):
                     raise ValueError(f"{column}={offset!r} is outside the completion (length "
                                      f"{len(example['completion'])}).")
-                before = tokenizer(example["prompt"] + example["completion"][:offset], add_special_tokens=False)
-                n_reason = max(0, len(before["input_ids"]) - start)
-                segs = [0] * len(example["input_ids"])
-                for i in range(start + n_reason, len(segs)):
-                    segs[i] = 1
+                # Tokenize the text before the answer as TRL tokenized the row (special tokens included: a BOS the
+                # tokenizer adds shifts every position by one) and find, as TRL finds the completion, where it
+                # stops agreeing with the row's tokens: the answer starts there (a token that straddles the
+                # boundary belongs to the answer).
+                before = tokenizer(text=example["prompt"] + example["completion"][:offset])["input_ids"]
+                answer_start = max(start, common_prefix_length(before, example["input_ids"]))
+                segs = [0] * answer_start + [1] * (len(example["input_ids"]) - answer_start)
                 return {"segment_ids": segs}
 
             dataset = dataset.map(add_segments, desc=f"Marking answer segments of the {dataset_name} dataset")

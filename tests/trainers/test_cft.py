@@ -140,3 +140,27 @@ def test_cft_with_lora_and_qlora(tmp_path):
                                     train_dataset=sort_dataset(32), processing_class=tok, peft_config=lora)
     trainer.train()
     assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in trainer.state.log_history if "train_loss" in h)
+
+
+def test_answer_segment_starts_at_the_answer_with_a_tokenizer_that_adds_bos(tmp_path):
+    """TRL tokenizes rows with the tokenizer's special tokens: with a BOS post-processor (Llama, Mistral) every
+    position is one later than in a tokenization without them, which once gave the last reasoning token the answer
+    weight."""
+    from tokenizers.processors import TemplateProcessing
+
+    from diffgr2_trl.trainers import BlockDiffusionConfig, BlockDiffusionTrainer
+
+    tok = sort_tokenizer()
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", tok.bos_token_id)])
+    assert tok("sort 1").input_ids[0] == tok.bos_token_id
+    model = build_model("qwen3", tokenizer=tok, shape="tiny", seed=0)
+    args = BlockDiffusionConfig(str(tmp_path), use_cpu=True, bf16=False, report_to=[], block_size=4, answer_weight=2.0)
+    trainer = BlockDiffusionTrainer(model, args=args, train_dataset=sort_dataset(4), processing_class=tok)
+    answer_id = tok.convert_tokens_to_ids("answer")
+    for row in trainer.train_dataset:
+        ids, segs = row["input_ids"], row["segment_ids"]
+        assert ids[0] == tok.bos_token_id
+        first = segs.index(1)
+        assert ids[first] == answer_id, tok.convert_ids_to_tokens(ids[first - 1 : first + 1])
+        assert segs[first - 1] == 0 and all(segs[first:])
