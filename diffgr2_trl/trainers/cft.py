@@ -90,6 +90,9 @@ class BlockDiffusionConfig(SFTConfig):
             raise OptionError("loss_normalization", f"must be 'masked' or 'completion', got {self.loss_normalization!r}.")
         if self.block_size is not None and self.block_size <= 0:
             raise OptionError("block_size", f"must be a positive integer, got {self.block_size}.")
+        if self.loss_type != "nll":  # compute_loss replaces SFTTrainer's loss: another type would be ignored
+            raise OptionError("loss_type", f"must be 'nll' (the block-diffusion loss replaces SFT's loss; choose its "
+                              f"normalisation with loss_normalization), got {self.loss_type!r}.")
 
 
 @dataclass
