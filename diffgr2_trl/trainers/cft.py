@@ -111,6 +111,31 @@ class DataCollatorForBlockDiffusion(DataCollatorForLanguageModeling):
         return out
 
 
+def _split_last_assistant_turn(example: dict[str, Any], index: int, name: str) -> dict[str, Any]:
+    messages = list(example["messages"])
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+    if last is None:
+        raise ValueError(f"Row {index} of the {name} dataset has no assistant turn; the last assistant turn is the "
+                         "completion block-diffusion training learns.")
+    if last != len(messages) - 1:
+        raise ValueError(f"Row {index} of the {name} dataset ends with a {messages[-1].get('role')!r} turn after its "
+                         "last assistant turn; that turn would be neither prompt nor completion. End every "
+                         "conversation with the assistant turn to learn.")
+    return {"prompt": messages[:last], "completion": messages[last:]}
+
+
+def messages_to_prompt_completion(dataset, name: str = "train"):
+    """A conversational ``messages`` dataset as conversational prompt/completion data: each row's last assistant turn
+    is the completion, every turn before it the prompt (earlier assistant turns included: they are context, not
+    trained on). Other datasets are returned unchanged. A row without an assistant turn, or with turns after its
+    last one, is refused."""
+    cols = getattr(dataset, "column_names", None) or []
+    if "messages" not in cols or "prompt" in cols or "completion" in cols:
+        return dataset
+    return dataset.map(_split_last_assistant_turn, with_indices=True, fn_kwargs={"name": name},
+                       remove_columns=["messages"], desc=f"Splitting the last assistant turn of the {name} dataset")
+
+
 def _check_completions(dataset, name: str) -> None:
     cols = getattr(dataset, "column_names", None) or []
     if "input_ids" in cols:
@@ -118,7 +143,8 @@ def _check_completions(dataset, name: str) -> None:
     if "completion" not in cols:
         raise ValueError(
             f"The {name} dataset has columns {cols}; block-diffusion training needs prompt/completion data "
-            "(a 'prompt' and a 'completion' column, plain text or conversational)."
+            "(a 'prompt' and a 'completion' column, plain text or conversational) or conversational 'messages' "
+            "(the last assistant turn is the completion)."
         )
     for i, c in enumerate(dataset["completion"]):
         if c is None or (isinstance(c, str) and not c.strip()) or (isinstance(c, list) and not c):
@@ -130,6 +156,10 @@ class BlockDiffusionTrainer(SFTTrainer):
 
     Takes the same arguments as :class:`trl.SFTTrainer`. The model must be converted
     (:func:`~diffgr2_trl.convert_to_block_diffusion`) or ``args.block_size`` set to convert it here.
+
+    Data: prompt/completion rows (plain text or conversational), or conversational ``messages`` rows, whose last
+    assistant turn is the completion and every turn before it the prompt (the loss covers the completion only, so
+    earlier assistant turns are context; see :func:`messages_to_prompt_completion`).
 
     Example:
         >>> trainer = BlockDiffusionTrainer(model, args=BlockDiffusionConfig("out", use_cpu=True),
@@ -153,7 +183,10 @@ class BlockDiffusionTrainer(SFTTrainer):
             raise ValueError("Block-diffusion training needs one prompt+completion per row: set packing=False and "
                              "padding_free=False.")
         if train_dataset is not None:
+            train_dataset = messages_to_prompt_completion(train_dataset, "train")
             _check_completions(train_dataset, "train")
+        if eval_dataset is not None and not isinstance(eval_dataset, dict):
+            eval_dataset = messages_to_prompt_completion(eval_dataset, "eval")
         if not isinstance(model, str) and processing_class is not None:
             self._maybe_convert(model, processing_class, args)
         if data_collator is None and processing_class is not None:
