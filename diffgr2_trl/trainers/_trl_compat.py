@@ -23,6 +23,7 @@ TRL_METHODS_RELIED_ON: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("self", "dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name")),
     ("trl.SFTTrainer", "_set_signature_columns_if_needed", ("self",)),
     ("trl.SFTTrainer", "get_batch_samples", ("self", "epoch_iterator", "num_batches", "device")),
+    ("trl.SFTTrainer", "save_model", ("self", "output_dir", "_internal_call")),
     ("trl.DistillationTrainer", "_generate_and_score_completions", ("self", "inputs")),
     ("trl.DistillationTrainer", "compute_loss", ("self", "model", "inputs", "return_outputs", "num_items_in_batch")),
     ("trl.DistillationTrainer", "training_step", ("self", "model", "inputs", "num_items_in_batch")),

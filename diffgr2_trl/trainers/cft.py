@@ -6,7 +6,10 @@ QLoRA, gradient accumulation, checkpointing, ``accelerate``); only the loss chan
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,11 +19,17 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from ..block_diffusion import BlockDiffusionSpec, align_completions, block_diffusion_loss, get_spec, set_spec
 from ..block_diffusion.convert import check_attention_honours_masks, convert_to_block_diffusion
+from ..block_diffusion.spec import SPEC_KEY
 from ..errors import OptionError
 from ._launch import check_launch
 from ._paper import DIFFUSION_GR2_PAPER
 from ._quantized import keep_4bit_layers_trainable
 from ._trl_compat import sum_across_ranks
+
+logger = logging.getLogger(__name__)
+
+# Where save_model writes the converted base model that an adapter of a model converted in memory points at.
+CONVERTED_BASE_DIR = "block_diffusion_base"
 
 SPEC_OVERRIDES = (
     "noise_per", "noise_schedule", "min_mask_ratio", "max_mask_ratio", "inverse_t_weighting", "complementary_masks",
@@ -232,6 +241,57 @@ class BlockDiffusionTrainer(SFTTrainer):
         if args.block_size is not None and args.block_size != spec.block_size:
             raise ValueError(f"args.block_size={args.block_size} disagrees with the model's converted block size "
                              f"{spec.block_size}; leave block_size unset for a converted model.")
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save as :class:`trl.SFTTrainer` does, making a LoRA adapter loadable with stock PEFT.
+
+        An adapter's ``adapter_config.json`` names its base model, which ``AutoPeftModelForCausalLM.from_pretrained``
+        loads. When that base on disk is not the converted model (the model was converted in memory, here or by
+        :func:`~diffgr2_trl.convert_to_block_diffusion`), the reloaded model would have no block-diffusion spec and
+        no trained mask-token row. Then the converted base (frozen under LoRA: the same for every checkpoint) is
+        written once to ``<args.output_dir>/block_diffusion_base`` with the tokenizer, and every adapter saved
+        points at it by absolute path. Convert and save the base first (``diffgr2 convert``) to avoid the copy.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+            self._point_adapters_at_converted_base(model)
+        super().save_model(output_dir, _internal_call)
+
+    def _point_adapters_at_converted_base(self, model) -> None:
+        spec = get_spec(model).to_dict()
+
+        def converted(path) -> bool:
+            config = Path(str(path)) / "config.json"
+            return config.is_file() and json.loads(config.read_text()).get(SPEC_KEY) == spec
+
+        sources = {c.base_model_name_or_path for c in model.peft_config.values()}
+        if all(src is not None and converted(src) for src in sources):
+            return  # the adapters already point at a saved converted model
+        base_dir = Path(self.args.output_dir).resolve() / CONVERTED_BASE_DIR
+        if not converted(base_dir):
+            base = model.get_base_model()
+            if getattr(base, "is_quantized", False) or getattr(base, "hf_quantizer", None) is not None:
+                logger.warning(
+                    "The adapter names the unconverted base %s; a quantized base is not re-saved. To reload it with "
+                    "AutoPeftModelForCausalLM, convert and save the base first (diffgr2 convert), then train on it.",
+                    sorted(map(str, sources)))
+                return
+            # A collective under FSDP/ZeRO-3 (every rank gathers), then the main process writes the base's own
+            # weights: LoRA's base_layer / original_module tensors under their original names, adapter tensors left
+            # out.
+            state = self.accelerator.get_state_dict(model)
+            if self.args.should_save:
+                clean = {}
+                for key, value in state.items():
+                    if "lora_" in key or ".modules_to_save." in key:
+                        continue
+                    key = key.removeprefix("base_model.model.")
+                    clean[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = value
+                base.save_pretrained(base_dir, state_dict=clean)
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(base_dir)
+        for config in model.peft_config.values():
+            config.base_model_name_or_path = str(base_dir)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
