@@ -296,7 +296,7 @@ class LLMTraceWriter:
                     raise UserError(
                         f"{url} refused the request for model {self.model!r} with HTTP {resp.status_code}: "
                         f"{resp.text[:200]}. Client errors are neither retried nor replaced by offline traces; "
-                        "check the model name (the server's --served-model-name), the API key and the options.")
+                        "check the model name (the name the vLLM server serves), the API key and the options.")
                 choices = sorted(resp.json()["choices"], key=lambda c: c.get("index", 0))
                 return [self.prompt_suffix + str(c.get("text", "")) for c in choices]
             except (requests.ConnectionError, requests.Timeout, _RetryableError) as err:
