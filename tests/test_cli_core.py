@@ -1,5 +1,6 @@
 """The core ``diffgr2`` subcommands, run through the real entry point."""
 
+import inspect
 import json
 import os
 
@@ -250,3 +251,30 @@ def test_one_script_arguments_convention_for_the_splits():
         assert grpo.parse([*base, "--dataset_split", "z"])[0].dataset_train_split == "z"
     with pytest.warns(FutureWarning, match="--eval_split is deprecated; use --dataset_test_split"):
         assert opd.parse([*base, "--eval_split", "v"])[0].dataset_test_split == "v"
+
+
+@pytest.mark.parametrize(("command", "required"), [
+    ("cft", []), ("opd", []), ("grpo", []), ("generate", ["--model_name_or_path", "m", "--prompt", "p"]),
+    ("convert", ["--model_name_or_path", "m", "--output_dir", "o", "--block_size", "4"]), ("bench-teacher", []),
+])
+def test_threads_is_accepted_by_every_subcommand(command, required, monkeypatch):
+    """``--threads N`` sets torch's threads in every subcommand, also those whose dataclasses have no ``threads``
+    field (they get :class:`SharedOptions`, which ``run`` never sees)."""
+    import importlib
+
+    import torch
+
+    from diffgr2_trl.cli import COMMANDS
+    from diffgr2_trl.commands._args import SharedOptions
+
+    module = importlib.import_module(COMMANDS[command][0])
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        torch.set_num_threads(2)
+        parsed = module.parse([*required, "--threads", "1"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert not any(isinstance(p, SharedOptions) for p in parsed)
+    assert len(parsed) == len(inspect.signature(module.run).parameters)

@@ -112,3 +112,17 @@ def test_help_texts_read_correctly_and_threads_means_one_thing():
                         assert f.default == 0, f"{name}: --threads defaults to {f.default}"
                     # `bool | None` makes the parser demand a value (--use_cpu true); `bool` also takes --use_cpu
                     assert str(f.type).replace(" ", "") not in ("bool|None", "Optional[bool]"), f"{name}: {f.name}"
+
+
+def test_an_unknown_option_is_matched_by_its_name_not_by_the_dashes(monkeypatch):
+    spec = _spec.load_spec()
+    assert spec is not None
+    with pytest.raises(UserError, match=r"unrecognized option --treads; did you mean --threads\?"):
+        _spec.precheck("grpo", ["--treads", "1"])
+    # Without a --threads option, the shared "--" once made --reward_funcs the "closest" name.
+    grpo = spec["commands"]["grpo"]
+    grpo["options"] = [o for o in grpo["options"] if o["dest"] != "threads"]
+    monkeypatch.setattr(_spec, "load_spec", lambda: spec)
+    with pytest.raises(UserError, match="unrecognized option --threads") as e:
+        _spec.precheck("grpo", ["--threads", "1"])
+    assert "did you mean" not in str(e.value), e.value

@@ -7,15 +7,18 @@ user types parse identically, with TRL's :class:`~trl.TrlParser`.
 Conventions shared by all subcommands (TRL's script names): ``--model_name_or_path``, ``--dataset_name``,
 ``--output_dir``. The older spellings in :data:`DEPRECATED_OPTIONS` are still accepted for one release, on the command
 line and as ``--config`` keys, with a ``FutureWarning`` naming the new one. ``--threads`` means torch's intra-op CPU
-threads everywhere (:func:`diffgr2_trl.utils.set_threads`).
+threads everywhere (:func:`diffgr2_trl.utils.set_threads`): a command whose dataclasses have no ``threads`` field gets
+it from :class:`SharedOptions`, applied as its options are parsed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 # command -> {deprecated option: its new name}; accepted for one release.
@@ -36,6 +39,28 @@ DEPRECATED_OPTIONS: dict[str, dict[str, str]] = {
     "serve-teacher": {"model": "model_name_or_path"},
     "pipeline": {"out": "output_dir"},
 }
+
+
+@dataclass
+class SharedOptions:
+    """Options every subcommand takes, added to the parser of a command whose own dataclasses lack them.
+
+    Parameters:
+        threads (`int`, *optional*, defaults to `0`):
+            torch intra-op CPU threads (0: torch's default), set by :func:`parse_command` once the options are
+            parsed, before the command's ``run`` loads anything.
+    """
+
+    threads: int = field(default=0, metadata={"help": "torch intra-op CPU threads (0: torch's default)."})
+
+
+def _shared_types(dataclass_types: tuple[type, ...]) -> tuple[type, ...]:
+    """``(SharedOptions,)`` when none of the command's dataclasses declares the shared options, else ``()``."""
+    own = {f.name for t in dataclass_types for f in dataclasses.fields(t)}
+    shared = {f.name for f in dataclasses.fields(SharedOptions)}
+    if own & shared and not shared <= own:
+        raise TypeError(f"{dataclass_types} declare part of {sorted(shared)}: declare all or none of them.")
+    return () if shared <= own else (SharedOptions,)
 
 
 def _warn(command: str, old: str, new: str) -> None:
@@ -177,7 +202,8 @@ def parse_command(
     merged.update(values)
     if trainer and _CAPTURE is None:
         _cpu_defaults(merged, argv)
-    parser = TrlParser(dataclass_types, prog=f"diffgr2 {command}")
+    shared = _shared_types(tuple(dataclass_types))
+    parser = TrlParser((*dataclass_types, *shared), prog=f"diffgr2 {command}")
     if _CAPTURE is not None:
         parser.set_defaults_with_config(**merged)
         _CAPTURE.append((command, parser, trainer))
@@ -189,6 +215,12 @@ def parse_command(
     from ..errors import OptionError, UserError
 
     try:
-        return tuple(parser.parse_args_into_dataclasses(args=argv))
+        parsed = tuple(parser.parse_args_into_dataclasses(args=argv))
     except OptionError as e:  # a dataclass's own check names its field: spell it as the command line does
         raise UserError(f"--{e.option} {e.detail}") from e
+    if shared:  # the command's run() takes its own dataclasses only: apply the shared options here
+        from ..utils import set_threads
+
+        set_threads(parsed[-1].threads)
+        parsed = parsed[:-1]
+    return parsed

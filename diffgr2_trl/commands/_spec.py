@@ -180,9 +180,11 @@ def precheck(command: str, argv: list[str]) -> bool:
         flag, eq, inline = token.partition("=")
         option = _find(flag, by_flag, renames)
         if option is None:
-            names = sorted(by_flag)
-            near = difflib.get_close_matches(flag, names, n=1)
-            raise UserError(f"unrecognized option {flag}" + (f"; did you mean {near[0]}?" if near else "")
+            # Compare the bare names: the shared "--" prefix alone made unrelated options look alike
+            # (--threads -> --reward_funcs).
+            bare = {f[2:].replace("-", "_"): f for f in sorted(by_flag) if f.startswith("--")}
+            near = difflib.get_close_matches(flag.lstrip("-").replace("-", "_"), list(bare), n=1)
+            raise UserError(f"unrecognized option {flag}" + (f"; did you mean {bare[near[0]]}?" if near else "")
                             + f" (diffgr2 {command} --help lists them).")
         given.add(option["dest"])
         values = [inline] if eq else []

@@ -4,8 +4,10 @@
                 [--answer_weight 2.0] [--use_peft --lora_r 16] [--load_in_4bit] [--use_cpu]
 
 ``DATA`` is a ``save_to_disk`` directory, a JSONL/JSON/Parquet/CSV file, or a hub dataset with ``prompt`` and
-``completion`` columns (and optionally ``answer_start``). The model may be a converted checkpoint or a plain AR
-model (then ``--block_size`` converts it first).
+``completion`` columns (and optionally ``answer_start``), or ``messages`` (see
+:class:`~diffgr2_trl.trainers.BlockDiffusionTrainer`); ``--dataset_config`` picks a hub dataset's configuration and,
+with an ``--eval_strategy`` other than ``no``, ``--dataset_test_split`` is the eval dataset. The model may be a
+converted checkpoint or a plain AR model (then ``--block_size`` converts it first).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from trl import ModelConfig, ScriptArguments, get_peft_config
 
 from ..trainers import BlockDiffusionConfig, BlockDiffusionTrainer
 from ._args import parse_command
-from ._common import load_any_dataset, load_for_training, train_and_save
+from ._common import load_for_training, load_script_datasets, train_and_save
 
 
 @dataclass
@@ -45,10 +47,10 @@ def run(script_args: CFTScriptArguments, training_args: BlockDiffusionConfig, mo
     from ..rerank.pipeline_data import check_model_data, record_training_data
 
     check_model_data(model_args.model_name_or_path, script_args.dataset_name, script_args.allow_other_data)
-    model, tokenizer = load_for_training(model_args.model_name_or_path, model_args)
-    train = load_any_dataset(script_args.dataset_name, script_args.dataset_train_split)
+    model, tokenizer = load_for_training(model_args.model_name_or_path, model_args, training_args.trust_remote_code)
+    train, evaluation = load_script_datasets("cft", script_args, training_args)
     trainer = BlockDiffusionTrainer(
-        model, args=training_args, train_dataset=train, processing_class=tokenizer,
+        model, args=training_args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
     train_and_save(trainer, tokenizer, training_args.output_dir, training_args.resume_from_checkpoint)

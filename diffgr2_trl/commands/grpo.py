@@ -105,7 +105,7 @@ def run(script_args: GRPOScriptArguments, training_args: DiffusionGRPOConfig, mo
     from ..rerank.pipeline_data import check_model_data, record_training_data
 
     check_model_data(model_args.model_name_or_path, script_args.dataset_name, script_args.allow_other_data)
-    model, tokenizer = load_for_training(model_args.model_name_or_path, model_args)
+    model, tokenizer = load_for_training(model_args.model_name_or_path, model_args, training_args.trust_remote_code)
     trainer = DiffusionGRPOTrainer(
         model, reward_funcs=reward_funcs, args=training_args, processing_class=tokenizer,
         train_dataset=load_dataset_path(script_args.dataset_name, script_args.dataset_train_split),

@@ -64,7 +64,7 @@ def run(script: OPDScriptArguments, args: OnPolicyDistillationConfig, model_args
     from ..rerank.pipeline_data import check_model_data, record_training_data
 
     check_model_data(model_path, script.dataset_name, script.allow_other_data)
-    model, tokenizer = load_for_training(model_path, model_args)
+    model, tokenizer = load_for_training(model_path, model_args, args.trust_remote_code)
     train = load_any_dataset(script.dataset_name, script.dataset_train_split)
     evaluation = (load_any_dataset(script.dataset_name, script.dataset_test_split) if script.dataset_test_split
                   else None)

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..block_diffusion.attention import cpu_gqa_attention
+from ..block_diffusion.likelihood import output_logits
 from ..errors import OptionError
 from .midtrain import ItemPool, build_midtraining_rows, parse_task_mix
 from .parsing import parse_ranking
@@ -216,15 +217,17 @@ def _completion_loss(model, ids: torch.Tensor, attention: torch.Tensor, targets:
                      reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy (mean, or ``sum``) over positions whose next token is a completion token (``targets`` != -100).
 
-    The decoder runs once; the output layer is applied to those positions only. A right-padded batch runs without
-    its padding mask: under causal attention no real token sees a later pad, so the loss is the same, and the
-    attention kernel then takes its causal fast path with no mask to build (~7% faster mid steps in the cpu
+    The decoder runs once; the output layer (and the model's logit post-processing) is applied to those positions
+    only. A right-padded batch runs without its padding mask: under causal attention no real token sees a later pad,
+    so the loss is the same, and the attention kernel then takes its causal fast path with no mask to build (~7% faster mid steps in the cpu
     preset's session-9 run; ``scripts/measure_padding_mask.py`` measures it side by side).
     """
     mask = None if _right_padded(attention) else attention
     hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     keep = targets != -100
-    logits = model.get_output_embeddings()(hidden[keep])
+    # output_logits, not the bare output layer: the forward's logit post-processing (Gemma 2's final soft-capping,
+    # Cohere/Granite scaling) must shape the training loss as it shapes decoding.
+    logits = output_logits(model, hidden[keep])
     return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
 
 

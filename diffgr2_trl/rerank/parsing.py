@@ -19,7 +19,8 @@ Counting comes first because the number of answer slots is what a block-diffusio
 anything else; with the right length, an in-set list without repeats is necessarily a permutation.
 
 Accepted slack: surrounding whitespace, one or more trailing EOS strings, and conversational completions (a list of
-messages: the last assistant message's content is parsed). Parsing never raises.
+messages: the last assistant message's content is parsed). Parsing never raises on what a model or dataset can
+produce; an internal error (a bug) propagates instead of being counted as an unparseable completion.
 """
 
 from __future__ import annotations
@@ -104,14 +105,11 @@ def _reject_constant(name: str) -> Any:
 
 
 def parse_ranking(text: Any, candidates: Any, eos: Sequence[str] = DEFAULT_EOS) -> ParseResult:
-    """Parse a completion (string or messages) into a ranking of ``candidates`` (SID strings, pre-rank order)."""
-    try:
-        return _parse(text, candidates, eos)
-    except Exception:  # noqa: BLE001 - the contract is "never raises"; any surprise is an unparseable completion
-        return ParseResult(None, "unparseable")
+    """Parse a completion (string or messages) into a ranking of ``candidates`` (SID strings, pre-rank order).
 
-
-def _parse(text: Any, candidates: Any, eos: Sequence[str]) -> ParseResult:
+    Any completion and any candidate list get a :class:`ParseResult`; an exception can only come from a bug in the
+    parser (or a non-string ``eos``), and propagates rather than passing for an "unparseable" completion.
+    """
     if isinstance(candidates, str | bytes) or not isinstance(candidates, Sequence):
         return ParseResult(None, "unparseable")
     candidates = list(candidates)
@@ -153,10 +151,10 @@ def is_canonical(text: Any, eos: Sequence[str] = DEFAULT_EOS) -> bool:
         return False
     try:
         obj = json.loads(strip_eos(text, eos), object_pairs_hook=_ordered_pairs, parse_constant=_reject_constant)
-        if not isinstance(obj, _Object) or [k for k, _ in obj] != _KEYS or type(obj[1][1]) is not list:
-            return False
-        if not isinstance(obj[0][1], str) or not all(isinstance(r, str) for r in obj[1][1]):
-            return False
-        return format_completion(obj[0][1], obj[1][1]) == strip_eos(text, eos)
-    except Exception:  # noqa: BLE001
+    except (ValueError, RecursionError):  # not JSON; any other exception is a bug and propagates
         return False
+    if not isinstance(obj, _Object) or [k for k, _ in obj] != _KEYS or type(obj[1][1]) is not list:
+        return False
+    if not isinstance(obj[0][1], str) or not all(isinstance(r, str) for r in obj[1][1]):
+        return False
+    return format_completion(obj[0][1], obj[1][1]) == strip_eos(text, eos)

@@ -258,7 +258,10 @@ class LLMTraceWriter:
         model: the model name the server serves (``--served-model-name`` / the path it was started with).
         n: samples per prompt (one request with ``n``).
         timeout: seconds per HTTP request. ``max_retries`` retries on connection errors, timeouts, 429 and 5xx,
-            sleeping ``backoff * 2**attempt`` seconds in between; other HTTP errors fail at once.
+            sleeping ``backoff * 2**attempt`` seconds in between. A prompt whose retries run out falls back to its
+            offline trace (counted in ``failed_prompts``, its :class:`TraceResult` says why); any other error, a
+            client error (4xx but 429: a wrong model name, a bad key or option) included, stops the run: it would
+            fail every prompt alike.
         concurrency: requests in flight at most.
         prompt_suffix: appended to every prompt (e.g. ``'\\n{"explanation": "'`` to start the answer); the returned
             text is parsed with the suffix prepended.
@@ -289,6 +292,10 @@ class LLMTraceWriter:
         self.concurrency = max(1, concurrency)
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.stop, self.prompt_suffix = list(stop) if stop else None, prompt_suffix
+        import threading
+
+        self.failed_prompts = 0  # prompts that fell back to the offline trace after transient request failures
+        self._count_lock = threading.Lock()
 
     def check_server(self) -> None:
         """Raise :class:`ServerUnavailableError` with a clear message unless ``GET /v1/models`` answers."""
@@ -327,7 +334,13 @@ class LLMTraceWriter:
                 resp = requests.post(url, json=body, headers=self.headers, timeout=self.timeout)
                 if resp.status_code == 429 or resp.status_code >= 500:
                     raise _RetryableError(f"HTTP {resp.status_code}: {resp.text[:200]}")
-                resp.raise_for_status()
+                if resp.status_code >= 400:
+                    from diffgr2_trl.errors import UserError
+
+                    raise UserError(
+                        f"{url} refused the request for model {self.model!r} with HTTP {resp.status_code}: "
+                        f"{resp.text[:200]}. Client errors are neither retried nor replaced by offline traces; "
+                        "check the model name (the name the vLLM server serves), the API key and the options.")
                 choices = sorted(resp.json()["choices"], key=lambda c: c.get("index", 0))
                 return [self.prompt_suffix + str(c.get("text", "")) for c in choices]
             except (requests.ConnectionError, requests.Timeout, _RetryableError) as err:
@@ -352,6 +365,8 @@ class LLMTraceWriter:
         return best
 
     def _one(self, row: Mapping[str, Any]) -> TraceResult:
+        import requests
+
         candidates, target = list(row["candidates"]), row["target"]
         samples: list[str] = []
         error = None
@@ -360,8 +375,11 @@ class LLMTraceWriter:
             if not isinstance(prompt, str):  # messages: the completions endpoint takes text
                 prompt = "\n".join(str(m.get("content", "")) for m in prompt)
             samples = self.sample(prompt)
-        except Exception as err:  # noqa: BLE001 - one failed prompt falls back instead of killing the whole run
+        except (requests.ConnectionError, requests.Timeout, _RetryableError) as err:
+            # transient and out of retries: this prompt falls back instead of killing the whole run
             error = f"{err.__class__.__name__}: {err}"
+            with self._count_lock:
+                self.failed_prompts += 1
             logger.warning("Falling back to the offline trace: %s", error)
         n_valid = sum(parse_ranking(s, candidates).valid for s in samples)
         choice = self.select(samples, candidates, target)
@@ -385,5 +403,10 @@ class LLMTraceWriter:
         """
         if check:
             self.check_server()
+        before = self.failed_prompts
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(self._one, rows))
+            results = list(pool.map(self._one, rows))
+        if self.failed_prompts > before:
+            logger.warning("%d of %d prompts fell back to offline traces after failed requests.",
+                           self.failed_prompts - before, len(rows))
+        return results

@@ -30,3 +30,23 @@ def trl_field(config_class: type, name: str, **changes: Any):
         kwargs["metadata"]["help"] = changes.pop("help")
     kwargs.update(changes)
     return field(**kwargs)
+
+
+# TRL generation settings the block-diffusion rollouts cannot honour: the sampler takes its options from
+# BlockDecodingConfig only (tau, tokens_per_step, temperature, top_k) and keeps its own exact block KV cache.
+UNUSED_GENERATION_SETTINGS: dict[str, str] = {
+    "generation_kwargs": "pass the sampler's options as config fields (tau, tokens_per_step, temperature, top_k) or "
+                         "give the trainer a sampler=",
+    "cache_implementation": "the sampler keeps its own block KV cache",
+}
+
+
+def refuse_unused_generation_settings(config: Any) -> None:
+    """Raise :class:`~diffgr2_trl.errors.OptionError` naming the first TRL generation setting in
+    :data:`UNUSED_GENERATION_SETTINGS` that ``config`` sets: it would otherwise be ignored without a word."""
+    from ..errors import OptionError
+
+    for name, instead in UNUSED_GENERATION_SETTINGS.items():
+        value = getattr(config, name, None)
+        if value:  # None and {} (TRL's "nothing to pass") are the defaults
+            raise OptionError(name, f"is not used by the block-diffusion sampler ({instead}); got {value!r}.")

@@ -8,12 +8,10 @@ every TRL method the trainers override against the installed TRL.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from transformers import Trainer
 
-__all__ = ["TRL_METHODS_RELIED_ON", "loss_divided_by_accumulation", "sum_across_ranks"]
+__all__ = ["TRL_METHODS_RELIED_ON", "sum_across_ranks"]
 
 # Private TRL methods the trainers override (or, last, call): (TRL class path, method name, the leading parameter
 # names our override takes or our call passes, in order). The compat test checks that
@@ -25,6 +23,7 @@ TRL_METHODS_RELIED_ON: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("self", "dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name")),
     ("trl.SFTTrainer", "_set_signature_columns_if_needed", ("self",)),
     ("trl.SFTTrainer", "get_batch_samples", ("self", "epoch_iterator", "num_batches", "device")),
+    ("trl.SFTTrainer", "save_model", ("self", "output_dir", "_internal_call")),
     ("trl.DistillationTrainer", "_generate_and_score_completions", ("self", "inputs")),
     ("trl.DistillationTrainer", "compute_loss", ("self", "model", "inputs", "return_outputs", "num_items_in_batch")),
     ("trl.DistillationTrainer", "training_step", ("self", "model", "inputs", "num_items_in_batch")),
@@ -38,24 +37,6 @@ TRL_METHODS_RELIED_ON: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("trl.GRPOTrainer", "_generate_and_score_completions", ("self", "inputs")),
     ("trl.GRPOTrainer", "_compute_loss", ("self", "model", "inputs")),
 )
-
-
-def loss_divided_by_accumulation(trainer: Trainer, num_items_in_batch: Any) -> bool:
-    """Whether ``Trainer.training_step`` will divide what ``compute_loss`` returns by the accumulation steps.
-
-    A trainer whose loss is already normalised over the whole optimizer step (every micro-batch, every rank) must
-    undo that division. transformers >= 5.19 reads the class attribute ``loss_is_scaled_for_ga``; earlier 5.x releases
-    ignore it and divide unless the model accepts loss kwargs and ``num_items_in_batch`` was counted (or a
-    ``compute_loss_func`` is set), a rule that has nothing to do with how our loss is normalised.
-    """
-    if "loss_is_scaled_for_ga" in vars(Trainer):
-        flag = type(trainer).loss_is_scaled_for_ga
-        if flag is not None:
-            return not flag
-    scaled = (getattr(trainer, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) or (
-        getattr(trainer, "compute_loss_func", None) is not None
-    )
-    return not scaled
 
 
 def sum_across_ranks(trainer: Trainer, value: torch.Tensor) -> torch.Tensor:

@@ -6,20 +6,30 @@ QLoRA, gradient accumulation, checkpointing, ``accelerate``); only the loss chan
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from trl import SFTConfig, SFTTrainer
+from trl.data_utils import common_prefix_length
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from ..block_diffusion import BlockDiffusionSpec, align_completions, block_diffusion_loss, get_spec, set_spec
 from ..block_diffusion.convert import check_attention_honours_masks, convert_to_block_diffusion
+from ..block_diffusion.spec import SPEC_KEY
 from ..errors import OptionError
 from ._launch import check_launch
 from ._paper import DIFFUSION_GR2_PAPER
 from ._quantized import keep_4bit_layers_trainable
-from ._trl_compat import loss_divided_by_accumulation, sum_across_ranks
+from ._trl_compat import sum_across_ranks
+
+logger = logging.getLogger(__name__)
+
+# Where save_model writes the converted base model that an adapter of a model converted in memory points at.
+CONVERTED_BASE_DIR = "block_diffusion_base"
 
 SPEC_OVERRIDES = (
     "noise_per", "noise_schedule", "min_mask_ratio", "max_mask_ratio", "inverse_t_weighting", "complementary_masks",
@@ -89,6 +99,9 @@ class BlockDiffusionConfig(SFTConfig):
             raise OptionError("loss_normalization", f"must be 'masked' or 'completion', got {self.loss_normalization!r}.")
         if self.block_size is not None and self.block_size <= 0:
             raise OptionError("block_size", f"must be a positive integer, got {self.block_size}.")
+        if self.loss_type != "nll":  # compute_loss replaces SFTTrainer's loss: another type would be ignored
+            raise OptionError("loss_type", f"must be 'nll' (the block-diffusion loss replaces SFT's loss; choose its "
+                              f"normalisation with loss_normalization), got {self.loss_type!r}.")
 
 
 @dataclass
@@ -107,6 +120,31 @@ class DataCollatorForBlockDiffusion(DataCollatorForLanguageModeling):
         return out
 
 
+def _split_last_assistant_turn(example: dict[str, Any], index: int, name: str) -> dict[str, Any]:
+    messages = list(example["messages"])
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+    if last is None:
+        raise ValueError(f"Row {index} of the {name} dataset has no assistant turn; the last assistant turn is the "
+                         "completion block-diffusion training learns.")
+    if last != len(messages) - 1:
+        raise ValueError(f"Row {index} of the {name} dataset ends with a {messages[-1].get('role')!r} turn after its "
+                         "last assistant turn; that turn would be neither prompt nor completion. End every "
+                         "conversation with the assistant turn to learn.")
+    return {"prompt": messages[:last], "completion": messages[last:]}
+
+
+def messages_to_prompt_completion(dataset, name: str = "train"):
+    """A conversational ``messages`` dataset as conversational prompt/completion data: each row's last assistant turn
+    is the completion, every turn before it the prompt (earlier assistant turns included: they are context, not
+    trained on). Other datasets are returned unchanged. A row without an assistant turn, or with turns after its
+    last one, is refused."""
+    cols = getattr(dataset, "column_names", None) or []
+    if "messages" not in cols or "prompt" in cols or "completion" in cols:
+        return dataset
+    return dataset.map(_split_last_assistant_turn, with_indices=True, fn_kwargs={"name": name},
+                       remove_columns=["messages"], desc=f"Splitting the last assistant turn of the {name} dataset")
+
+
 def _check_completions(dataset, name: str) -> None:
     cols = getattr(dataset, "column_names", None) or []
     if "input_ids" in cols:
@@ -114,7 +152,8 @@ def _check_completions(dataset, name: str) -> None:
     if "completion" not in cols:
         raise ValueError(
             f"The {name} dataset has columns {cols}; block-diffusion training needs prompt/completion data "
-            "(a 'prompt' and a 'completion' column, plain text or conversational)."
+            "(a 'prompt' and a 'completion' column, plain text or conversational) or conversational 'messages' "
+            "(the last assistant turn is the completion)."
         )
     for i, c in enumerate(dataset["completion"]):
         if c is None or (isinstance(c, str) and not c.strip()) or (isinstance(c, list) and not c):
@@ -126,6 +165,10 @@ class BlockDiffusionTrainer(SFTTrainer):
 
     Takes the same arguments as :class:`trl.SFTTrainer`. The model must be converted
     (:func:`~diffgr2_trl.convert_to_block_diffusion`) or ``args.block_size`` set to convert it here.
+
+    Data: prompt/completion rows (plain text or conversational), or conversational ``messages`` rows, whose last
+    assistant turn is the completion and every turn before it the prompt (the loss covers the completion only, so
+    earlier assistant turns are context; see :func:`messages_to_prompt_completion`).
 
     Example:
         >>> trainer = BlockDiffusionTrainer(model, args=BlockDiffusionConfig("out", use_cpu=True),
@@ -149,7 +192,10 @@ class BlockDiffusionTrainer(SFTTrainer):
             raise ValueError("Block-diffusion training needs one prompt+completion per row: set packing=False and "
                              "padding_free=False.")
         if train_dataset is not None:
+            train_dataset = messages_to_prompt_completion(train_dataset, "train")
             _check_completions(train_dataset, "train")
+        if eval_dataset is not None and not isinstance(eval_dataset, dict):
+            eval_dataset = messages_to_prompt_completion(eval_dataset, "eval")
         if not isinstance(model, str) and processing_class is not None:
             self._maybe_convert(model, processing_class, args)
         if data_collator is None and processing_class is not None:
@@ -196,6 +242,57 @@ class BlockDiffusionTrainer(SFTTrainer):
             raise ValueError(f"args.block_size={args.block_size} disagrees with the model's converted block size "
                              f"{spec.block_size}; leave block_size unset for a converted model.")
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save as :class:`trl.SFTTrainer` does, making a LoRA adapter loadable with stock PEFT.
+
+        An adapter's ``adapter_config.json`` names its base model, which ``AutoPeftModelForCausalLM.from_pretrained``
+        loads. When that base on disk is not the converted model (the model was converted in memory, here or by
+        :func:`~diffgr2_trl.convert_to_block_diffusion`), the reloaded model would have no block-diffusion spec and
+        no trained mask-token row. Then the converted base (frozen under LoRA: the same for every checkpoint) is
+        written once to ``<args.output_dir>/block_diffusion_base`` with the tokenizer, and every adapter saved
+        points at it by absolute path. Convert and save the base first (``diffgr2 convert``) to avoid the copy.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+            self._point_adapters_at_converted_base(model)
+        super().save_model(output_dir, _internal_call)
+
+    def _point_adapters_at_converted_base(self, model) -> None:
+        spec = get_spec(model).to_dict()
+
+        def converted(path) -> bool:
+            config = Path(str(path)) / "config.json"
+            return config.is_file() and json.loads(config.read_text()).get(SPEC_KEY) == spec
+
+        sources = {c.base_model_name_or_path for c in model.peft_config.values()}
+        if all(src is not None and converted(src) for src in sources):
+            return  # the adapters already point at a saved converted model
+        base_dir = Path(self.args.output_dir).resolve() / CONVERTED_BASE_DIR
+        if not converted(base_dir):
+            base = model.get_base_model()
+            if getattr(base, "is_quantized", False) or getattr(base, "hf_quantizer", None) is not None:
+                logger.warning(
+                    "The adapter names the unconverted base %s; a quantized base is not re-saved. To reload it with "
+                    "AutoPeftModelForCausalLM, convert and save the base first (diffgr2 convert), then train on it.",
+                    sorted(map(str, sources)))
+                return
+            # A collective under FSDP/ZeRO-3 (every rank gathers), then the main process writes the base's own
+            # weights: LoRA's base_layer / original_module tensors under their original names, adapter tensors left
+            # out.
+            state = self.accelerator.get_state_dict(model)
+            if self.args.should_save:
+                clean = {}
+                for key, value in state.items():
+                    if "lora_" in key or ".modules_to_save." in key:
+                        continue
+                    key = key.removeprefix("base_model.model.")
+                    clean[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = value
+                base.save_pretrained(base_dir, state_dict=clean)
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(base_dir)
+        for config in model.peft_config.values():
+            config.base_model_name_or_path = str(base_dir)
+
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         if "segment_ids" not in self._signature_columns:
@@ -218,11 +315,13 @@ class BlockDiffusionTrainer(SFTTrainer):
                 if offset is None or offset < 0 or offset > len(example["completion"]):
                     raise ValueError(f"{column}={offset!r} is outside the completion (length "
                                      f"{len(example['completion'])}).")
-                before = tokenizer(example["prompt"] + example["completion"][:offset], add_special_tokens=False)
-                n_reason = max(0, len(before["input_ids"]) - start)
-                segs = [0] * len(example["input_ids"])
-                for i in range(start + n_reason, len(segs)):
-                    segs[i] = 1
+                # Tokenize the text before the answer as TRL tokenized the row (special tokens included: a BOS the
+                # tokenizer adds shifts every position by one) and find, as TRL finds the completion, where it
+                # stops agreeing with the row's tokens: the answer starts there (a token that straddles the
+                # boundary belongs to the answer).
+                before = tokenizer(text=example["prompt"] + example["completion"][:offset])["input_ids"]
+                answer_start = max(start, common_prefix_length(before, example["input_ids"]))
+                segs = [0] * answer_start + [1] * (len(example["input_ids"]) - answer_start)
                 return {"segment_ids": segs}
 
             dataset = dataset.map(add_segments, desc=f"Marking answer segments of the {dataset_name} dataset")
@@ -288,8 +387,6 @@ class BlockDiffusionTrainer(SFTTrainer):
         # DDP/FSDP average gradients over ranks: a rank's share of the global sum is scaled back up by their number.
         ranks = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
         loss = loss_sum * ranks / torch.where(normaliser > 0, normaliser, 1.0)
-        if in_step and loss_divided_by_accumulation(self, num_items_in_batch):
-            loss = loss * getattr(self, "current_gradient_accumulation_steps", 1)
         gathered = {k: self.accelerator.gather_for_metrics(v.to(loss.device)).sum() for k, v in m.items()}
         masked = gathered["masked_total"].clamp_min(1)
         correct = sum(v for k, v in gathered.items() if k.startswith("correct/"))

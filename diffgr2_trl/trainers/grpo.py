@@ -51,7 +51,7 @@ from ..block_diffusion import BlockDecodingConfig, BlockDiffusionSampler, get_sp
 from ..block_diffusion.convert import check_attention_honours_masks
 from ..block_diffusion.estimators import ESTIMATORS, check_estimator, estimate_token_logprobs
 from ..errors import OptionError
-from ._decoding_fields import trl_field
+from ._decoding_fields import refuse_unused_generation_settings, trl_field
 from ._launch import check_launch
 from ._paper import DIFFUSION_GR2_PAPER
 from ._quantized import keep_4bit_layers_trainable
@@ -137,6 +137,7 @@ class DiffusionGRPOConfig(BlockDecodingConfig, GRPOConfig):
         if self.use_vllm or self.use_transformers_continuous_batching:
             raise ValueError("Rollouts come from the block-diffusion sampler: use_vllm and "
                              "use_transformers_continuous_batching are not supported.")
+        refuse_unused_generation_settings(self)
 
 
 def _checked_reward(func: Callable, name: str) -> Callable:

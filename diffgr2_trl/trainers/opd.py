@@ -39,7 +39,7 @@ from ..teachers import Teacher, check_vocab_compatible, load_teacher
 from ._launch import check_launch
 from ._paper import DIFFUSION_GR2_PAPER
 from ._quantized import keep_4bit_layers_trainable
-from ._trl_compat import loss_divided_by_accumulation, sum_across_ranks
+from ._trl_compat import sum_across_ranks
 from .opd_config import OnPolicyDistillationConfig
 from .opd_loss import divergence, full_vocab_logprobs, kl_div, topk_tail_logprobs
 
@@ -73,7 +73,7 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
     _name = "OPD"
     _paper = DIFFUSION_GR2_PAPER
     # compute_loss divides by the sequence count of the whole accumulation window on every rank, so Trainer must not
-    # divide again (as TRL's DistillationTrainer declares; older transformers are handled through _trl_compat).
+    # divide again (as TRL's DistillationTrainer declares; transformers >= 5.19 reads the flag in training_step).
     loss_is_scaled_for_ga = True
 
     def __init__(
@@ -307,8 +307,6 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
             num_sequences = (n_tokens > 0).sum().float()
         ranks = self.accelerator.num_processes if args.average_tokens_across_devices and "num_sequences" in inputs else 1
         loss = per_seq.sum() * ranks / num_sequences.to(per_seq).clamp_min(1.0)
-        if self.model.training and loss_divided_by_accumulation(self, num_items_in_batch):
-            loss = loss * getattr(self, "current_gradient_accumulation_steps", 1)
 
         with torch.no_grad():
             sel = inputs["selected"]

@@ -11,7 +11,7 @@ from trl import DistillationConfig
 
 from ..block_diffusion import BlockDecodingConfig
 from ..errors import OptionError
-from ._decoding_fields import trl_field
+from ._decoding_fields import refuse_unused_generation_settings, trl_field
 
 __all__ = ["REPLAY_MODES", "OnPolicyDistillationConfig"]
 
@@ -162,3 +162,7 @@ class OnPolicyDistillationConfig(BlockDecodingConfig, DistillationConfig):
         if self.use_vllm:
             raise ValueError("Rollouts come from the block-diffusion sampler: use_vllm is not supported (a vLLM "
                              "teacher is set with teacher_model='http://host:port' or 'vllm:PATH').")
+        refuse_unused_generation_settings(self)
+        if self.pad_to_multiple_of is not None:  # TRL resolved "auto" to None here (128 on Neuron devices only)
+            raise OptionError("pad_to_multiple_of", "is not used: the rollouts and the replay lay out their own "
+                              f"sequences; leave it at 'auto' or None, got {self.pad_to_multiple_of!r}.")

@@ -110,3 +110,16 @@ def test_huge_and_deeply_nested_inputs():
     assert parse_ranking("[" * 100_000, CANDS).error == "unparseable"
     assert parse_ranking("x" * 5_000_000, CANDS).error == "unparseable"
     assert parse_ranking(_json(CANDS, "é" * 10_000), CANDS).valid
+
+
+def test_an_internal_error_propagates_instead_of_counting_as_unparseable(monkeypatch):
+    from diffgr2_trl.rerank import parsing
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("bug in the parser")
+
+    monkeypatch.setattr(parsing, "strip_eos", broken)
+    with pytest.raises(RuntimeError, match="bug in the parser"):
+        parse_ranking(_json(CANDS), CANDS)
+    with pytest.raises(RuntimeError, match="bug in the parser"):
+        parsing.is_canonical(_json(CANDS))

@@ -140,3 +140,61 @@ def test_cft_with_lora_and_qlora(tmp_path):
                                     train_dataset=sort_dataset(32), processing_class=tok, peft_config=lora)
     trainer.train()
     assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in trainer.state.log_history if "train_loss" in h)
+
+
+def test_answer_segment_starts_at_the_answer_with_a_tokenizer_that_adds_bos(tmp_path):
+    """TRL tokenizes rows with the tokenizer's special tokens: with a BOS post-processor (Llama, Mistral) every
+    position is one later than in a tokenization without them, which once gave the last reasoning token the answer
+    weight."""
+    from tokenizers.processors import TemplateProcessing
+
+    from diffgr2_trl.trainers import BlockDiffusionConfig, BlockDiffusionTrainer
+
+    tok = sort_tokenizer()
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", tok.bos_token_id)])
+    assert tok("sort 1").input_ids[0] == tok.bos_token_id
+    model = build_model("qwen3", tokenizer=tok, shape="tiny", seed=0)
+    args = BlockDiffusionConfig(str(tmp_path), use_cpu=True, bf16=False, report_to=[], block_size=4, answer_weight=2.0)
+    trainer = BlockDiffusionTrainer(model, args=args, train_dataset=sort_dataset(4), processing_class=tok)
+    answer_id = tok.convert_tokens_to_ids("answer")
+    for row in trainer.train_dataset:
+        ids, segs = row["input_ids"], row["segment_ids"]
+        assert ids[0] == tok.bos_token_id
+        first = segs.index(1)
+        assert ids[first] == answer_id, tok.convert_ids_to_tokens(ids[first - 1 : first + 1])
+        assert segs[first - 1] == 0 and all(segs[first:])
+
+
+def test_cft_trains_on_messages_with_the_last_assistant_turn_as_completion(tmp_path):
+    """A ``messages`` dataset (what SFTTrainer accepts) trains: the last assistant turn is the completion, earlier
+    turns (an earlier assistant turn included) are prompt; a conversation ending on another role is refused."""
+    import pytest
+    from datasets import Dataset
+
+    from diffgr2_trl.modeling import build_word_tokenizer
+    from diffgr2_trl.trainers import BlockDiffusionConfig, BlockDiffusionTrainer
+    from diffgr2_trl.trainers.cft import messages_to_prompt_completion
+
+    tok = build_word_tokenizer([str(i) for i in range(16)] + ["sort", ":", "think", "answer", "user", "assistant"])
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} "
+                         "{% if m['role'] == 'assistant' %}<eos> {% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}assistant : {% endif %}")
+    rows = [{"messages": [{"role": "user", "content": "sort 2 1 :"}, {"role": "assistant", "content": "answer 1 2"},
+                          {"role": "user", "content": f"sort {a} {b} :"},
+                          {"role": "assistant", "content": f"think {min(a, b)} {max(a, b)} answer {min(a, b)} {max(a, b)}"}]}
+            for a, b in [(3, 5), (9, 4), (7, 1), (6, 8)]]
+    model = build_model("qwen3", tokenizer=tok, shape="tiny", seed=0)
+    args = BlockDiffusionConfig(str(tmp_path), use_cpu=True, bf16=False, report_to=[], block_size=4,
+                                per_device_train_batch_size=4)
+    trainer = BlockDiffusionTrainer(model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    row = trainer.train_dataset[0]
+    trained = [i for i, lbl in zip(row["input_ids"], row["labels"]) if lbl != -100]
+    assert tok.decode(trained).split() == ["think", "3", "5", "answer", "3", "5", "<eos>"]
+    assert tok.decode(row["input_ids"]).split()[:6] == ["user", ":", "sort", "2", "1", ":"]  # earlier turns: prompt
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert torch.isfinite(trainer.compute_loss(trainer.model, batch))
+
+    ends_with_user = [{"messages": rows[0]["messages"] + [{"role": "user", "content": "sort 1 :"}]}]
+    with pytest.raises(ValueError, match="Row 0 of the train dataset ends with a 'user' turn after its last assistant"):
+        messages_to_prompt_completion(Dataset.from_list(ends_with_user))

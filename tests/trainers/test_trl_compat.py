@@ -10,10 +10,8 @@ import importlib
 import inspect
 
 import pytest
-from transformers import Trainer
 
-from diffgr2_trl.trainers import _trl_compat
-from diffgr2_trl.trainers._trl_compat import TRL_METHODS_RELIED_ON, loss_divided_by_accumulation
+from diffgr2_trl.trainers._trl_compat import TRL_METHODS_RELIED_ON
 
 
 def _resolve(path: str):
@@ -42,24 +40,3 @@ def test_every_trl_method_the_trainers_override_is_listed():
         overridden = {name for name, v in vars(ours).items() if inspect.isfunction(v) and hasattr(parent, name)
                       and name != "__init__"}
         assert overridden <= {m for c, m in listed if c == base}, (ours.__name__, overridden)
-
-
-class _Fake:
-    def __init__(self, accepts, func=None, flag=None):
-        self.model_accepts_loss_kwargs, self.compute_loss_func = accepts, func
-        type(self).loss_is_scaled_for_ga = flag
-
-
-def test_accumulation_division_follows_the_installed_transformers(monkeypatch):
-    class Ours(_Fake):
-        pass
-
-    if "loss_is_scaled_for_ga" in vars(Trainer):  # >= 5.19: the class flag decides when set
-        assert loss_divided_by_accumulation(Ours(accepts=True, flag=True), 10) is False
-        assert loss_divided_by_accumulation(Ours(accepts=True, flag=False), 10) is True
-    # Releases without the flag (<= 5.18) divide unless the model takes loss kwargs and items were counted.
-    monkeypatch.setattr(_trl_compat, "Trainer", type("OldTrainer", (), {}))
-    assert loss_divided_by_accumulation(Ours(accepts=True, flag=True), 10) is False
-    assert loss_divided_by_accumulation(Ours(accepts=True, flag=True), None) is True
-    assert loss_divided_by_accumulation(Ours(accepts=False, flag=True), 10) is True
-    assert loss_divided_by_accumulation(Ours(accepts=False, func=len, flag=True), None) is False
