@@ -7,9 +7,11 @@ Each family keeps what makes it different for block diffusion and shrinks only t
   mask token lands in one of the spare rows past the tokenizer (151,669), as with a real Qwen3 checkpoint.
 - ``llama``: untied embeddings and a tokenizer that adds BOS through a ``TemplateProcessing`` post-processor, as Llama
   and Mistral tokenizers do (TRL tokenizes with special tokens, so every prompt starts with BOS).
-- ``gemma2``: final-logit soft-capping (and attention soft-capping, sliding-window layers). The cap is set low and the
-  weights initialised wide so that capping changes the logits by far more than the tests' tolerances: a path that
-  skipped it could not pass.
+- ``gemma2``: final-logit soft-capping (and attention soft-capping). The cap is set low and the weights initialised
+  wide so that capping changes the logits by far more than the tests' tolerances: a path that skipped it could not
+  pass. Its sliding-window layers keep Gemma 2's window of 4,096, which covers this model's whole context (512), so
+  conversion accepts them as full attention; a real Gemma 2 (context 8,192) is refused until ``sliding_window`` is
+  unset (``check_full_attention``).
 """
 
 from __future__ import annotations
