@@ -8,6 +8,7 @@ steps are packed into one forward: noisy stream ``k`` holds, for every block, th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -148,16 +149,27 @@ def check_output_logits(model) -> None:
     ids = torch.tensor([[1, 2, 3]], device=device) % inner.config.get_text_config().vocab_size
     with torch.no_grad():
         out = inner(input_ids=ids, output_hidden_states=True, use_cache=False)
-        ours = output_logits(inner, out.hidden_states[-1])
-    theirs = out.logits.float()
-    if not torch.allclose(ours.float(), theirs, rtol=1e-3, atol=1e-3 * (1 + theirs.abs().max().item())):
-        worst = (ours.float() - theirs).abs().max().item()
-        raise ValueError(
-            f"{type(inner).__name__} ({getattr(inner.config, 'model_type', '?')}) post-processes its logits in a way "
-            f"block diffusion does not reproduce: applying its output layer to the last hidden states differs from "
-            f"its forward's logits by up to {worst:.3g}. Trajectory replay would score tokens under other "
-            "distributions than the sampler's. Add the model type to "
-            "diffgr2_trl.block_diffusion.likelihood.LOGIT_SCALING (or open an issue).")
+        theirs = out.logits.float()
+        atol = 1e-3 * (1 + theirs.abs().max().item())
+        # Once a trainer has prepared the model with bf16/fp16 mixed precision, accelerate wraps its forward in
+        # autocast for good, so the forward's output layer ran in reduced precision: compare against the output layer
+        # applied under each autocast dtype too (the replay applies it under the trainer's autocast as well).
+        worst = math.inf
+        for dtype in (None, torch.bfloat16, torch.float16):
+            try:
+                with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                    ours = output_logits(inner, out.hidden_states[-1]).float()
+            except RuntimeError:  # an autocast dtype this device does not support
+                continue
+            if torch.allclose(ours, theirs, rtol=1e-3, atol=atol):
+                return
+            worst = min(worst, (ours - theirs).abs().max().item())
+    raise ValueError(
+        f"{type(inner).__name__} ({getattr(inner.config, 'model_type', '?')}) post-processes its logits in a way "
+        f"block diffusion does not reproduce: applying its output layer to the last hidden states differs from "
+        f"its forward's logits by up to {worst:.3g}. Trajectory replay would score tokens under other "
+        "distributions than the sampler's. Add the model type to "
+        "diffgr2_trl.block_diffusion.likelihood.LOGIT_SCALING (or open an issue).")
 
 
 def _replay(forward, model, clean, valid, position_ids, comp_start, spec, canvas_ids, step_map, states, stream_of,

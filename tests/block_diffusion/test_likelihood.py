@@ -107,6 +107,37 @@ def test_check_output_logits_refuses_unknown_post_processing():
         check_output_logits(model)
 
 
+def test_check_output_logits_accepts_a_forward_prepared_for_bf16():
+    """After a bf16 trainer, accelerate leaves the model's forward wrapped in autocast, so its output layer runs in
+    bf16; the probe used to take that rounding for unknown post-processing and refused the next trainer (a bf16 CFT
+    then OPD on one model). A real scaling on top of the autocast forward is still refused."""
+    from accelerate import Accelerator
+
+    from diffgr2_trl.block_diffusion.likelihood import check_output_logits
+
+    model = _tiny_lm("qwen3")
+    for p in model.parameters():  # wide logits: bf16 rounding of the output layer exceeds the float32 tolerance
+        torch.nn.init.normal_(p, std=0.5)
+    model = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+        head = model.get_output_embeddings()(out.hidden_states[-1])
+    assert out.logits.dtype == torch.float32 and not torch.allclose(head, out.logits, rtol=1e-3, atol=1e-2)
+    check_output_logits(model)
+
+    forward = model.forward
+
+    def scaled(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 1.5
+        return out
+
+    model.forward = scaled
+    with pytest.raises(ValueError, match=r"Qwen3ForCausalLM \(qwen3\) post-processes its logits"):
+        check_output_logits(model)
+
+
 def test_replay_through_ddp_with_device_ids(word_tokenizer, tmp_path):
     """accelerate gives DDP device_ids on GPUs; DDP then indexes its moved inputs, so the redirected forward must not
     be an empty call (it raised IndexError). Gloo, one process, device_ids set as on a GPU."""
