@@ -184,7 +184,7 @@ class DiffusionGRPOTrainer(GRPOTrainer):
             likelihood) can stand in, e.g. another remasking rule. It is called with the current policy each time.
         validity_fn: optional function with TRL's reward signature returning, per completion, a truthy value for a
             valid rollout and a falsy one for an invalid one (None: not applicable, counts as valid); e.g.
-            ``rewards.rerank.validity``. Invalid rollouts get the total reward ``args.invalid_penalty`` and stay in
+            ``diffgr2_trl.rewards.rerank.validity``. Invalid rollouts get the total reward ``args.invalid_penalty`` and stay in
             their group (their negative advantage is the learning signal).
 
     Example:

@@ -185,7 +185,7 @@ SIDS = [f"<a_{i}><b_{i}><c_{i}><d_{i}>" for i in range(4)]
 def test_runs_with_rerank_reward_as_trl_calls_it(tmp_path):
     """gr2_reward on a re-ranking-shaped dataset: dataset columns arrive as per-completion keyword lists, invalid
     rankings get the penalty and stay in their group, all-invalid groups are dropped from the loss."""
-    from rewards.rerank import gr2_reward, validity
+    from diffgr2_trl.rewards.rerank import gr2_reward, validity
 
     model, tok = _model()
     calls: list[dict] = []
@@ -332,8 +332,8 @@ def test_grpo_cli_with_rerank_reward_path(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).resolve().parents[2]))
     out = tmp_path / "out"
     rc = main(["grpo", "--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(data), "--output_dir", str(out),
-               "--reward_funcs", "rewards.rerank.gr2_reward", "diffgr2_trl.synthetic.sort_reward",
-               "--validity_func", "rewards.rerank.validity", "--max_steps", "1", "--per_device_train_batch_size", "8",
+               "--reward_funcs", "diffgr2_trl.rewards.rerank.gr2_reward", "diffgr2_trl.synthetic.sort_reward",
+               "--validity_func", "diffgr2_trl.rewards.rerank.validity", "--max_steps", "1", "--per_device_train_batch_size", "8",
                "--num_generations", "4", "--max_completion_length", "8", "--use_cpu", "--bf16", "false",
                "--report_to", "none", "--save_strategy", "no", "--likelihood_estimator", "elbo"])
     assert rc == 0
@@ -342,7 +342,7 @@ def test_grpo_cli_with_rerank_reward_path(tmp_path, monkeypatch):
     assert (out / "config.json").exists()
     with pytest.raises(ValueError, match="no function 'nope'"):
         main(["grpo", "--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(data), "--output_dir", str(out),
-              "--reward_funcs", "rewards.rerank.nope", "--use_cpu", "--bf16", "false"])
+              "--reward_funcs", "diffgr2_trl.rewards.rerank.nope", "--use_cpu", "--bf16", "false"])
 
 
 def test_qlora_trains_the_adapter_on_a_4bit_model(tmp_path):
