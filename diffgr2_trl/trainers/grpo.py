@@ -242,6 +242,9 @@ class DiffusionGRPOTrainer(GRPOTrainer):
         for unsupported in ("tools", "rollout_func", "environment_factory"):
             if kwargs.get(unsupported) is not None:
                 raise ValueError(f"{unsupported} is not supported: rollouts come from the block-diffusion sampler.")
+        if validity_fn is not None and inspect.iscoroutinefunction(validity_fn):
+            raise TypeError("validity_fn must be a plain (synchronous) function; async functions are supported as "
+                            "reward_funcs only.")
         if not isinstance(model, str):
             get_spec(model)  # fail before TRL builds anything for an unconverted model
         super().__init__(model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,

@@ -370,6 +370,14 @@ def test_reward_returns_trl_would_refuse_fail_clearly(tmp_path):
         trainer._calculate_rewards(inputs, ["p"] * 8, ["c"] * 8, [[1]] * 8)
 
 
+    async def async_validity(prompts, completions, **kw):
+        return [True] * len(completions)
+
+    with pytest.raises(TypeError, match="validity_fn must be a plain"):
+        DiffusionGRPOTrainer(model, processing_class=tok, train_dataset=_prompts(), args=_config(tmp_path),
+                             reward_funcs=length_reward, validity_fn=async_validity)
+
+
 def test_config_and_model_errors(tmp_path):
     with pytest.raises(ValueError, match="Unknown likelihood estimator 'exact'"):
         _config(tmp_path, likelihood_estimator="exact")
