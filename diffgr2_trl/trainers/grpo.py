@@ -218,9 +218,9 @@ class DiffusionGRPOTrainer(GRPOTrainer):
             columns, ``completion_ids``, ``trainer_state``, ``log_extra``, ``log_metric``, ``environments``)
             returning, per completion, a true value for a valid rollout and a false one (``False``, ``0``, ``0.0``)
             for an invalid one, as bool / int / float / numpy scalar / 0-d tensor; ``None`` or NaN: not
-            applicable, counts as valid. E.g.
-            ``diffgr2_trl.rewards.rerank.validity``. Invalid rollouts get the total reward ``args.invalid_penalty`` and stay in
-            their group (their negative advantage is the learning signal).
+            applicable, counts as valid. E.g. ``diffgr2_trl.rewards.rerank.validity``. Invalid rollouts get the
+            total reward ``args.invalid_penalty`` and stay in their group (their negative advantage is the learning
+            signal).
 
     Example:
         >>> trainer = DiffusionGRPOTrainer(model, reward_funcs=sort_reward, train_dataset=ds, processing_class=tok,
