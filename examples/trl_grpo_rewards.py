@@ -1,10 +1,11 @@
-"""GRPO with the re-ranking rewards through TRL's own CLI, unchanged: ``trl grpo --reward_funcs rewards.rerank.X``.
+"""GRPO with the re-ranking rewards through TRL's own CLI, unchanged:
+``trl grpo --reward_funcs diffgr2_trl.rewards.rerank.X``.
 
 The rewards read two dataset columns besides ``prompt``: ``candidates`` (SID strings in pre-rank order) and
 ``target`` (the true next item's SID); TRL passes both to every reward function. ``trl grpo`` loads a local dataset
 with ``datasets.load_dataset(<dir>)``, so the dataset is a folder of data files (``train.jsonl`` here), not a
-``save_to_disk`` folder. TRL imports dotted reward paths after putting the current directory on ``sys.path``: run from
-the repository root (or have the package installed).
+``save_to_disk`` folder. The rewards live in the installed package (``diffgr2_trl.rewards``), so the
+command works from any directory, beside a project's own ``rewards.py`` too.
 
 Run a toy end-to-end check on CPU (a tiny random Qwen3 and a locally trained tokenizer; ~30 s)::
 
@@ -25,7 +26,7 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-REWARDS = ["rewards.rerank.gr2_reward", "rewards.rerank.validity", "rewards.rerank.ndcg_at_3"]
+REWARDS = [f"diffgr2_trl.rewards.rerank.{name}" for name in ("gr2_reward", "validity", "ndcg_at_3")]
 
 
 def write_toy_dataset(data_dir: str | Path, n_rows: int = 8, seed: int = 0) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Reward functions for TRL trainers, importable by dotted path from TRL's CLI (``--reward_funcs rewards.rerank.X``).
+"""Backward-compatible alias of :mod:`diffgr2_trl.rewards`, importable only from the repository root.
 
-See :mod:`rewards.rerank` for the re-ranking rewards and their dataset-column contract.
+This folder is not installed (a top-level ``rewards`` package collides with a user's own ``rewards.py``); new code
+and configs use ``diffgr2_trl.rewards.rerank.X``.
 """

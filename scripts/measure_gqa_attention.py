@@ -14,6 +14,7 @@ Time it on a quiet machine (one job, threads pinned); the fastest of ``--repeats
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -44,7 +45,7 @@ def main() -> None:
 
     import diffgr2_trl.rerank.evaluate as evaluate_module
     from diffgr2_trl.block_diffusion import BlockDecodingConfig
-    from diffgr2_trl.block_diffusion.attention import cpu_gqa_attention, without_cpu_gqa_attention
+    from diffgr2_trl.block_diffusion.attention import without_cpu_gqa_attention
     from diffgr2_trl.rerank.pipeline_data import load_split
     from diffgr2_trl.utils import set_threads, write_json_atomic
 
@@ -53,7 +54,8 @@ def main() -> None:
     rows = ds.select(range(min(args.limit, len(ds)))).select_columns(["prompt", "candidates", "target"]).to_list()
     results = {"rows": len(rows), "batch_size": args.batch_size, "threads": torch.get_num_threads(),
                "load_average": os.getloadavg()[0], "runs": []}
-    arms = {"transformers_sdpa": without_cpu_gqa_attention, "cpu_gqa_attention": cpu_gqa_attention}
+    # The decoders enter cpu_gqa_attention(model) themselves: the "on" arm adds nothing, the "off" arm disables it.
+    arms = {"transformers_sdpa": without_cpu_gqa_attention, "cpu_gqa_attention": contextlib.nullcontext}
     block_config = BlockDecodingConfig(tau=args.tau, block_size=args.decode_block_size or None)
     for kind, path in (("ar", args.ar_model), ("block", args.block_model)):
         if path is None:
@@ -66,7 +68,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for arm, context in arms.items():
                 t0 = time.perf_counter()
-                with context():  # the decoders enter cpu_gqa_attention themselves; the off arm makes that a no-op
+                with context():
                     out = evaluate_module.evaluate_model(model, tok, rows, decode_fn=decode,
                                                          batch_size=args.batch_size,
                                                          max_new_tokens=args.max_completion_length, progress=False,

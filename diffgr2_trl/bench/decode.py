@@ -132,7 +132,7 @@ def _decoder(model, method, ids, am, new_tokens, base_spec, bs, k, tau, pad, com
 
         def run():
             # the AR baseline gets the sampler's CPU attention path too, so the ratio compares decoders, not kernels
-            with cpu_gqa_attention():
+            with cpu_gqa_attention(model):
                 return model.generate(input_ids=ids, attention_mask=am, max_new_tokens=new_tokens,
                                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=None,
                                       **extra)

@@ -325,7 +325,7 @@ class BlockDiffusionSampler:
             attention_mask = torch.ones_like(input_ids)
         if (attention_mask[:, -1] == 0).any():
             raise ValueError("Prompts must be left-padded (the last column must be real tokens for every row).")
-        with torch.no_grad(), cpu_gqa_attention():
+        with torch.no_grad(), cpu_gqa_attention(unwrap_model(self.model)):
             return self._decode(input_ids, attention_mask, cfg, spec, generator, constraints)
 
     # ------------------------------------------------------------------ internals

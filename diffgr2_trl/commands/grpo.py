@@ -1,14 +1,16 @@
 """``diffgr2 grpo``: diffusion GRPO / DAPO from the command line (all TRL GRPO flags; ``--config file.yaml`` too).
 
-    diffgr2 grpo --model_name_or_path DIR --dataset_name PATH --reward_funcs rewards.rerank.gr2_reward --output_dir OUT
-                 [--validity_func rewards.rerank.validity] [--likelihood_estimator trajectory_replay|mean_field|elbo]
+    diffgr2 grpo --model_name_or_path DIR --dataset_name PATH --output_dir OUT
+                 --reward_funcs diffgr2_trl.rewards.rerank.gr2_reward
+                 [--validity_func diffgr2_trl.rewards.rerank.validity]
+                 [--likelihood_estimator trajectory_replay|mean_field|elbo]
                  [--num_generations 8] [--tau 0.9] [--use_peft --lora_r 16] [--load_in_4bit] [--use_cpu]
 
 ``DIR`` is a converted block-diffusion checkpoint (``diffgr2 convert`` / ``diffgr2 cft`` output). ``PATH`` is a
 ``save_to_disk`` directory or a JSONL/JSON/Parquet/CSV file with a ``prompt`` column; every other column reaches the
 reward functions as a keyword argument, as in TRL. Reward functions are dotted import paths, resolved like
-``trl grpo --reward_funcs`` does (the current directory is importable, so ``rewards.<module>.<fn>`` works from the
-repository root) or one of TRL's built-in names. ``--model`` and ``--dataset`` are deprecated spellings of
+``trl grpo --reward_funcs`` does (the current directory is importable, so a project's own ``my_rewards.fn`` works;
+this package's rewards are ``diffgr2_trl.rewards.<module>.<fn>`` from anywhere) or one of TRL's built-in names. ``--model`` and ``--dataset`` are deprecated spellings of
 ``--model_name_or_path`` and ``--dataset_name``.
 """
 
@@ -71,7 +73,8 @@ def resolve_function(path: str, max_completion_length: int | None = None) -> Cal
         if path in TRL_REWARD_NAMES:
             return getattr(trl_rewards, path)
         raise ValueError(f"Could not load reward function {path!r}: expected a dotted import path "
-                         f"(e.g. rewards.rerank.gr2_reward) or one of TRL's built-in names {list(TRL_REWARD_NAMES)}.")
+                         "(e.g. diffgr2_trl.rewards.rerank.gr2_reward) or one of TRL's built-in names "
+                         f"{list(TRL_REWARD_NAMES)}.")
     module_path, name = path.rsplit(".", 1)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())

@@ -273,7 +273,7 @@ def greedy_answers(model, tokenizer, heldout: HeldOut, batch_size: int = 64) -> 
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         budget = max(len(heldout.input_ids[r]) - heldout.prompt_lengths[r] for r in rows) + 8
         device = _device(model)
-        with cpu_gqa_attention():
+        with cpu_gqa_attention(model):
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=budget,
                                  do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         for text, r in zip(tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True), rows):

@@ -115,7 +115,7 @@ def ar_greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, 
         from .constraints import RankingLogitsProcessor
 
         processors = LogitsProcessorList([RankingLogitsProcessor(constraints, enc["input_ids"].shape[1])])
-    with cpu_gqa_attention():
+    with cpu_gqa_attention(model):
         out = model.generate(
             **enc,
             do_sample=False,

@@ -6,12 +6,21 @@ Column contract (TRL passes every extra dataset column as a keyword, one entry p
   concatenated SIDs is also accepted, for datasets that store it flat);
 - ``target``: the SID string of the true next item.
 
-Completions may be plain strings or conversations (the last assistant message is scored). Every function returns one
-value per completion and never raises: an entry whose ``candidates``/``target`` are missing or malformed (or whose
-target is not a candidate) scores ``None``, which TRL treats as "reward not applicable" for that sample.
+Completions may be plain strings or conversations (the last assistant message is scored). What each function returns:
 
-Use from TRL's CLI unchanged: ``trl grpo ... --reward_funcs rewards.rerank.gr2_reward rewards.rerank.ndcg_at_3``
-(the top-level :mod:`rewards.rerank` re-exports this module, so those dotted paths resolve here).
+- a float per completion. A completion that does not parse to a permutation of the candidates (any text, a wrong
+  type, a truncated answer) is an invalid ranking and scores what the function defines for it (the rank rewards
+  ``invalid_penalty``, the metrics 0); malformed completions never raise;
+- ``None`` (TRL: "reward not applicable", NaN) for exactly one case: the row's ``target`` is a string that is not
+  among its candidates (the pre-ranker missed the true item), where no rank can be scored;
+- :class:`RewardColumnError` (a ``ValueError`` naming the column and the row) when the dataset columns are unusable:
+  a missing ``candidates``/``target`` column, a column that is not one entry per completion, candidates that are
+  not distinct SID strings (integer item ids, an empty list, a JSON string that does not parse, a string with no
+  SID in it, duplicates) or a target that is not a string. Such a dataset is a bug to fix, not a row to skip, so it
+  is never turned into a quiet ``None``.
+
+Use from TRL's CLI unchanged: ``trl grpo ... --reward_funcs diffgr2_trl.rewards.rerank.gr2_reward
+diffgr2_trl.rewards.rerank.ndcg_at_3`` (:mod:`diffgr2_trl.rewards.rerank` re-exports this module).
 Factories (``make_gr2_reward(alpha=0.1)`` ...) return functions with a descriptive ``__name__``, the name TRL logs.
 """
 
@@ -47,39 +56,69 @@ def _rank(ranking: Sequence[str] | None, target: str) -> int | None:
     return None if ranking is None else rank_of(target, ranking)
 
 
-def _as_candidates(value: Any) -> list[str] | None:
+class RewardColumnError(ValueError):
+    """A re-ranking reward got an unusable ``candidates`` or ``target`` dataset column (see the module docstring)."""
+
+
+def _as_candidates(value: Any, i: int) -> list[str]:
+    """The candidates of row ``i`` as a list of distinct SID strings; :class:`RewardColumnError` otherwise."""
+    original = value
     if isinstance(value, str):
         stripped = value.strip()
         if stripped.startswith("["):
             try:
                 value = json.loads(stripped)
-            except ValueError:
-                return None
+            except ValueError as e:
+                raise RewardColumnError(f"candidates[{i}] is a string starting with '[' that is not a JSON list "
+                                        f"({e}): {original[:80]!r}.") from None
         else:
             value = SID_RE.findall(stripped)
-    if isinstance(value, Sequence) and not isinstance(value, str | bytes) and value:
-        value = list(value)
-        if all(isinstance(c, str) for c in value) and len(set(value)) == len(value):
-            return value
-    return None
+    if not isinstance(value, Sequence) or isinstance(value, str | bytes):
+        raise RewardColumnError(f"candidates[{i}] must be a list of candidate SID strings, got "
+                                f"{type(original).__name__} {original!r:.80}.")
+    value = list(value)
+    if not value:
+        raise RewardColumnError(f"candidates[{i}] holds no candidate (got {original!r:.80}); a string must contain "
+                                "the SIDs, e.g. '<a_1><b_2><c_3><d_4>'.")
+    wrong = next((c for c in value if not isinstance(c, str)), None)
+    if wrong is not None:
+        raise RewardColumnError(f"candidates[{i}] holds {type(wrong).__name__} {wrong!r:.40}: the rewards compare the "
+                                "completion's ranking with the candidates' SID strings (the IDs the answer writes), "
+                                "not item ids; map item ids to SIDs when building the dataset.")
+    if len(set(value)) != len(value):
+        dup = next(c for c in value if value.count(c) > 1)
+        raise RewardColumnError(f"candidates[{i}] lists {dup!r} more than once; candidates must be distinct.")
+    return value
 
 
-def _column(kwargs: dict[str, Any], name: str, i: int) -> Any:
-    col = kwargs.get(name)
-    if isinstance(col, Sequence) and not isinstance(col, str | bytes) and i < len(col):
-        return col[i]
-    return None
+def _column(kwargs: dict[str, Any], name: str, n: int) -> Sequence:
+    if name not in kwargs:
+        raise RewardColumnError(f"The re-ranking rewards need a {name!r} dataset column (TRL passes every column as a "
+                                f"keyword argument); got columns {sorted(kwargs)}.")
+    col = kwargs[name]
+    if not isinstance(col, Sequence) or isinstance(col, str | bytes) or len(col) != n:
+        size = len(col) if isinstance(col, Sequence) else type(col).__name__
+        raise RewardColumnError(f"The {name!r} keyword must hold one entry per completion ({n}), got {size!r:.80}.")
+    return col
 
 
 def _examples(completions: Any, kwargs: dict[str, Any]):
-    """Yield (completion, parse result, candidates, target); parse result None where the columns are unusable."""
+    """Yield (completion, parse result, candidates, target); parse result None where the target is not a
+    candidate. Raises :class:`RewardColumnError` for unusable columns."""
     if not isinstance(completions, Sequence) or isinstance(completions, str | bytes):
         return
+    if not completions:
+        return
+    cand_col = _column(kwargs, "candidates", len(completions))
+    target_col = _column(kwargs, "target", len(completions))
     for i, completion in enumerate(completions):
-        cands = _as_candidates(_column(kwargs, "candidates", i))
-        target = _column(kwargs, "target", i)
-        if cands is None or not isinstance(target, str) or target not in cands:
-            yield completion, None, None, None
+        cands = _as_candidates(cand_col[i], i)
+        target = target_col[i]
+        if not isinstance(target, str):
+            raise RewardColumnError(f"target[{i}] must be the true item's SID string, got {type(target).__name__} "
+                                    f"{target!r:.80}.")
+        if target not in cands:
+            yield completion, None, None, None  # not applicable: no rank of the target to score
             continue
         yield completion, parse_ranking(completion, cands), cands, target
 
@@ -192,6 +231,7 @@ recall_at_3 = make_recall_at_k(3)
 recall_at_5 = make_recall_at_k(5)
 
 __all__ = [
+    "RewardColumnError",
     "RewardFunc",
     "conditional_format",
     "gr2_reward",

@@ -1,12 +1,13 @@
 """TRL trainers for the three stages: CFT, on-policy distillation, diffusion GRPO."""
 
-from .._warnings import filter_known_warnings
+from .._warnings import known_notices_silenced
 
-filter_known_warnings()  # again, right before TRL is imported (see diffgr2_trl._warnings); hence E402 below
-
-from .cft import BlockDiffusionConfig, BlockDiffusionTrainer, DataCollatorForBlockDiffusion  # noqa: E402
-from .grpo import DiffusionGRPOConfig, DiffusionGRPOTrainer  # noqa: E402
-from .opd import OnPolicyDistillationConfig, OnPolicyDistillationTrainer  # noqa: E402
+# TRL (and the vLLM it imports) print known-harmless notices at import: dropped for the import only, so the user's
+# warning filters and loggers are left as they were (see diffgr2_trl._warnings).
+with known_notices_silenced():
+    from .cft import BlockDiffusionConfig, BlockDiffusionTrainer, DataCollatorForBlockDiffusion
+    from .grpo import DiffusionGRPOConfig, DiffusionGRPOTrainer
+    from .opd import OnPolicyDistillationConfig, OnPolicyDistillationTrainer
 
 __all__ = [
     "BlockDiffusionConfig", "BlockDiffusionTrainer", "DataCollatorForBlockDiffusion", "DiffusionGRPOConfig",

@@ -35,12 +35,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import numbers
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate.utils import gather
 from trl import GRPOConfig, GRPOTrainer
@@ -140,23 +143,39 @@ class DiffusionGRPOConfig(BlockDecodingConfig, GRPOConfig):
         refuse_unused_generation_settings(self)
 
 
+def _as_reward(r: Any) -> float | None:
+    """One reward as TRL reads it (``torch.tensor(..., dtype=float32)``): a Python, numpy or 0-d tensor bool / int /
+    float becomes a float, ``None`` stays ``None`` (not applicable); anything else raises ``TypeError``."""
+    if r is None:
+        return None
+    if isinstance(r, torch.Tensor | np.ndarray) and r.ndim == 0:
+        r = r.item()
+    if isinstance(r, bool | np.bool_ | numbers.Real):
+        return float(r)
+    raise TypeError
+
+
 def _checked_reward(func: Callable, name: str) -> Callable:
-    """Wrap a TRL reward function so a wrong-length or non-numeric result fails with a message naming it."""
+    """Wrap a TRL reward function so its result reaches TRL as floats (or None), one per completion; a wrong length
+    or a non-numeric entry fails with a message naming the function and the completion."""
 
     def check(out: Any, n: int) -> list:
-        if not isinstance(out, list | tuple) and not (isinstance(out, torch.Tensor) and out.ndim == 1):
+        if isinstance(out, torch.Tensor | np.ndarray) and out.ndim == 1:
+            out = list(out)
+        if not isinstance(out, list | tuple):
             raise TypeError(f"Reward function {name!r} must return a list of floats (or None), got {type(out).__name__}.")
-        out = out.tolist() if isinstance(out, torch.Tensor) else list(out)
         if len(out) != n:
             raise ValueError(f"Reward function {name!r} returned {len(out)} rewards for {n} completions; it must "
                              "return exactly one per completion.")
+        checked = []
         for i, r in enumerate(out):
-            if r is None:
-                continue
-            if isinstance(r, bool) or not isinstance(r, numbers.Real):
-                raise TypeError(f"Reward function {name!r} returned {r!r} (type {type(r).__name__}) for completion {i}; "
-                                "rewards must be real numbers, or None for 'not applicable'.")
-        return out
+            try:
+                checked.append(_as_reward(r))
+            except TypeError:
+                raise TypeError(f"Reward function {name!r} returned {r!r} (type {type(r).__name__}) for completion "
+                                f"{i}; rewards must be real numbers (bool, int, float, numpy scalars or 0-d tensors), "
+                                "or None for 'not applicable'.") from None
+        return checked
 
     if inspect.iscoroutinefunction(func):
         @functools.wraps(func)
@@ -172,6 +191,19 @@ def _checked_reward(func: Callable, name: str) -> Callable:
     return wrapper
 
 
+@contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """``module.eval()`` inside the block; on exit every submodule gets back its own mode (not one blanket
+    ``train()``, which would also switch on submodules the user had put in eval mode)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 class DiffusionGRPOTrainer(GRPOTrainer):
     """GRPO / DAPO / Dr.GRPO for block-diffusion LMs; same arguments as :class:`trl.GRPOTrainer`, plus
     ``validity_fn`` and ``sampler``.
@@ -183,10 +215,13 @@ class DiffusionGRPOTrainer(GRPOTrainer):
             ``generate(input_ids, attention_mask, *, model=...)`` returning a
             :class:`~diffgr2_trl.block_diffusion.SamplerOutput` (``canvas_ids`` and ``step_map`` included, for the
             likelihood) can stand in, e.g. another remasking rule. It is called with the current policy each time.
-        validity_fn: optional function with TRL's reward signature returning, per completion, a truthy value for a
-            valid rollout and a falsy one for an invalid one (None: not applicable, counts as valid); e.g.
-            ``rewards.rerank.validity``. Invalid rollouts get the total reward ``args.invalid_penalty`` and stay in
-            their group (their negative advantage is the learning signal).
+        validity_fn: optional function with TRL's reward signature (and TRL's keyword arguments: the dataset
+            columns, ``completion_ids``, ``trainer_state``, ``log_extra``, ``log_metric``, ``environments``)
+            returning, per completion, a true value for a valid rollout and a false one (``False``, ``0``, ``0.0``)
+            for an invalid one, as bool / int / float / numpy scalar / 0-d tensor; ``None`` or NaN: not
+            applicable, counts as valid. E.g. ``diffgr2_trl.rewards.rerank.validity``. Invalid rollouts get the
+            total reward ``args.invalid_penalty`` and stay in their group (their negative advantage is the learning
+            signal).
 
     Example:
         >>> trainer = DiffusionGRPOTrainer(model, reward_funcs=sort_reward, train_dataset=ds, processing_class=tok,
@@ -208,6 +243,9 @@ class DiffusionGRPOTrainer(GRPOTrainer):
         for unsupported in ("tools", "rollout_func", "environment_factory"):
             if kwargs.get(unsupported) is not None:
                 raise ValueError(f"{unsupported} is not supported: rollouts come from the block-diffusion sampler.")
+        if validity_fn is not None and inspect.iscoroutinefunction(validity_fn):
+            raise TypeError("validity_fn must be a plain (synchronous) function; async functions are supported as "
+                            "reward_funcs only.")
         if not isinstance(model, str):
             get_spec(model)  # fail before TRL builds anything for an unconverted model
         super().__init__(model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
@@ -245,6 +283,11 @@ class DiffusionGRPOTrainer(GRPOTrainer):
                                         gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
                                          gather_deepspeed3_params=args.ds3_gather_for_generation) as unwrapped,
             torch.no_grad(),
+            # Eval mode: with LoRA (TRL's default lora_dropout 0.05) or any dropout, a train-mode rollout samples
+            # from a perturbed policy whose log-probs no replay reproduces. The autocast is the one the likelihood
+            # scores under, so the sampler's log-probs and the replay's are the same numbers.
+            _eval_mode(unwrapped),
+            self.accelerator.autocast(),
         ):
             out = self.sampler.generate(input_ids, attention_mask, model=unwrapped)
         width = args.max_completion_length  # fixed width, so rollouts of different generation batches stack
@@ -342,11 +385,17 @@ class DiffusionGRPOTrainer(GRPOTrainer):
         device = rewards_per_func.device
         weights = self.reward_weights.to(device)
         if self.validity_fn is not None:
+            # The keyword arguments TRL's _calculate_rewards gives reward functions, so that any stock-TRL reward
+            # can serve as the validity function unchanged.
             keys = [k for k in inputs[0] if k not in ("prompt", "completion", "completion_ids")]
             kwargs = {k: [x[k] for x in inputs] for k in keys}
+            kwargs.update(trainer_state=self.state, log_extra=self._log_completion_extra, log_metric=self._log_metric)
+            if self.environments is not None:
+                kwargs["environments"] = self.environments
             valid = self.validity_fn(prompts=prompts, completions=completions, completion_ids=completion_ids_list,
-                                     trainer_state=self.state, **kwargs)
-            invalid = torch.tensor([v is not None and not v for v in valid], device=device)
+                                     **kwargs)
+            # None (and NaN, TRL's form of None) is "not applicable" and counts as valid; other values by truth.
+            invalid = torch.tensor([v is not None and not math.isnan(v) and not v for v in valid], device=device)
             invalid = gather(invalid)
             total = float(weights.sum())
             if total == 0:

@@ -9,9 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from diffgr2_trl.rerank import scoring
 from diffgr2_trl.rerank.prompts import format_completion
-from rewards import rerank
-from rewards.rerank import (
+from diffgr2_trl.rewards import rerank
+from diffgr2_trl.rewards.rerank import (
     conditional_format,
     gr2_reward,
     make_conditional_format,
@@ -92,23 +93,37 @@ def test_conversational_completions_and_flat_candidate_columns():
         )
 
 
+def test_target_not_among_candidates_is_not_applicable():
+    """The one ``None`` (TRL: not applicable): the pre-ranker missed the true item, so no rank can be scored."""
+    for func in (gr2_reward, rank_promotion, conditional_format, ndcg_at_3, recall_at_1, validity):
+        out = func(prompts=["p", "p"], completions=[format_completion("x", CANDS)] * 2,
+                   candidates=[CANDS, CANDS], target=["<a_99><b_0><c_0><d_0>", CANDS[0]])
+        assert out[0] is None and isinstance(out[1], float)
+
+
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "match"),
     [
-        {},
-        {"candidates": [CANDS]},
-        {"candidates": [CANDS], "target": ["<a_99><b_0><c_0><d_0>"]},  # target not a candidate
-        {"candidates": [None], "target": [CANDS[0]]},
-        {"candidates": [[1, 2, 3]], "target": [1]},
-        {"candidates": CANDS, "target": CANDS[0]},  # not per-completion lists
-        {"candidates": [CANDS + CANDS[:1]], "target": [CANDS[0]]},  # duplicated candidates
-        {"candidates": [], "target": []},
+        ({}, "need a 'candidates' dataset column"),
+        ({"candidates": [CANDS]}, "need a 'target' dataset column"),
+        ({"candidates": [None], "target": [CANDS[0]]}, r"candidates\[0\] must be a list of candidate SID strings"),
+        ({"candidates": [[1, 2, 3]], "target": [1]}, r"candidates\[0\] holds int 1: .* not item ids"),
+        ({"candidates": [[101, 102]], "target": ["<a_1>"]}, r"candidates\[0\] holds int 101"),
+        ({"candidates": [7], "target": [CANDS[0]]}, r"candidates\[0\] must be a list .* got int 7"),
+        ({"candidates": CANDS, "target": CANDS[0]}, "must hold one entry per completion"),  # not per-completion lists
+        ({"candidates": [CANDS + CANDS[:1]], "target": [CANDS[0]]}, "more than once"),  # duplicated candidates
+        ({"candidates": [], "target": []}, "one entry per completion"),
+        ({"candidates": [[]], "target": [CANDS[0]]}, "holds no candidate"),
+        ({"candidates": ["[<a_1>, oops"], "target": [CANDS[0]]}, "not a JSON list"),
+        ({"candidates": ["no ids here"], "target": [CANDS[0]]}, "holds no candidate"),
+        ({"candidates": [CANDS], "target": [3]}, r"target\[0\] must be the true item's SID string, got int 3"),
     ],
 )
-def test_unusable_columns_give_none(kwargs):
+def test_unusable_columns_raise_naming_the_column(kwargs, match):
+    """Integer or malformed columns are a dataset bug: a specific error naming the column and row, never None."""
     for func in (gr2_reward, rank_promotion, conditional_format, ndcg_at_3, recall_at_1, validity):
-        out = func(prompts=["p"], completions=[format_completion("x", CANDS)], **kwargs)
-        assert out == [None]
+        with pytest.raises(rerank.RewardColumnError, match=match):
+            func(prompts=["p"], completions=[format_completion("x", CANDS)], **kwargs)
 
 
 def test_extra_trl_kwargs_and_non_list_completions():
@@ -148,13 +163,32 @@ _column_value = st.one_of(st.just(CANDS), st.none(), st.text(max_size=30), st.li
     cands=st.lists(_column_value, max_size=7),
     targets=st.lists(st.one_of(_sid, st.none(), st.integers()), max_size=7),
 )
-def test_rewards_never_raise_and_stay_in_range(completions, cands, targets):
+def test_rewards_score_or_name_the_bad_column(completions, cands, targets):
+    """Any completions with any columns: a float per completion (None only where the target is a string outside
+    the candidates), or RewardColumnError; never another exception, never a quiet None."""
     for func in FUNCS:
-        out = func(prompts=None, completions=completions, candidates=cands, target=targets)
+        try:
+            out = func(prompts=None, completions=completions, candidates=cands, target=targets)
+        except rerank.RewardColumnError:
+            continue
         assert len(out) == len(completions)
         lo, hi = RANGES.get(func.__name__, (0.0, 1.0))
-        for value in out:
-            assert value is None or (isinstance(value, float) and lo - 1e-9 <= value <= hi + 1e-9)
+        for i, value in enumerate(out):
+            if value is None:
+                assert isinstance(targets[i], str) and targets[i] not in scoring._as_candidates(cands[i], i)
+            else:
+                assert isinstance(value, float) and lo - 1e-9 <= value <= hi + 1e-9
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(completions=st.lists(_completion, min_size=1, max_size=6), target=st.sampled_from(CANDS))
+def test_malformed_completions_never_raise(completions, target):
+    """With well-formed columns every completion, however broken, gets a number."""
+    n = len(completions)
+    for func in FUNCS:
+        out = func(prompts=None, completions=completions, candidates=[CANDS] * n, target=[target] * n)
+        lo, hi = RANGES.get(func.__name__, (0.0, 1.0))
+        assert len(out) == n and all(isinstance(v, float) and lo - 1e-9 <= v <= hi + 1e-9 for v in out)
 
 
 @settings(max_examples=100, deadline=None, derandomize=True)

@@ -1,4 +1,4 @@
-"""The rewards run unchanged from TRL's own CLI: ``trl grpo --reward_funcs rewards.rerank.gr2_reward ...``.
+"""The rewards run unchanged from TRL's own CLI: ``trl grpo --reward_funcs diffgr2_trl.rewards.rerank.gr2_reward``.
 
 Runs the example exactly as its docstring documents it (``python examples/trl_grpo_rewards.py --workdir DIR``): it
 builds a tiny Qwen3 and a locally trained tokenizer, a ``train.jsonl`` dataset with ``prompt``/``candidates``/``target``,
@@ -45,6 +45,6 @@ def test_grpo_command_resolves_reward_names_as_trl_grpo_does():
     assert resolve_function("think_format_reward") is trl_rewards.think_format_reward
     punish = resolve_function("get_soft_overlong_punishment", max_completion_length=64)
     assert punish(completion_ids=[[1] * 10, [1] * 64]) == [0.0, -1.0]  # a reward function, not the factory
-    assert resolve_function("rewards.rerank.gr2_reward").__name__ == "gr2_reward"
+    assert resolve_function("diffgr2_trl.rewards.rerank.gr2_reward").__name__ == "gr2_reward"
     with pytest.raises(ValueError, match="TRL's built-in names"):
         resolve_function("get_reward_model")

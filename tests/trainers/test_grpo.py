@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -185,7 +186,7 @@ SIDS = [f"<a_{i}><b_{i}><c_{i}><d_{i}>" for i in range(4)]
 def test_runs_with_rerank_reward_as_trl_calls_it(tmp_path):
     """gr2_reward on a re-ranking-shaped dataset: dataset columns arrive as per-completion keyword lists, invalid
     rankings get the penalty and stay in their group, all-invalid groups are dropped from the loss."""
-    from rewards.rerank import gr2_reward, validity
+    from diffgr2_trl.rewards.rerank import gr2_reward, validity
 
     model, tok = _model()
     calls: list[dict] = []
@@ -255,6 +256,32 @@ def test_lora_trains_adapter_only_and_replay_stays_exact(tmp_path):
         torch.testing.assert_close(logps[r, : len(lp)], torch.tensor(lp), atol=1e-5, rtol=0)
 
 
+def test_rollouts_are_sampled_in_eval_mode_under_lora_dropout(tmp_path):
+    """With LoRA dropout a train-mode rollout samples from a perturbed policy that no replay reproduces: the rollout
+    runs in eval mode (and the trainer's mode is restored after), so at step 0 the sampler's log-probs are the
+    trainer's eval-mode replay."""
+    from peft import LoraConfig
+
+    model, tok = _model()
+    ds = _prompts()
+    trainer = DiffusionGRPOTrainer(
+        model, reward_funcs=length_reward, processing_class=tok, train_dataset=ds,
+        args=_config(tmp_path, temperature=1.0),
+        # init_lora_weights=False: a non-zero lora_B, so the dropout in front of the adapter changes the outputs.
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.5,
+                               init_lora_weights=False),
+    )
+    seen = _spy_sampler_logprobs(trainer)
+    trainer.model.train()
+    out = trainer._generate_and_score_completions([ds[i] for i in range(8)])
+    dropouts = [m for n, m in trainer.model.named_modules() if n.endswith("lora_dropout.default")]
+    assert dropouts and trainer.model.training and all(m.training for m in dropouts)  # the mode is back
+    trainer.model.eval()
+    logps = _trainer_logps(trainer, out)
+    for r, lp in enumerate(seen["logprobs"]):
+        torch.testing.assert_close(logps[r, : len(lp)], torch.tensor(lp), atol=1e-5, rtol=0)
+
+
 def test_checkpoint_resume_matches_uninterrupted_run(tmp_path):
     """A run resumed from checkpoint-2 ends at the uninterrupted run's weights: TRL's step, optimizer, scheduler and
     RNG state are restored, and the rollout buffer is regenerated on resume."""
@@ -302,6 +329,55 @@ def test_reward_of_wrong_length_or_type_fails_clearly(tmp_path):
     trainer.train()  # None means "not applicable": allowed
 
 
+def test_stock_trl_reward_and_validity_returns_run_unchanged(tmp_path):
+    """What TRL's own _calculate_rewards accepts (it builds a float32 tensor) runs here too: bool, int, float, numpy
+    scalars and 0-d tensors, None for 'not applicable' (NaN); the validity function gets TRL's reward keywords."""
+    model, tok = _model()
+    trainer = DiffusionGRPOTrainer(model, processing_class=tok, train_dataset=_prompts(), args=_config(tmp_path),
+                                   reward_funcs=[lambda prompts, completions, **kw: [
+                                       True, 2, 0.5, np.bool_(True), np.float32(1.5), torch.tensor(3.0), None,
+                                       torch.tensor(False)]],
+                                   validity_fn=(validity := _recording_validity()))
+    n = 8
+    inputs = [{"prompt": "sort 1 2 :", "target": str(i)} for i in range(n)]
+    rewards = trainer._calculate_rewards(inputs, ["p"] * n, ["c"] * n, [[1]] * n)
+    expected = torch.tensor([1.0, 2.0, 0.5, 1.0, 1.5, 3.0, float("nan"), 0.0])
+    # _recording_validity: False, 0 are invalid; None and NaN are not applicable (valid); True, 1, 2.0 are valid.
+    invalid = torch.tensor([False, True, True, False, False, False, False, False])
+    expected[invalid] = trainer.args.invalid_penalty
+    torch.testing.assert_close(rewards[:, 0], expected, equal_nan=True)
+    kw = validity.kwargs
+    assert {"completion_ids", "trainer_state", "log_extra", "log_metric", "target"} <= set(kw)
+    assert kw["target"] == [str(i) for i in range(n)] and kw["trainer_state"] is trainer.state
+    assert trainer._pending_metrics["validity_calls"] == [1.0]  # log_metric is TRL's own, live
+
+
+def _recording_validity():
+    def validity(prompts, completions, completion_ids, log_metric, **kwargs):
+        validity.kwargs = {"completion_ids": completion_ids, "log_metric": log_metric, **kwargs}
+        log_metric("validity_calls", 1.0)
+        return [True, np.bool_(False), torch.tensor(0), None, 1, float("nan"), torch.tensor(True), 2.0]
+
+    return validity
+
+
+def test_reward_returns_trl_would_refuse_fail_clearly(tmp_path):
+    model, tok = _model()
+    trainer = DiffusionGRPOTrainer(model, processing_class=tok, train_dataset=_prompts(), args=_config(tmp_path),
+                                   reward_funcs=[lambda prompts, completions, **kw: [torch.ones(2)] * 8])
+    inputs = [{"prompt": "sort 1 2 :"}] * 8
+    with pytest.raises(TypeError, match=r"'<lambda>' returned tensor\(\[1., 1.\]\) .* for completion 0"):
+        trainer._calculate_rewards(inputs, ["p"] * 8, ["c"] * 8, [[1]] * 8)
+
+
+    async def async_validity(prompts, completions, **kw):
+        return [True] * len(completions)
+
+    with pytest.raises(TypeError, match="validity_fn must be a plain"):
+        DiffusionGRPOTrainer(model, processing_class=tok, train_dataset=_prompts(), args=_config(tmp_path),
+                             reward_funcs=length_reward, validity_fn=async_validity)
+
+
 def test_config_and_model_errors(tmp_path):
     with pytest.raises(ValueError, match="Unknown likelihood estimator 'exact'"):
         _config(tmp_path, likelihood_estimator="exact")
@@ -332,8 +408,8 @@ def test_grpo_cli_with_rerank_reward_path(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).resolve().parents[2]))
     out = tmp_path / "out"
     rc = main(["grpo", "--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(data), "--output_dir", str(out),
-               "--reward_funcs", "rewards.rerank.gr2_reward", "diffgr2_trl.synthetic.sort_reward",
-               "--validity_func", "rewards.rerank.validity", "--max_steps", "1", "--per_device_train_batch_size", "8",
+               "--reward_funcs", "diffgr2_trl.rewards.rerank.gr2_reward", "diffgr2_trl.synthetic.sort_reward",
+               "--validity_func", "diffgr2_trl.rewards.rerank.validity", "--max_steps", "1", "--per_device_train_batch_size", "8",
                "--num_generations", "4", "--max_completion_length", "8", "--use_cpu", "--bf16", "false",
                "--report_to", "none", "--save_strategy", "no", "--likelihood_estimator", "elbo"])
     assert rc == 0
@@ -342,7 +418,7 @@ def test_grpo_cli_with_rerank_reward_path(tmp_path, monkeypatch):
     assert (out / "config.json").exists()
     with pytest.raises(ValueError, match="no function 'nope'"):
         main(["grpo", "--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(data), "--output_dir", str(out),
-              "--reward_funcs", "rewards.rerank.nope", "--use_cpu", "--bf16", "false"])
+              "--reward_funcs", "diffgr2_trl.rewards.rerank.nope", "--use_cpu", "--bf16", "false"])
 
 
 def test_qlora_trains_the_adapter_on_a_4bit_model(tmp_path):
