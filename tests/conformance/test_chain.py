@@ -163,8 +163,6 @@ def test_lora_dropout_opd_rollouts_replay_exactly(family, tmp_path):
     assert max(sampler.replay_errors) <= 1e-5, sampler.replay_errors
 
 
-@pytest.mark.xfail(strict=True, reason="issue 35 item 2: GRPO rolls out in train mode, so LoRA dropout perturbs the "
-                                       "sampler's log-probs and they no longer equal the replay's")
 def test_lora_dropout_grpo_rollouts_replay_exactly(family, tmp_path):
     """As for OPD: GRPO's step-0 rollout log-probs must equal an eval-mode replay at the same weights (<= 1e-5), so
     that the importance ratio starts at 1 under LoRA dropout."""
@@ -179,9 +177,6 @@ def test_cft_answer_segment_starts_at_answer_start(family, tmp_path, request):
     from diffgr2_trl import BlockDiffusionConfig, BlockDiffusionTrainer
     from diffgr2_trl.synthetic import sort_dataset
 
-    if family.name == "llama":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="issue 35 item 4: with a tokenizer that adds BOS "
-                                                                  "the answer segment starts one token early"))
     tok = family.tokenizer
     rows = sort_dataset(4, seed=0)
     trainer = BlockDiffusionTrainer(copy.deepcopy(family.model), processing_class=tok, train_dataset=rows,
