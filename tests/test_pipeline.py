@@ -68,11 +68,19 @@ def test_smoke_pipeline_runs_every_stage_resumes_and_reports(tmp_path):
     assert all(r["valid_rate"] == 1.0 for r in report["decode"] if r["constrained"])
     md = (out / "report.md").read_text()
     for row in ("pre-rank order (floor)", "logistic re-ranker", "AR GR2", "naive conversion", "+ CFT", "+ CFT + OPD",
-                "+ OPD -> RL", "+ OPD -> RL, constrained", "ΔR@1 vs floor", "plumbing check only", "Glossary"):
+                "+ OPD -> RL", "+ OPD -> RL, constrained", "ΔR@1 vs floor", "plumbing check only", "Glossary",
+                "evidence ranker (what the traces teach)", "ΔR@3 vs floor", "copy rate", "top-1 agreement"):
         assert row in md
     # every evaluated row has its paired bootstrap CI to the floor (and, but for the teacher, to the teacher)
     cis = report["confidence_intervals"]
-    assert {"baseline", "eval_ar", "eval_rl"} <= set(cis) and "vs_teacher" in cis["eval_rl"]
+    assert {"baseline", "reference", "eval_ar", "eval_rl"} <= set(cis) and "vs_teacher" in cis["eval_rl"]
+    # copy rate and agreement with the AR teacher: constrained rows are always valid, so both are measured there
+    constrained = cis["eval_rl:constrained"]
+    assert 0 <= constrained["copy_rate"] <= 1 and constrained["agreement"]["n"] == report["stages"]["eval_rl"]["n"]
+    assert 0 <= constrained["agreement"]["top1"] <= 1 and -1 <= constrained["agreement"]["kendall_tau"] <= 1
+    # the reference row is the evidence ranker the traces follow, on the same rows, fitted on the train split
+    reference = json.loads((out / "reference" / "eval.json").read_text())
+    assert reference["n"] == report["stages"]["eval_rl"]["n"] and reference["levels"] == 3
     assert all(c["vs_floor"]["lo"] <= c["vs_floor"]["diff"] <= c["vs_floor"]["hi"] for c in cis.values())
     mid = load_preset("smoke")["ar_mid"]
     assert report["stages"]["ar_mid"]["lists"] == mid["mid_max_steps"] * mid["mid_batch_size"]  # fresh lists
@@ -274,3 +282,35 @@ def test_one_stage_table_feeds_the_runner_checks_fingerprints_and_report():
     # the pipeline's own keys and their defaults live in the table too
     assert runner.pipeline_key({}, "decode", "taus") == [0.9, 0.7, 0.5, 0.3]
     assert runner.pipeline_key({"decode": {"taus": [0.5]}}, "decode", "taus") == [0.5]
+
+
+def test_targets_table_fails_a_teacher_that_copies_its_input_and_reads_the_re_ranking_targets():
+    from diffgr2_trl.pipeline.report import _targets
+
+    floor = {"R@1": 0.30, "R@3": 0.55}
+    evals = {"eval_ar": {"metrics": {"R@1": 0.32, "R@3": 0.60, "valid_rate": 1.0}},
+             "eval_rl": {"metrics": {"R@1": 0.315, "R@3": 0.597, "valid_rate": 1.0}},
+             "reference": {"metrics": {"R@1": 0.33, "R@3": 0.62, "valid_rate": 1.0}}}
+    ci = {"diff": 0.02, "lo": 0.005, "hi": 0.03, "n": 100}
+    wanted = {"teacher_copy_rate_max": 0.95, "teacher_r3_gain_points": 3.0, "teacher_r3_ci_lo_points": 0.0,
+              "reference_r1_gain_points": 2.0, "final_r3_vs_teacher": 0.9, "final_top1_agreement": 0.9,
+              "teacher_r1_min_gain_points": 1.0, "teacher_r1_ci_lo_points": 0.0}
+
+    def met(cis):
+        return {t["target"].split(" (")[0].split(" >=")[0].split(" <")[0]: t["met"]
+                for t in _targets(evals, floor, [], cis, wanted)}
+
+    cis = {"eval_ar": {"copy_rate": 0.96, "vs_floor": ci, "r3_vs_floor": {**ci, "diff": 0.05, "lo": 0.01}},
+           "eval_rl": {"agreement": {"top1": 0.92, "exact": 0.5, "kendall_tau": 0.8, "n": 100}},
+           "reference": {"vs_floor": ci}}
+    got = met(cis)
+    assert got["AR teacher copy rate"] is False  # 96% of its valid rankings are the input order
+    assert got["AR teacher R@3"] is True and got["AR teacher R@1"] is True  # +5 points, CI above 0; +2, lo >= 0
+    assert got["evidence ranker"] is True  # +3 points of R@1
+    assert got["final ΔR@3"] is True and got["final top-1 agreement with the AR teacher"] is True  # +4.7 of +5; 92%
+    cis["eval_ar"]["copy_rate"] = 0.60
+    cis["eval_ar"]["r3_vs_floor"]["lo"] = -0.001
+    cis["eval_rl"]["agreement"]["top1"] = 0.85
+    got = met(cis)
+    assert got["AR teacher copy rate"] is True and got["AR teacher R@3"] is False
+    assert got["final top-1 agreement with the AR teacher"] is False

@@ -146,6 +146,7 @@ def evaluate_evidence_ranker(prepared_dir, split: str = "test", limit: int | Non
     each prepared row's **prompt** (nothing else of the row is read but the target, for scoring): the ranking the
     traces teach, i.e. what a teacher imitating them could reach. Same return layout as :func:`evaluate_logistic`, plus
     ``score_metrics``: the continuous score's ranking (the procedure before it is cut into levels)."""
+    from .evidence import grouped_ranking
     from .metrics import copy_rate, summarize_ranks
     from .pipeline_data import load_evidence_ranker, load_split
     from .prompts import parse_prompt
@@ -155,16 +156,19 @@ def evaluate_evidence_ranker(prepared_dir, split: str = "test", limit: int | Non
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     rows = ds.select_columns(["prompt", "candidates", "target", "user_id"]).to_list()
-    ranks, score_ranks, pre, rankings = [], [], [], []
-    for row in rows:
-        history, cands = parse_prompt(row["prompt"])
+    lists = [parse_prompt(row["prompt"]) for row in rows]
+    for row, (_, cands) in zip(rows, lists):
         if [c.sid for c in cands] != list(row["candidates"]):
             raise ValueError(f"user {row['user_id']}: the prompt's candidates differ from the row's 'candidates' column.")
-        ranking = ranker.ranking(history, cands)
+    ranks, score_ranks, pre, rankings = [], [], [], []
+    for row, scores in zip(rows, ranker.scores_many(lists)):
+        cands = list(row["candidates"])
+        ranking = grouped_ranking(cands, ranker.levels_of(scores))
         rankings.append(ranking)
         ranks.append(ranking.index(row["target"]))
-        score_ranks.append(ranker.score_ranking(history, cands).index(row["target"]))
-        pre.append(list(row["candidates"]).index(row["target"]))
+        by_score = [cands[i] for i in sorted(range(len(scores)), key=lambda i: -scores[i])]
+        score_ranks.append(by_score.index(row["target"]))
+        pre.append(cands.index(row["target"]))
     copy = copy_rate(rankings, [r["candidates"] for r in rows])
     return {"n": len(rows), "metrics": {**summarize_ranks(ranks), "valid_rate": 1.0, "copy_rate": copy},
             "score_metrics": summarize_ranks(score_ranks), "prerank": summarize_ranks(pre), "ranks": ranks,

@@ -189,9 +189,11 @@ def explanation_levels(explanation: str) -> dict[str, int]:
 
 
 def evidence_completion(history: Sequence[ItemText], candidates: Sequence[ItemText], ranker: EvidenceRanker,
-                        fold: int | None = None) -> tuple[str, list[str]]:
-    """``(completion, ranking)`` of one prompt under ``ranker`` (``fold``: a cross-fitting model, for train rows)."""
-    levels = ranker.levels(history, candidates, fold)
+                        fold: int | None = None, levels: Sequence[int] | None = None) -> tuple[str, list[str]]:
+    """``(completion, ranking)`` of one prompt under ``ranker`` (``fold``: a cross-fitting model, for train rows;
+    ``levels``: the candidates' levels when already computed, e.g. by :meth:`EvidenceRanker.scores_many`)."""
+    if levels is None:
+        levels = ranker.levels(history, candidates, fold)
     ranking = grouped_ranking([c.sid for c in candidates], levels)
     return format_completion(evidence_explanation(history, candidates, levels, ranker.rarity), ranking), ranking
 
