@@ -439,8 +439,10 @@ class BlockDiffusionSampler:
                 else:
                     new_seed, canvas_logits, cols = self._forward(state, start, masked[forward_rows].any(0), spec,
                                                                   forward_rows)
-                    if new_seed is not None:
-                        seed_logits = new_seed.new_zeros(batch, new_seed.shape[-1]).index_copy_(0, rows, new_seed)
+                    if new_seed is not None:  # without a cache every forward recomputes it (the same values)
+                        if seed_logits is None:
+                            seed_logits = new_seed.new_zeros(batch, new_seed.shape[-1])
+                        seed_logits.index_copy_(0, forward_rows, new_seed)
                     if forward_rows.numel() != rows.numel():  # the seeded rows' canvas columns are not eligible
                         canvas_logits = canvas_logits.new_zeros(rows.numel(), *canvas_logits.shape[1:]).index_copy_(
                             0, torch.searchsorted(rows, forward_rows), canvas_logits)
