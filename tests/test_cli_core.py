@@ -67,6 +67,10 @@ def test_bench_commands_write_json(tmp_path):
     fixed = [r for r in rows if r.get("tokens_per_step") == 4]
     assert all(r["forward_passes"] == 2 and r["tokens_per_forward"] == 4.0 for r in fixed)
     assert all({"method", "block_size", "batch_size", "tokens_per_s", "forward_passes", "speedup_vs_ar"} <= set(r) for r in rows)
+    # row accounting: a fixed schedule fills every row's block in step, so no row-forward is wasted; AR: one per token
+    assert all(r["row_forwards"] == 2 * r["batch_size"] and r["tokens_per_row_forward"] == 4.0
+               and r["row_tokens_per_forward"] == 4.0 for r in fixed)
+    assert all(r["row_forwards"] == 8 * r["batch_size"] for r in rows if r["method"] == "ar")
     path = tmp_path / "t.json"
     assert main(["bench-train", "--shape", "tiny", "--vocab_size", "64", "--batch_size", "2", "--prompt_len", "8",
                  "--completion_len", "8", "--block_size", "4", "--repeats", "1", "--json", str(path)]) == 0

@@ -32,6 +32,11 @@ class DecodeRow:
     forward_passes: int
     tokens_per_forward: float
     seconds: float
+    # Row accounting: each row's tokens per forward it took part in (mean over rows), and the row-forwards actually
+    # computed (rows summed over forwards; AR: batch x tokens), so work spent on rows that did not need it shows.
+    row_tokens_per_forward: float = 1.0
+    row_forwards: int = 0
+    tokens_per_row_forward: float = 1.0
     speedup_vs_ar: float = 1.0
     speedup_vs_ar_eager: float = 1.0
 
@@ -102,8 +107,16 @@ def bench_decode(
             run = _decoder(model, method, ids, am, new_tokens, base_spec, bs, k, tau, pad, compile)
             run()  # warm-up (and compilation)
             sec, out = _timed(run, repeats)
-            fwd, tpf = (new_tokens, 1.0) if method.startswith("ar") else (out.forward_passes, out.tokens_per_forward)
-            batch_rows.append(DecodeRow(method, bs, b, k, tau, b * new_tokens / sec, fwd, tpf, sec))
+            if method.startswith("ar"):
+                row = DecodeRow(method, bs, b, k, tau, b * new_tokens / sec, new_tokens, 1.0, sec,
+                                row_forwards=b * new_tokens)
+            else:
+                row = DecodeRow(method, bs, b, k, tau, b * new_tokens / sec, out.forward_passes,
+                                out.tokens_per_forward, sec,
+                                row_tokens_per_forward=float(out.row_tokens_per_forward.mean()),
+                                row_forwards=out.computed_row_forwards,
+                                tokens_per_row_forward=out.tokens_per_computed_row_forward)
+            batch_rows.append(row)
             bar.update()
         eager_ar = next(r.tokens_per_s for r in batch_rows if r.method == "ar")
         best_ar = max(r.tokens_per_s for r in batch_rows if r.method.startswith("ar"))
@@ -149,12 +162,14 @@ def _decoder(model, method, ids, am, new_tokens, base_spec, bs, k, tau, pad, com
 
 
 def format_rows(rows: list[DecodeRow]) -> str:
-    lines = ["| method | block | batch | schedule | tokens/s | forwards | tokens/forward | speedup vs fastest AR "
-             "| vs eager AR |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | block | batch | schedule | tokens/s | forwards | tokens/forward | row tokens/forward "
+             "| row-forwards computed | tokens/computed row-forward | speedup vs fastest AR | vs eager AR |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sched = ("-" if r.method.startswith("ar") else
                  (f"{r.tokens_per_step}/step" if r.tokens_per_step else f"tau={r.tau}"))
         lines.append(f"| {r.method} | {r.block_size or '-'} | {r.batch_size} | {sched} | {r.tokens_per_s:.1f} | "
-                     f"{r.forward_passes} | {r.tokens_per_forward:.2f} | {r.speedup_vs_ar:.2f}x | "
+                     f"{r.forward_passes} | {r.tokens_per_forward:.2f} | {r.row_tokens_per_forward:.2f} | "
+                     f"{r.row_forwards} | {r.tokens_per_row_forward:.2f} | {r.speedup_vs_ar:.2f}x | "
                      f"{r.speedup_vs_ar_eager:.2f}x |")
     return "\n".join(lines)

@@ -5,10 +5,20 @@ committed last) followed by the current block's canvas. The clean part is append
 the logit that predicts the block's first token (token shift); the canvas part yields the predictions for the
 other positions and is cropped off the cache after the forward. So committing a block costs no extra forward,
 and the cache only ever holds committed tokens, exactly as training's clean stream sees them.
+
+Rows leave the forward when their block is done. A block's first forward runs every row still decoding (each appends
+its committed block to the cache); its later forwards hold no clean tokens, only canvases, so they run on the rows
+that still have a masked position, over those rows' slice of the cache (gathered once per set of rows, cropped back
+after each forward, never written back: the canvas is not cached). Rows that stopped (EOS) are dropped from the cache
+at the next block. The per-row arithmetic is the same whichever rows share a forward, so the output is that of the
+lockstep batch, which is that of each row alone. Each row advancing to its next block on its own would keep the batch
+full but needs one cache length per row, which transformers' caches do not have; ``results/decode_at_batch.md`` has
+the measurement behind the choice.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -43,6 +53,9 @@ class SamplerOutput:
         forward_passes: batched forwards run.
         row_forward_passes: ``(batch,)`` forwards each row took part in before it finished.
         prompt_length: ``P``, the column where completions start.
+        computed_row_forwards: rows summed over the forwards actually computed: ``row_forward_passes.sum()`` plus
+            the rows a forward carried without need (a finished row before it leaves the cache, every row of the
+            compiled path's fixed-shape forwards, the forwards a synced rank runs for the others). ``-1``: not counted.
     """
 
     sequences: torch.Tensor
@@ -55,11 +68,22 @@ class SamplerOutput:
     forward_passes: int
     row_forward_passes: torch.Tensor
     prompt_length: int
+    computed_row_forwards: int = -1
 
     @property
     def tokens_per_forward(self) -> float:
         """Generated tokens per forward pass, over the rows (the parallelism actually obtained)."""
         return float(self.completion_mask.sum()) / max(1.0, float(self.row_forward_passes.sum()))
+
+    @property
+    def row_tokens_per_forward(self) -> torch.Tensor:
+        """``(batch,)`` each row's tokens (up to and including its stop token) per forward it took part in."""
+        return self.completion_mask.sum(-1).float() / self.row_forward_passes.clamp(min=1).float()
+
+    @property
+    def tokens_per_computed_row_forward(self) -> float:
+        """Generated tokens per row-forward actually computed: below ``tokens_per_forward`` by the wasted rows."""
+        return float(self.completion_mask.sum()) / max(1.0, float(self.computed_row_forwards))
 
 
 def left_pad(sequences: list[list[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,26 +117,30 @@ class _DecodeState:
     finished: torch.Tensor
     row_forwards: torch.Tensor
     cache: DynamicCache | StaticCache | None
+    live: torch.Tensor  # the rows the cache holds, in its batch order (rows that stopped leave it)
     canvas: torch.Tensor | None = None
     offset: int = 0
     cached: int = 0  # columns [0, cached) are in the KV cache
     forwards: int = 0
-    # The attention mask of the last (cached, start, width) layout: a block's later steps reuse its first's.
+    computed_rows: int = 0  # rows summed over the forwards run
+    # The attention mask of the last (cached, start, width) layout, per set of rows: a block's later steps reuse it.
     masks: dict = field(default_factory=dict)
+    # (rows, cache) of the last gathered cache slice: kept while the same rows step through a block.
+    gathered: tuple | None = None
 
-    def record(self, cols: list[int], commit: torch.Tensor, tokens: torch.Tensor, step: int,
+    def record(self, rows: torch.Tensor, cols: list[int], commit: torch.Tensor, tokens: torch.Tensor, step: int,
                confidence: torch.Tensor, logprob: torch.Tensor) -> None:
-        """Write ``tokens`` where ``commit`` (both over the block columns ``cols``) into the canvas and records."""
-        sub = self.canvas[:, cols]
-        sub[commit] = tokens[commit]
-        self.canvas[:, cols] = sub
-        span = slice(self.offset, self.offset + self.canvas.shape[1])
-        for record, values in ((self.step_map, torch.full_like(tokens, step)), (self.confidences, confidence),
-                               (self.logprobs, logprob)):
-            region = record[:, span]
-            chosen = region[:, cols]
-            chosen[commit] = values[commit].to(chosen.dtype)
-            region[:, cols] = chosen
+        """Write ``tokens`` where ``commit`` (all ``(len(rows), len(cols))``, over the batch rows ``rows`` and the block
+        columns ``cols``) into the canvas and records."""
+        if not cols:
+            return
+        r, c = commit.nonzero(as_tuple=True)
+        row, col = rows[r], torch.tensor(cols, device=commit.device)[c]
+        self.canvas[row, col] = tokens[r, c]
+        col = col + self.offset
+        self.step_map[row, col] = step
+        self.confidences[row, col] = confidence[r, c].to(self.confidences.dtype)
+        self.logprobs[row, col] = logprob[r, c].to(self.logprobs.dtype)
 
 
 def _propose(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None):
@@ -185,6 +213,24 @@ def _crop(cache: StaticCache, tokens: int) -> None:
                 "block cache needs transformers >= 5.0 (use cache_implementation='dynamic')."
             )
         length.sub_(tokens)
+
+
+def _cache_rows(cache: DynamicCache | StaticCache, index: torch.Tensor) -> DynamicCache | StaticCache:
+    """A new cache of the same kind holding rows ``index`` (of the cache's batch) of every layer; ``cache`` is not
+    changed. Full-attention layers only (the sampler refuses other models): each keeps its keys and values, and a
+    static layer its write position."""
+    out = copy.copy(cache)
+    out.layers = []
+    for layer in cache.layers:
+        new = copy.copy(layer)
+        if getattr(layer, "is_initialized", False):
+            new.keys, new.values = layer.keys[index], layer.values[index]
+            if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
+                new.cumulative_length = layer.cumulative_length.clone()
+            if hasattr(layer, "batch_size"):
+                new.batch_size = int(index.numel())
+        out.layers.append(new)
+    return out
 
 
 def _is_sharded(model) -> bool:
@@ -349,6 +395,7 @@ class BlockDiffusionSampler:
             finished=torch.zeros(batch, dtype=torch.bool, device=device),
             row_forwards=torch.zeros(batch, dtype=torch.long, device=device),
             cache=self._new_cache(prompt_len + length),
+            live=torch.arange(batch, device=device),
         )
         if constraints is not None and len(constraints) != batch:
             raise ValueError(f"constraints has {len(constraints)} entries for a batch of {batch} rows (one per row).")
@@ -366,42 +413,61 @@ class BlockDiffusionSampler:
             state.offset = start - prompt_len
             state.canvas = torch.full((batch, end - start), spec.mask_token_id, dtype=torch.long, device=device)
             state.canvas[state.finished] = self.pad_token_id
-            seed_logits = None  # with token shift: the block's first token's logits, from the committed context
+            self._drop_finished(state)
+            seed_logits = None  # with token shift: (batch, V), the block's first token's logits from the committed context
             step = 0
             while any_rank(bool((masked := state.canvas == spec.mask_token_id).any())):
                 if not masked.any():  # synced: this rank is done, another is not; keep its collectives in step
-                    self._forward(state, start, torch.ones(masked.shape[1], dtype=torch.bool, device=device), spec)
+                    self._forward(state, start, torch.ones(masked.shape[1], dtype=torch.bool, device=device), spec,
+                                  state.live)
                     state.forwards += 1
                     continue
-                need = masked.any(0)  # block columns some row still has to predict
-                if shift and seed_logits is not None and not need[1:].any():
-                    # Only the first position is left and its prediction comes from the committed context alone.
-                    canvas_logits, cols = seed_logits[:, None, :][:, :0], []
+                rows = self._step_rows(state, masked, start)  # the rows this step commits in
+                sub = masked[rows]  # (n, W)
+                need = sub.any(0)  # block columns some of those rows still have to predict
+                seeded = shift and seed_logits is not None
+                forward_rows = rows
+                if seeded and not self.compile:
+                    # A row whose only masked position is the first takes its logits from the seed: no forward.
+                    forward_rows = rows[sub[:, 1:].any(1)]
+                if forward_rows.numel() == 0 or (seeded and not need[1:].any()):
+                    # Only first positions are left and their prediction comes from the committed context alone.
+                    canvas_logits, cols = seed_logits[rows][:, None, :][:, :0], []
                     if sync:  # the other ranks may run a forward at this step
-                        self._forward(state, start, need, spec)
+                        self._forward(state, start, need, spec, rows)
                         state.forwards += 1
                 else:
-                    new_seed, canvas_logits, cols = self._forward(state, start, need, spec)
-                    seed_logits = new_seed if new_seed is not None else seed_logits
+                    new_seed, canvas_logits, cols = self._forward(state, start, masked[forward_rows].any(0), spec,
+                                                                  forward_rows)
+                    if new_seed is not None:  # without a cache every forward recomputes it (the same values)
+                        if seed_logits is None:
+                            seed_logits = new_seed.new_zeros(batch, new_seed.shape[-1])
+                        seed_logits.index_copy_(0, forward_rows, new_seed)
+                    if forward_rows.numel() != rows.numel():  # the seeded rows' canvas columns are not eligible
+                        canvas_logits = canvas_logits.new_zeros(rows.numel(), *canvas_logits.shape[1:]).index_copy_(
+                            0, torch.searchsorted(rows, forward_rows), canvas_logits)
                     state.forwards += 1
-                    state.row_forwards += (~state.finished).long()
+                    state.row_forwards[forward_rows] += (~state.finished[forward_rows]).long()
                 if shift and need[0]:
-                    logits, cols = torch.cat([seed_logits[:, None], canvas_logits], 1), [0, *cols]
+                    logits, cols = torch.cat([seed_logits[rows][:, None], canvas_logits], 1), [0, *cols]
                 else:
                     logits = canvas_logits
-                logits, eligible = exclude_mask_token(logits, spec.mask_token_id), masked[:, cols]
-                rows = []  # constrained rows still decoding
+                logits, eligible = exclude_mask_token(logits, spec.mask_token_id), sub[:, cols]
+                row_list = rows.tolist()
+                local = []  # constrained rows still decoding, as indices into this step's rows
                 if constrained:
-                    rows = [r for r, done in zip(constrained, state.finished[constrained].tolist()) if not done]
-                if rows:
+                    local = [i for i, r in enumerate(row_list) if constraints[r] is not None
+                             and not bool(state.finished[r])]
+                if local:
+                    row_constraints = [constraints[r] for r in row_list]
                     positions = [state.offset + c for c in cols]
-                    canvases = row_canvases(self._completion_so_far(state, spec), spec.mask_token_id, rows)
-                    logits, eligible = constrain_logits(logits, eligible, positions, canvases, constraints)
+                    canvases = row_canvases(self._completion_so_far(state, spec)[rows], spec.mask_token_id, local)
+                    logits, eligible = constrain_logits(logits, eligible, positions, canvases, row_constraints)
                 tokens, confidence, logprob = _propose(logits, cfg.temperature, cfg.top_k, generator)
                 commit = _select(confidence, eligible, cfg.tau, cfg.tokens_per_step)
-                if rows:
-                    commit = keep_consistent(commit, tokens, confidence, positions, canvases, constraints)
-                state.record(cols, commit, tokens, step, confidence, logprob)
+                if local:
+                    commit = keep_consistent(commit, tokens, confidence, positions, canvases, row_constraints)
+                state.record(rows, cols, commit, tokens, step, confidence, logprob)
                 _fill_after_stop(state, stops, spec.mask_token_id, step)
                 step += 1
             state.seq[:, start:end] = state.canvas
@@ -409,6 +475,29 @@ class BlockDiffusionSampler:
             if not any_rank(not bool(state.finished.all())):
                 break
         return self._output(state, input_ids, end, stops)
+
+    def _drop_finished(self, state: _DecodeState) -> None:
+        """At a block's start: forget the cached slice gathered for the last block and let the rows that stopped
+        leave the cache (so no later forward computes them). The compiled path keeps its fixed batch; one row always
+        stays, so a synced rank whose rows are all done still has something to run its collectives on."""
+        state.gathered = None
+        if not self.use_cache or self.compile:
+            return
+        keep = ~state.finished[state.live]
+        if keep.all() or not keep.any():
+            return
+        state.cache = _cache_rows(state.cache, keep.nonzero().squeeze(1))
+        state.live = state.live[keep]
+
+    def _step_rows(self, state: _DecodeState, masked: torch.Tensor, start: int) -> torch.Tensor:
+        """The batch rows the next forward computes: every row the cache holds when the forward appends the last
+        committed block to it (the block's first step), else only the rows with a position still masked."""
+        if self.compile or (self.use_cache and state.cached < start):
+            return state.live
+        busy = masked.any(1)
+        if self.use_cache and int(busy.sum()) == state.live.numel():
+            return state.live
+        return busy.nonzero().squeeze(1)
 
     def _synced(self) -> bool:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -462,15 +551,20 @@ class BlockDiffusionSampler:
             forward_passes=state.forwards,
             row_forward_passes=state.row_forwards,
             prompt_length=state.prompt_length,
+            computed_row_forwards=state.computed_rows,
         )
 
-    def _forward(self, state: _DecodeState, start: int, need: torch.Tensor, spec: BlockDiffusionSpec):
-        """One denoising forward. Returns ``(seed_logits, canvas_logits, cols)``.
+    def _forward(self, state: _DecodeState, start: int, need: torch.Tensor, spec: BlockDiffusionSpec,
+                 rows: torch.Tensor):
+        """One denoising forward over the batch rows ``rows`` (ascending). Returns ``(seed_logits, canvas_logits,
+        cols)``, over those rows.
 
-        ``seed_logits`` (batch, V) predicts the block's first token with token shift; it is None when this forward
-        had no new clean tokens (later steps of a block reuse the first step's). ``canvas_logits`` (batch, len(cols),
+        ``seed_logits`` (n, V) predicts the block's first token with token shift; it is None when this forward
+        had no new clean tokens (later steps of a block reuse the first step's). ``canvas_logits`` (n, len(cols),
         V) predict the block columns ``cols``: only those in ``need`` (still masked in some row), since the LM head
-        over a large vocabulary is a real share of a small forward.
+        over a large vocabulary is a real share of a small forward. ``rows`` must be every row the cache holds
+        (``state.live``) when the forward has clean tokens to append; otherwise a subset runs on its slice of the
+        cache.
         """
         device = state.seq.device
         shift = int(spec.token_shift)
@@ -481,20 +575,25 @@ class BlockDiffusionSampler:
         width = state.canvas.shape[1]
         canvas_in = width if (not shift or width > 1) else 0
         q_stream, q_col, kv_stream, kv_col = stream_columns((ctx, start), (start, start + canvas_in), device=device)
-        kv_valid = state.valid[:, kv_col]
+        full = rows.numel() == state.seq.shape[0]
+        valid = state.valid if full else state.valid[rows]
+        kv_valid = valid[:, kv_col]
         if static:
             # The static cache holds column c at slot c and returns every slot: keys are all columns, those not
             # written yet (or holding an earlier step's canvas) are masked out.
             kv_col = torch.arange(state.valid.shape[1], device=device)
             kv_stream = ((kv_col >= start) & (kv_col < start + canvas_in)).long()
-            kv_valid = state.valid & (kv_col < start + canvas_in)
-        key = (ctx, start, canvas_in)
+            kv_valid = valid & (kv_col < start + canvas_in)
+        rows_key = tuple(rows.tolist())
+        key = (ctx, start, canvas_in, rows_key)
         if key not in state.masks:
-            state.masks = {key: to_model_mask(dense_mask(
+            if any(k[:3] != key[:3] for k in state.masks):
+                state.masks = {}  # a new layout: the masks of the last one are not needed again
+            state.masks[key] = to_model_mask(dense_mask(
                 q_stream, q_col, kv_stream, kv_col, kv_valid,
                 comp_start=state.prompt_length, block_size=spec.block_size,
                 clean_block_causal=spec.clean_block_causal, q_offset=ctx if static else None,
-            ), self.attn_implementation, unwrap_model(self.model).dtype)}
+            ), self.attn_implementation, unwrap_model(self.model).dtype)
         has_seed = bool(shift) and start > ctx
         # The compiled path keeps every canvas column (fixed shapes, so graphs are reused) and selects afterwards.
         cols = [c for c in range(shift, canvas_in) if need[c] or self.compile]
@@ -502,14 +601,25 @@ class BlockDiffusionSampler:
         predicted = torch.tensor(([0] if has_seed else []) + cols, dtype=torch.long, device=device) + start
         keep = source_index(predicted, state.prompt_length, spec,
                             noisy_offset=state.prompt_length - ctx, clean_offset=-ctx)
+        cache = state.cache
+        if self.use_cache and rows.numel() != state.live.numel():
+            if start > ctx:
+                raise RuntimeError("A forward that appends committed tokens to the cache must run every cached row.")
+            if state.gathered is None or state.gathered[0] != rows_key:
+                # ascending rows within ascending live rows: their places in the cache's batch
+                state.gathered = (rows_key, _cache_rows(state.cache, torch.searchsorted(state.live, rows)))
+            cache = state.gathered[1]
+        seq, canvas, positions = ((state.seq, state.canvas, state.positions) if full else
+                                  (state.seq[rows], state.canvas[rows], state.positions[rows]))
         out = self._model_forward()(
-            input_ids=torch.cat([state.seq[:, ctx:start], state.canvas[:, :canvas_in]], 1),
+            input_ids=torch.cat([seq[:, ctx:start], canvas[:, :canvas_in]], 1),
             attention_mask=state.masks[key],
-            position_ids=state.positions[:, q_col],
-            past_key_values=state.cache,
+            position_ids=positions[:, q_col],
+            past_key_values=cache,
             use_cache=self.use_cache,
             logits_to_keep=keep,
         )
+        state.computed_rows += rows.numel()
         logits = out.logits.float()
         if self.compile:
             wanted = [i for i, c in enumerate(cols) if need[c]]
@@ -518,9 +628,9 @@ class BlockDiffusionSampler:
         if self.use_cache:
             if canvas_in:  # only committed (clean) tokens stay in the cache
                 if static:
-                    _crop(state.cache, canvas_in)
+                    _crop(cache, canvas_in)
                 else:
-                    state.cache.crop(-canvas_in)
+                    cache.crop(-canvas_in)
             state.cached = start
         if has_seed:
             return logits[:, 0], logits[:, 1:], cols

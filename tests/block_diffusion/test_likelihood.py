@@ -156,3 +156,20 @@ def test_replay_through_ddp_with_device_ids(word_tokenizer, tmp_path):
         dist.destroy_process_group()
     assert torch.allclose(got, want, atol=1e-6)
     assert "forward" not in vars(model)  # the redirect leaves no instance attribute behind
+
+
+@pytest.mark.parametrize("kw", [dict(tau=0.5), dict(tau=0.5, temperature=1.0)])
+def test_replay_equals_the_samplers_logprobs_when_rows_leave_the_forward(word_tokenizer, kw):
+    """Rows that fill their block early leave the block's later forwards; the step map they leave behind still
+    rebuilds the canvas of every step, so replay equals the sampler's log-probs (what GRPO and OPD rely on)."""
+    from tests.block_diffusion.test_sampler import peaked
+
+    model, tok = peaked(word_tokenizer, block_size=8)
+    ids, am = left_pad(PROMPTS, tok.pad_token_id)
+    out = BlockDiffusionSampler(model, eos_token_id=[]).generate(
+        ids, am, max_completion_length=16, generator=torch.Generator().manual_seed(0), **kw)
+    assert out.computed_row_forwards < out.forward_passes * len(PROMPTS)  # some rows did leave
+    lp = replay_logprobs(model, ids, am, out.canvas_ids, out.step_map, get_spec(model),
+                         temperature=kw.get("temperature") or 1.0).logps
+    ok = out.completion_mask
+    assert torch.allclose(lp[ok], out.logprobs[ok], atol=1e-5)

@@ -59,6 +59,8 @@ def test_static_cache_block_size_one_is_ar_greedy_and_compiles(word_tokenizer):
     out = compiled.generate(ids, am, max_completion_length=10, tau=0.5)
     assert torch.equal(out.completion_ids, plain.completion_ids) and torch.equal(out.step_map, plain.step_map)
     assert torch.allclose(out.logprobs, plain.logprobs, atol=1e-5)
+    # fixed shapes: every compiled forward computes the whole batch, and the row accounting says so
+    assert out.computed_row_forwards == out.forward_passes * len(PROMPTS)
     with pytest.raises(ValueError, match="needs cache_implementation='static'"):
         BlockDiffusionSampler(model4, compile=True)
     with pytest.raises(ValueError, match="'dynamic' or 'static'"):
@@ -143,3 +145,47 @@ def test_bad_arguments(word_tokenizer):
         sampler.generate(ids, am, max_completion_length=5000)
     with pytest.raises(ValueError, match="tokens_per_step"):
         sampler.generate(ids, am, tokens_per_step=0)
+
+
+def peaked(tokenizer, block_size: int):
+    """A tiny converted model whose output layer is scaled up, so confidences spread over (0, 1) and rows of one
+    batch fill their blocks in different numbers of steps (a plain random model commits one token per step in every
+    row, which never lets a row leave the forward)."""
+    model, tok = converted(tokenizer, block_size=block_size)
+    assert not model.config.tie_word_embeddings
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    return model, tok
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_rows_leave_the_forward_when_their_block_is_done(word_tokenizer, stop):
+    """Rows that filled their block (or stopped) take no part in the block's later forwards, and the batch still
+    decodes exactly like each row alone, like the no-cache reference and like the static cache."""
+    model, tok = peaked(word_tokenizer, block_size=8)
+    ids, am = left_pad(PROMPTS, tok.pad_token_id)
+    kw = dict(max_completion_length=16, tau=0.5)
+    sampler = BlockDiffusionSampler(model, eos_token_id=[])
+    if stop:  # row 1 stops inside its first block, so it leaves the cache at the second
+        kw["stop_token_ids"] = [int(sampler.generate(ids, am, **kw).completion_ids[1, 2])]
+    batch = sampler.generate(ids, am, **kw)
+    rows = len(PROMPTS)
+    assert batch.computed_row_forwards == int(batch.row_forward_passes.sum()) < batch.forward_passes * rows
+    for r, p in enumerate(PROMPTS):
+        alone = sampler.generate(torch.tensor([p]), None, **kw)
+        assert torch.equal(alone.completion_ids[0], batch.completion_ids[r])
+        assert torch.equal(alone.step_map[0], batch.step_map[r])
+        assert torch.allclose(alone.logprobs[0], batch.logprobs[r], atol=1e-5)
+        assert int(batch.row_forward_passes[r]) == alone.forward_passes  # a row's work is its work alone
+    if stop:
+        assert batch.completion_mask[1].sum() <= 3 and (batch.step_map[1, 8:] == -1).all()
+    for variant in (dict(use_cache=False), dict(cache_implementation="static")):
+        other = BlockDiffusionSampler(model, eos_token_id=[], **variant).generate(ids, am, **kw)
+        assert torch.equal(other.completion_ids, batch.completion_ids)
+        assert torch.equal(other.step_map, batch.step_map)
+        assert torch.allclose(other.logprobs, batch.logprobs, atol=1e-5)
+        assert other.forward_passes == batch.forward_passes
+        assert other.computed_row_forwards == batch.computed_row_forwards
+    assert batch.row_tokens_per_forward.shape == (rows,)
+    assert torch.allclose(batch.row_tokens_per_forward,
+                          batch.completion_mask.sum(-1) / batch.row_forward_passes.float())

@@ -242,6 +242,8 @@ def test_block_sampler_constraints_do_not_depend_on_the_batch(block_setup):
     constraints = [RankingConstraint.from_tokenizer(tok, cands, max_new) for _, cands in rows]
     sampler = BlockDiffusionSampler(model)
     batch = sampler.generate(ids, mask, max_completion_length=max_new, constraints=constraints, tau=0.7)
+    # forced answer tokens fill blocks at different steps per row: rows leave the forward, the output stays per row
+    assert batch.computed_row_forwards < batch.forward_passes * len(rows)
     for r in (0, 5):
         one_ids, one_mask = left_pad([prompts[r]], tok.pad_token_id)
         alone = sampler.generate(one_ids, one_mask, max_completion_length=max_new, constraints=[constraints[r]], tau=0.7)
