@@ -29,7 +29,7 @@ DEFAULT_TARGETS = {"teacher_valid": 0.99, "teacher_gain_points": None, "teacher_
                    "constrained_valid": 1.0, "constrained_overhead": 1.10, "constrained_r1_drop_points": 0.5,
                    "teacher_minutes": None, "total_minutes": None, "teacher_r1_min_gain_points": 0.0,
                    "teacher_r3_ci_lo_points": None, "teacher_copy_rate_max": 0.95, "reference_r1_gain_points": None,
-                   "final_r3_vs_teacher": None, "final_top1_agreement": None, "opd_agreement_gain": None}
+                   "final_r3_vs_teacher": None, "final_top1_agreement": None, "opd_agreement_ci_lo_points": None}
 # keys read by the pipeline itself rather than passed to a subcommand
 PIPELINE_KEYS: dict[str, set[str]] = {name: set(sec.pipeline_keys) for name, sec in SECTIONS.items() if sec.pipeline_keys}
 
