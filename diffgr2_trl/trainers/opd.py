@@ -35,7 +35,7 @@ from trl.models import unwrap_model_for_generation
 
 from ..block_diffusion import BlockDecodingConfig, BlockDiffusionSampler, get_spec, left_pad
 from ..block_diffusion.convert import check_attention_honours_masks
-from ..block_diffusion.likelihood import replay_chunked, replay_logits, sample_block_steps
+from ..block_diffusion.likelihood import replay_chunked, sample_block_steps
 from ..teachers import Teacher, check_vocab_compatible, load_teacher
 from ._launch import check_launch
 from ._paper import DIFFUSION_GR2_PAPER
@@ -282,12 +282,6 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
             self._logs["completion"].extend(gather_object(texts))
 
     # ------------------------------------------------------------------ loss
-    def _student_logits(self, student, inputs) -> torch.Tensor:
-        return replay_logits(
-            student, inputs["prompt_ids"], inputs["prompt_mask"], inputs["canvas_ids"], inputs["step_map"], self.spec,
-            max_streams_per_forward=self.args.max_streams_per_forward, block_steps=inputs["block_steps"],
-        )
-
     def _teacher_chunk(self, inputs, columns: slice) -> torch.Tensor:
         """Teacher log-probs ``(batch, c, V)`` (full vocabulary) of completion columns ``columns``."""
         if "teacher_full_hidden" in inputs:
