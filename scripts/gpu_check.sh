@@ -12,6 +12,10 @@
 #                         batch 1 and 16
 #   bench_train_sdpa.json / bench_train_flex.json
 #                         CFT step vs SFT step with sdpa and with flex attention (flex also checks its loss against sdpa)
+#   bench_memory.json     peak GPU memory (torch.cuda.max_memory_allocated) of one OPD step (local teacher, default
+#                         settings) and one GRPO step (likelihood_recompute, one stream per forward) at Qwen3's real
+#                         vocabulary (151,936) and 32,000, completion length 128 and 512, 4 prompts x 4 generations,
+#                         tiny-width models (targets: OPD at 152k <= 1.5x at 32k; GRPO at 512 <= 2x at 128)
 #   pipeline_report.json  the gpu-small pipeline, trimmed to fit (fewer steps, 200 test rows), its report (the dry
 #                         run only checks that the trimmed configuration is valid: the suite runs the smoke pipeline)
 #
@@ -40,9 +44,11 @@ if [[ $DRY == 0 ]]; then
   fi
   DEVICE=cuda DTYPE=bfloat16 SHAPE=qwen3-0.6b PROMPT=300 NEW=128 BATCHES="1 16" REPEATS=3 COMPILE=true
   TRAIN_BATCH=8 TRAIN_PROMPT=300 TRAIN_COMPLETION=200 STEP_LIMIT=240
+  MEMORY_CASES=opd:32000:128,opd:151936:128,grpo:151936:128,grpo:151936:512
 else
   DEVICE=cpu DTYPE=float32 SHAPE=tiny PROMPT=16 NEW=16 BATCHES="1 2" REPEATS=1 COMPILE=false
   TRAIN_BATCH=2 TRAIN_PROMPT=8 TRAIN_COMPLETION=8 STEP_LIMIT=600
+  MEMORY_CASES=opd:600:8,grpo:600:8
 fi
 OVERRIDES="$OUT/pipeline_overrides.yaml"
 cat > "$OVERRIDES" <<'YAML'
@@ -95,6 +101,8 @@ if [[ $DRY == 0 ]]; then  # torch has no flex-attention backward on CPU
     --prompt_len "$TRAIN_PROMPT" --completion_len "$TRAIN_COMPLETION" --block_size 32 --repeats "$REPEATS" \
     --attn_implementation flex_attention --json "$OUT/bench_train_flex.json"
 fi
+step bench_memory bench-memory --cases "$MEMORY_CASES" --grpo_config '{"likelihood_recompute": true, "max_streams_per_forward": 1}' \
+  --timeout 200 --json "$OUT/bench_memory.json"
 if [[ $DRY == 0 ]]; then
   step pipeline pipeline --preset gpu-small --output_dir "$OUT/pipeline" --overrides "$OVERRIDES"
   [[ -f "$OUT/pipeline/report.json" ]] && cp "$OUT/pipeline/report.json" "$OUT/pipeline_report.json"

@@ -151,6 +151,7 @@ def estimate_token_logprobs(
     elbo_samples: int = 4,
     compute_entropy: bool = False,
     max_streams_per_forward: int | None = None,
+    recompute: bool = False,
 ) -> TokenLogprobs:
     """Dispatch to one estimator by name.
 
@@ -160,12 +161,16 @@ def estimate_token_logprobs(
             cut to a block boundary past the last completion token; later columns cannot influence earlier ones).
         seeds: ``(batch,)`` integer seeds for the stochastic estimators (``mean_field`` with prompt masking,
             ``elbo``); None draws from the global RNG.
+        recompute: ``trajectory_replay`` only: bounded memory (see :func:`replay_logprobs`).
     """
     check_estimator(estimator)
+    if recompute and estimator != "trajectory_replay":
+        raise ValueError(f"recompute (bounded likelihood memory) is implemented for trajectory_replay only, not "
+                         f"{estimator!r}.")
     if estimator == "trajectory_replay":
         return replay_logprobs(model, prompt_ids, prompt_mask, canvas_ids, step_map, spec,
                                temperature=temperature, compute_entropy=compute_entropy,
-                               max_streams_per_forward=max_streams_per_forward)
+                               max_streams_per_forward=max_streams_per_forward, recompute=recompute)
     if estimator == "mean_field":
         return mean_field_logprobs(model, prompt_ids, prompt_mask, canvas_ids, spec, temperature=temperature,
                                    prompt_mask_prob=prompt_mask_prob, seeds=seeds, compute_entropy=compute_entropy)

@@ -9,9 +9,11 @@ steps are packed into one forward: noisy stream ``k`` holds, for every block, th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
 from .layout import apply_temperature, exclude_mask_token, packed_layout, source_index
 from .objective import check_positions, multi_stream_forward
@@ -57,6 +59,18 @@ def _num_steps(step_map: torch.Tensor) -> int:
     return max(int(step_map.max().item()) + 1 if step_map.numel() else 1, 1)
 
 
+def _states(canvas_ids, step_map, spec, block_steps):
+    """The state each noisy stream shows (a step, or per token a step) and the stream each token is read from."""
+    t = canvas_ids.shape[1]
+    if block_steps is not None:
+        state = block_steps.repeat_interleave(spec.block_size, dim=1)[:, :t]
+        if state.shape != canvas_ids.shape:
+            raise ValueError(f"block_steps has {block_steps.shape[1]} blocks; {t} completion tokens need "
+                             f"{-(-t // spec.block_size)} at block size {spec.block_size}.")
+        return [state], torch.zeros_like(step_map)
+    return list(range(_num_steps(step_map))), step_map
+
+
 def replay_logits(
     model,
     prompt_ids: torch.Tensor,
@@ -88,18 +102,11 @@ def replay_logits(
     comp_start = prompt_ids.shape[1]
     clean, valid, position_ids = packed_layout(prompt_ids, prompt_mask, canvas_ids)
     check_positions(model, position_ids)
-    n, t = clean.shape[1], canvas_ids.shape[1]
+    n = clean.shape[1]
     # Each noisy stream holds, per token, the step whose canvas it shows (`states`); each token is read from the
     # stream showing its commit state (`stream_of`). All steps: stream k shows step k everywhere. block_steps: the
     # one stream shows each block at its drawn step, and every token is read from it.
-    if block_steps is not None:
-        state = block_steps.repeat_interleave(spec.block_size, dim=1)[:, :t]
-        if state.shape != canvas_ids.shape:
-            raise ValueError(f"block_steps has {block_steps.shape[1]} blocks; {t} completion tokens need "
-                             f"{-(-t // spec.block_size)} at block size {spec.block_size}.")
-        states, stream_of = [state], torch.zeros_like(step_map)
-    else:
-        states, stream_of = list(range(_num_steps(step_map))), step_map
+    states, stream_of = _states(canvas_ids, step_map, spec, block_steps)
     per = max_streams_per_forward or len(states)
     cols = torch.arange(comp_start, n, device=canvas_ids.device)
     # Everything, the output layer included, runs inside one forward call of the (possibly wrapped) model: FSDP
@@ -172,28 +179,117 @@ def check_output_logits(model) -> None:
         "diffgr2_trl.block_diffusion.likelihood.LOGIT_SCALING (or open an issue).")
 
 
-def _replay(forward, model, clean, valid, position_ids, comp_start, spec, canvas_ids, step_map, states, stream_of,
-            per, cols) -> torch.Tensor:
+def _replay_hidden(forward, model, clean, valid, position_ids, comp_start, spec, canvas_ids, step_map, states,
+                   stream_of, per, cols, recompute: bool = False) -> torch.Tensor:
+    """Final hidden states ``(batch, T, H)`` of each completion token at its commit state.
+
+    ``recompute``: each forward chunk runs under activation checkpointing, so only its gathered ``(batch, T, H)``
+    states outlive it and its activations (the packed streams and their dense mask) are rebuilt during backward,
+    one chunk at a time; without it every chunk's graph is kept until backward.
+    """
     n, t = clean.shape[1], canvas_ids.shape[1]
-    hidden = None
-    for lo in range(0, len(states), per):
-        hi = min(lo + per, len(states))
+
+    def chunk(lo: int, hi: int) -> torch.Tensor:
         # the canvas a stream shows: tokens committed before its state's step, the rest still masked
         noisy = [torch.where((step_map < s) & (step_map >= 0), canvas_ids, spec.mask_token_id) for s in states[lo:hi]]
         out = multi_stream_forward(model, clean, noisy, valid, position_ids, comp_start, spec, call=forward,
                                    logits_to_keep=1, output_hidden_states=True)
         h = out.hidden_states[-1]
         src = source_index(cols, comp_start, spec, noisy_offset=n + (stream_of - lo).clamp(0, hi - lo - 1) * t)
-        gathered = h.gather(1, src.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        return h.gather(1, src.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+
+    hidden = None
+    for lo in range(0, len(states), per):
+        hi = min(lo + per, len(states))
+        if recompute and torch.is_grad_enabled():
+            gathered = torch.utils.checkpoint.checkpoint(chunk, lo, hi, use_reentrant=False)
+        else:
+            gathered = chunk(lo, hi)
         if hidden is None:  # the first chunk fills every position (never-committed ones included)
             hidden = gathered
             continue
         # Tokens read from the clean stream (a block's first, with token shift) see the same state in every chunk:
         # they keep the first chunk's.
-        in_chunk = (stream_of >= lo) & (stream_of < hi) & (src >= n)
+        src_is_noisy = source_index(cols, comp_start, spec, noisy_offset=n + (stream_of - lo).clamp(0, hi - lo - 1) * t) >= n
+        in_chunk = (stream_of >= lo) & (stream_of < hi) & src_is_noisy
         hidden = torch.where(in_chunk.unsqueeze(-1), gathered, hidden)
+    return hidden
+
+
+def _replay(forward, model, clean, valid, position_ids, comp_start, spec, canvas_ids, step_map, states, stream_of,
+            per, cols) -> torch.Tensor:
+    hidden = _replay_hidden(forward, model, clean, valid, position_ids, comp_start, spec, canvas_ids, step_map,
+                            states, stream_of, per, cols)
     # The LM head runs once, on the T gathered states, rather than on every stream of every forward.
     return output_logits(model, hidden).float()
+
+
+def _replay_chunked(forward, model, clean, valid, position_ids, comp_start, spec, canvas_ids, step_map, states,
+                    stream_of, per, cols, fn, columns, recompute) -> tuple[torch.Tensor, ...]:
+    hidden = _replay_hidden(forward, model, clean, valid, position_ids, comp_start, spec, canvas_ids, step_map,
+                            states, stream_of, per, cols, recompute=recompute)
+
+    def head(h: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, ...]:
+        logits = exclude_mask_token(output_logits(model, h).float(), spec.mask_token_id)  # (batch, c, V)
+        return tuple(fn(logits, slice(lo, hi)))
+
+    pieces = []
+    t = canvas_ids.shape[1]
+    for lo in range(0, t, columns):
+        hi = min(lo + columns, t)
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            # Only the chunk's inputs are kept; its (batch, c, V) logits and their softmax intermediates are
+            # rebuilt in backward, one chunk at a time.
+            pieces.append(torch.utils.checkpoint.checkpoint(head, hidden[:, lo:hi], lo, hi, use_reentrant=False))
+        else:
+            pieces.append(head(hidden[:, lo:hi], lo, hi))
+    return tuple(torch.cat(parts, 1) for parts in zip(*pieces, strict=True))
+
+
+def replay_chunked(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    canvas_ids: torch.Tensor,
+    step_map: torch.Tensor,
+    spec: BlockDiffusionSpec,
+    fn: Callable[[torch.Tensor, slice], Sequence[torch.Tensor]],
+    *,
+    chunk_size: int = 1024,
+    max_streams_per_forward: int | None = None,
+    block_steps: torch.Tensor | None = None,
+    recompute: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Per-token quantities of the replay computed from its logits a chunk of columns at a time, never all at once.
+
+    ``fn(logits, columns)`` gets the ``(batch, c, V)`` float32 logits of completion columns ``columns`` (a slice of
+    ``0..T``; the mask token's logit at -inf, exactly as :func:`replay_logits` returns them) and returns one or more
+    ``(batch, c)`` tensors; their chunks are concatenated into ``(batch, T)`` tensors. Under autograd each chunk runs
+    through activation checkpointing: only the ``(batch, T, H)`` hidden states are kept, and a chunk's logits are
+    rebuilt in backward. Memory for the output layer is then O(``chunk_size`` x V) instead of O(batch x T x V),
+    with the same values and gradients (one more output-layer matmul per chunk in backward).
+
+    Args:
+        chunk_size: token positions (rows x columns) per chunk; the columns per chunk are
+            ``max(1, chunk_size // batch)``.
+        recompute: also checkpoint each replay forward chunk (``max_streams_per_forward`` streams): the packed
+            streams' activations are rebuilt in backward, so memory no longer grows with the number of chunks.
+        max_streams_per_forward / block_steps: as in :func:`replay_logits`.
+
+    Everything, the output layer included, runs inside one forward call of the (possibly wrapped) model, as in
+    :func:`replay_logits`.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    comp_start = prompt_ids.shape[1]
+    clean, valid, position_ids = packed_layout(prompt_ids, prompt_mask, canvas_ids)
+    check_positions(model, position_ids)
+    states, stream_of = _states(canvas_ids, step_map, spec, block_steps)
+    per = max_streams_per_forward or len(states)
+    cols = torch.arange(comp_start, clean.shape[1], device=canvas_ids.device)
+    columns = max(1, chunk_size // max(1, canvas_ids.shape[0]))
+    return forward_inside(model, _replay_chunked, model, clean, valid, position_ids, comp_start, spec, canvas_ids,
+                          step_map, states, stream_of, per, cols, fn, columns, recompute)
 
 
 def sample_block_steps(
@@ -247,16 +343,31 @@ def replay_logprobs(
     temperature: float = 1.0,
     compute_entropy: bool = False,
     max_streams_per_forward: int | None = None,
+    recompute: bool = False,
+    chunk_size: int = 1024,
 ) -> TokenLogprobs:
     """Trajectory replay: log-probability of each committed token under ``softmax(logits / temperature)`` at its
     commit state (:func:`replay_logits`), with entropies and the forward cost.
 
     ``.logps`` equals ``SamplerOutput.logprobs`` at the same weights and temperature, inside ``completion_mask``.
     It keeps the autograd graph (policy-gradient losses backpropagate through it).
+
+    ``recompute``: bounded memory (:func:`replay_chunked`): the output layer runs ``chunk_size`` positions at a
+    time and each forward chunk of ``max_streams_per_forward`` streams is rebuilt in backward, so neither the
+    ``(batch, T, V)`` logits nor every chunk's graph is held until backward. Same values and gradients.
     """
+    steps = _num_steps(step_map)
+    per = max_streams_per_forward or steps
+    if recompute:
+        def scores(logits: torch.Tensor, columns: slice) -> tuple[torch.Tensor, ...]:
+            logps, entropy = score_tokens(logits, canvas_ids[:, columns], temperature, compute_entropy)
+            return (logps,) if entropy is None else (logps, entropy)
+
+        out = replay_chunked(model, prompt_ids, prompt_mask, canvas_ids, step_map, spec, scores,
+                             chunk_size=chunk_size, max_streams_per_forward=max_streams_per_forward, recompute=True)
+        return TokenLogprobs(out[0], out[1] if compute_entropy else None, forward_passes=-(-steps // per),
+                             streams=steps)
     logits = replay_logits(model, prompt_ids, prompt_mask, canvas_ids, step_map, spec,
                            max_streams_per_forward=max_streams_per_forward)
     logps, entropy = score_tokens(logits, canvas_ids, temperature, compute_entropy)
-    steps = _num_steps(step_map)
-    per = max_streams_per_forward or steps
     return TokenLogprobs(logps, entropy, forward_passes=-(-steps // per), streams=steps)

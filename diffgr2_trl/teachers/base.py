@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,14 +63,33 @@ class TeacherScores:
         token_logprobs: ``[Lc_i]`` float32, log-prob of the actual token at each completion position.
         topk_ids: ``[Lc_i, k]`` int64, the teacher's top-k token ids per position, most probable first.
         topk_logprobs: ``[Lc_i, k]`` float32, their log-probs.
-        full_logprobs: ``[Lc_i, V]`` float32 full-vocabulary log-probs (in-process HF teacher and
-            ``full_vocab=True`` only), else ``None``.
+        full_logprobs: ``[Lc_i, V]`` float32 full-vocabulary log-probs, when a backend returns them dense
+            (``full_vocab=True`` only), else ``None``.
+        full_hidden / full_head: the lazy form of the full-vocabulary log-probs (``full_vocab=True``,
+            :class:`~diffgr2_trl.teachers.HFTeacher`): ``[Lc_i, H]`` final hidden states and the function mapping
+            ``[..., H]`` states to ``[..., V]`` float32 log-probs. A consumer computes the log-probs of a chunk of
+            positions at a time (:meth:`full_logprobs_of` builds one sequence's), so ``(rows, T, V)`` never exists.
     """
 
     token_logprobs: list[torch.Tensor]
     topk_ids: list[torch.Tensor]
     topk_logprobs: list[torch.Tensor]
     full_logprobs: list[torch.Tensor] | None = None
+    full_hidden: list[torch.Tensor] | None = None
+    full_head: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def has_full_vocab(self) -> bool:
+        """Whether full-vocabulary log-probs came back, dense or lazy."""
+        return self.full_logprobs is not None or self.full_hidden is not None
+
+    def full_logprobs_of(self, i: int) -> torch.Tensor:
+        """``[Lc_i, V]`` float32 full-vocabulary log-probs of sequence ``i``, dense or built from the lazy form."""
+        if self.full_logprobs is not None:
+            return self.full_logprobs[i]
+        if self.full_hidden is None or self.full_head is None:
+            raise TeacherResponseError("These scores hold no full-vocabulary log-probs (score with full_vocab=True).")
+        return self.full_head(self.full_hidden[i])
 
     def __len__(self) -> int:
         return len(self.token_logprobs)
@@ -81,15 +100,17 @@ class TeacherScores:
         def move(xs):
             return None if xs is None else [x.to(device) for x in xs]
 
-        return TeacherScores(move(self.token_logprobs), move(self.topk_ids), move(self.topk_logprobs), move(self.full_logprobs))
+        return TeacherScores(move(self.token_logprobs), move(self.topk_ids), move(self.topk_logprobs),
+                             move(self.full_logprobs), move(self.full_hidden), self.full_head)
 
     def to_dense(self, lengths: Sequence[int] | torch.Tensor, width: int, device, full_vocab: bool) -> dict[str, torch.Tensor]:
         """Right-pad every sequence's scores to ``(rows, width, ...)`` tensors, after checking that every expected
         completion position came back (``lengths[r]`` positions for sequence ``r``).
 
-        Returns ``teacher_token_logprobs`` and either ``teacher_full_logprobs`` (``full_vocab``) or
-        ``teacher_topk_ids`` / ``teacher_topk_logprobs`` (padding positions hold a uniform top-k distribution, so
-        every row stays a valid distribution).
+        Returns ``teacher_token_logprobs`` and, with ``full_vocab``, ``teacher_full_hidden`` (the lazy form: pass
+        chunks of it through :attr:`full_head`; padding positions hold zeros) or ``teacher_full_logprobs`` (a backend
+        that returned dense log-probs), else ``teacher_topk_ids`` / ``teacher_topk_logprobs`` (padding positions
+        hold a uniform top-k distribution, so every row stays a valid distribution).
         """
         rows = len(lengths)
         if len(self) != rows:
@@ -106,7 +127,15 @@ class TeacherScores:
         for r, n in enumerate(lengths):
             token_lp[r, :n] = self.token_logprobs[r].to(device)
         dense = {"teacher_token_logprobs": token_lp}
-        if full_vocab:
+        if full_vocab and self.full_hidden is not None:
+            h = self.full_hidden[0]
+            full = torch.zeros(rows, width, h.shape[-1], dtype=h.dtype, device=device)
+            for r, n in enumerate(lengths):
+                full[r, :n] = self.full_hidden[r].to(device)
+            dense["teacher_full_hidden"] = full
+        elif full_vocab:
+            if self.full_logprobs is None:
+                raise TeacherResponseError("full_vocab: the teacher returned no full-vocabulary log-probs.")
             full = torch.zeros(rows, width, self.full_logprobs[0].shape[-1], device=device)
             for r, n in enumerate(lengths):
                 full[r, :n] = self.full_logprobs[r].to(device)

@@ -97,6 +97,12 @@ class DiffusionGRPOConfig(BlockDecodingConfig, GRPOConfig):
             ``"elbo"`` only: number of random masks K (complementary pairs; an odd K adds the all-masked one).
         max_streams_per_forward (`int` or `None`, *optional*, defaults to `None`):
             Bound the number of noisy streams packed in one likelihood forward (memory). ``None``: all in one.
+        likelihood_recompute (`bool`, *optional*, defaults to `False`):
+            ``"trajectory_replay"`` only: bound the likelihood's memory. Each forward chunk (``max_streams_per_forward``
+            streams) and the output layer (1,024 token positions at a time) run under activation checkpointing and are
+            rebuilt during backward, so neither every chunk's graph nor the ``(batch, T, V)`` logits are held until
+            backward. Same log-probs and gradients, one more forward. Set ``max_streams_per_forward`` too (e.g. 1): it
+            bounds the size of each forward, hence the peak.
 
     Parameters that control the rewards:
 
@@ -120,6 +126,9 @@ class DiffusionGRPOConfig(BlockDecodingConfig, GRPOConfig):
     max_streams_per_forward: int | None = field(
         default=None, metadata={"help": "Max noisy streams per likelihood forward (None: all in one)."}
     )
+    likelihood_recompute: bool = field(
+        default=False, metadata={"help": "trajectory_replay: recompute forward chunks and the output layer in backward."}
+    )
     invalid_penalty: float = field(default=-1.0, metadata={"help": "Total reward of rollouts marked invalid."})
     drop_zero_std_groups: bool = field(default=True, metadata={"help": "Drop zero-reward-variance groups from the loss."})
 
@@ -134,6 +143,9 @@ class DiffusionGRPOConfig(BlockDecodingConfig, GRPOConfig):
             raise OptionError("prompt_mask_prob", f"must be in [0, 1), got {self.prompt_mask_prob}.")
         if self.elbo_samples < 1:
             raise OptionError("elbo_samples", f"must be >= 1, got {self.elbo_samples}.")
+        if self.likelihood_recompute and self.likelihood_estimator != "trajectory_replay":
+            raise OptionError("likelihood_recompute", "is implemented for likelihood_estimator='trajectory_replay' "
+                              f"only, not {self.likelihood_estimator!r}.")
         if self.top_p != 1.0 or self.min_p is not None or self.repetition_penalty != 1.0:
             raise ValueError("The block-diffusion sampler supports temperature and top_k only: leave top_p=1.0, "
                              "min_p=None and repetition_penalty=1.0.")
@@ -366,6 +378,7 @@ class DiffusionGRPOTrainer(GRPOTrainer):
                     seeds=ctx["estimator_seeds"][lo:hi], prompt_mask_prob=self.args.prompt_mask_prob,
                     elbo_samples=self.args.elbo_samples, compute_entropy=compute_entropy,
                     max_streams_per_forward=self.args.max_streams_per_forward,
+                    recompute=self.args.likelihood_recompute,
                 )
             logps.append(_to_width(est.logps, logits_to_keep))
             if compute_entropy:

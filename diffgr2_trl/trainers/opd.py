@@ -22,6 +22,7 @@ backend: in-process HF, a vLLM server or in-process vLLM), and three hooks chang
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -34,7 +35,7 @@ from trl.models import unwrap_model_for_generation
 
 from ..block_diffusion import BlockDecodingConfig, BlockDiffusionSampler, get_spec, left_pad
 from ..block_diffusion.convert import check_attention_honours_masks
-from ..block_diffusion.likelihood import replay_logits, sample_block_steps
+from ..block_diffusion.likelihood import replay_chunked, sample_block_steps
 from ..teachers import Teacher, check_vocab_compatible, load_teacher
 from ._launch import check_launch
 from ._paper import DIFFUSION_GR2_PAPER
@@ -131,6 +132,7 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
         keep_4bit_layers_trainable(self.model)  # before any eval-mode forward (the probe below, rollouts)
         check_attention_honours_masks(base)
         self._times: dict[str, float] = {}
+        self._teacher_head: Callable[[torch.Tensor], torch.Tensor] | None = None
         # Built once; each rollout hands it the current student (`generate(..., model=...)`).
         self.sampler = sampler if sampler is not None else BlockDiffusionSampler(
             spec=self.spec, config=BlockDecodingConfig.from_config(args), pad_token_id=self.pad_token_id,
@@ -225,6 +227,9 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
         scores = self.teacher.score(sequences, starts, top_k=0 if self.full_vocab else args.teacher_top_k,
                                     full_vocab=self.full_vocab)
         teacher = scores.to_dense(lengths, out.completion_ids.shape[1], device, self.full_vocab)
+        # The lazy full-vocabulary form needs the teacher's output function; it is no tensor, so it stays here
+        # rather than in the batch TRL splits into micro-batches.
+        self._teacher_head = scores.full_head
         t2 = time.perf_counter()
 
         if args.replay == "one_state_per_block":
@@ -277,25 +282,54 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
             self._logs["completion"].extend(gather_object(texts))
 
     # ------------------------------------------------------------------ loss
-    def _student_logits(self, student, inputs) -> torch.Tensor:
-        return replay_logits(
-            student, inputs["prompt_ids"], inputs["prompt_mask"], inputs["canvas_ids"], inputs["step_map"], self.spec,
-            max_streams_per_forward=self.args.max_streams_per_forward, block_steps=inputs["block_steps"],
-        )
+    def _teacher_chunk(self, inputs, columns: slice) -> torch.Tensor:
+        """Teacher log-probs ``(batch, c, V)`` (full vocabulary) of completion columns ``columns``."""
+        if "teacher_full_hidden" in inputs:
+            if self._teacher_head is None:
+                raise RuntimeError("Teacher hidden states without the teacher's output function: these inputs were "
+                                   "not produced by this trainer's _generate_and_score_completions.")
+            return self._teacher_head(inputs["teacher_full_hidden"][:, columns])
+        return inputs["teacher_full_logprobs"][:, columns]
+
+    def _per_token_terms(self, inputs, logits: torch.Tensor, columns: slice) -> tuple[torch.Tensor, ...]:
+        """The loss and metric terms of completion columns ``columns`` from the student's replay logits there.
+
+        Returns ``(divergence, forward KL, replay log-prob at the rollout temperature, student log-prob)``, each
+        ``(batch, c)``; only the divergence carries a gradient.
+        """
+        # === 1. Both distributions on one support (student logits (b, c, V); teacher (b, c, V) or top-k (b, c, k))
+        args = self.args
+        if self.full_vocab:
+            with torch.no_grad():
+                teacher = self._teacher_chunk(inputs, columns)
+            s_logp, t_logp = full_vocab_logprobs(logits, teacher, args.loss_temperature,
+                                                 exclude_ids=self.student_only_ids)
+        else:
+            s_logp, t_logp = topk_tail_logprobs(logits, inputs["teacher_topk_ids"][:, columns],
+                                                inputs["teacher_topk_logprobs"][:, columns], args.loss_temperature)
+        # === 2. Per-position divergence (b, c)
+        per_token = divergence(s_logp, t_logp, args.beta)
+        # === 3. Metrics (b, c), no gradient
+        with torch.no_grad():
+            fkl = per_token.detach() if args.beta == 0.0 else kl_div(t_logp, s_logp)
+            canvas = inputs["canvas_ids"][:, columns, None]
+            # What the sampler saw vs the replay: the invariant that makes the loss on-policy.
+            roll_logits = logits if args.temperature <= 0 else logits / args.temperature
+            replay_lp = torch.log_softmax(roll_logits.detach(), -1).gather(-1, canvas)[..., 0]
+            student_lp = torch.log_softmax(logits.detach(), -1).gather(-1, canvas)[..., 0]
+        return per_token, fkl, replay_lp, student_lp
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
         mode = "train" if self.model.training else "eval"
         # `model` may be the DDP wrapper: the replay calls it (so gradients are synchronised across processes) and
-        # reads attributes such as the LM head from the model inside.
-        logits = self._student_logits(model, inputs)
-        if self.full_vocab:
-            s_logp, t_logp = full_vocab_logprobs(logits, inputs["teacher_full_logprobs"], args.loss_temperature,
-                                                 exclude_ids=self.student_only_ids)
-        else:
-            s_logp, t_logp = topk_tail_logprobs(logits, inputs["teacher_topk_ids"], inputs["teacher_topk_logprobs"],
-                                                args.loss_temperature)
-        per_token = divergence(s_logp, t_logp, args.beta)
+        # reads attributes such as the LM head from the model inside. The output layer and the divergence run
+        # `loss_chunk_size` positions at a time (rebuilt in backward): a (batch, T, V) tensor never exists.
+        per_token, fkl, replay_lp, student_lp = replay_chunked(
+            model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["canvas_ids"], inputs["step_map"], self.spec,
+            functools.partial(self._per_token_terms, inputs), chunk_size=args.loss_chunk_size,
+            max_streams_per_forward=args.max_streams_per_forward, block_steps=inputs["block_steps"],
+        )
         weight = inputs["weight"]
         # Length-normalised per sequence (by its committed tokens), then averaged over the sequences of the whole
         # generation batch (every micro-batch, every rank): the single-process mean for any split across ranks and
@@ -310,12 +344,7 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
 
         with torch.no_grad():
             sel = inputs["selected"]
-            fkl = per_token if args.beta == 0.0 else kl_div(t_logp, s_logp)
-            # What the sampler saw vs the replay: the invariant that makes the loss on-policy.
-            roll_logits = logits if args.temperature <= 0 else logits / args.temperature
-            replay_lp = torch.log_softmax(roll_logits.detach(), -1).gather(-1, inputs["canvas_ids"][..., None])[..., 0]
             err = ((replay_lp - inputs["sampler_logprobs"]).abs() * sel).amax() if sel.any() else replay_lp.new_zeros(())
-            student_lp = torch.log_softmax(logits.detach(), -1).gather(-1, inputs["canvas_ids"][..., None])[..., 0]
             s = self._summed_across_ranks(
                 kl=(fkl * sel).sum(), divergence=(per_token.detach() * sel).sum(), distilled=sel.sum(),
                 teacher_logprob=(inputs["teacher_token_logprobs"] * inputs["completion_mask"]).sum(),

@@ -30,7 +30,8 @@ def test_hf_teacher_matches_unbatched_forward(tiny_model):
     scores = teacher.score(seqs, starts, top_k=4, full_vocab=True)
     assert len(scores) == len(seqs)
     for seq, start, tok_lp, ids, lp, full in zip(
-        seqs, starts, scores.token_logprobs, scores.topk_ids, scores.topk_logprobs, scores.full_logprobs
+        seqs, starts, scores.token_logprobs, scores.topk_ids, scores.topk_logprobs,
+        [scores.full_logprobs_of(i) for i in range(len(seqs))]
     ):
         n = len(seq) - start
         assert tok_lp.shape == (n,) and ids.shape == (n, 4) and lp.shape == (n, 4) and full.shape == (n, teacher.vocab_size)

@@ -74,14 +74,16 @@ def _trainer_logps(trainer, out: dict) -> torch.Tensor:
     return logps
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_trainer_logps_equal_sampler_logps(tmp_path, temperature):
+@pytest.mark.parametrize("temperature,recompute", [(0.0, False), (1.0, False), (1.0, True)])
+def test_trainer_logps_equal_sampler_logps(tmp_path, temperature, recompute):
     """At fixed weights the trainer's replayed per-token log-probs (the loss's numbers, and TRL's old log-probs with
-    num_iterations=2) are the sampler's, greedy and sampled."""
+    num_iterations=2) are the sampler's, greedy and sampled, and with the bounded-memory likelihood."""
     model, tok = _model()
     ds = _prompts()
     trainer = DiffusionGRPOTrainer(model, reward_funcs=sort_reward, processing_class=tok, train_dataset=ds,
-                                   args=_config(tmp_path, temperature=temperature, num_iterations=2, top_k=8))
+                                   args=_config(tmp_path, temperature=temperature, num_iterations=2, top_k=8,
+                                                likelihood_recompute=recompute,
+                                                max_streams_per_forward=1 if recompute else None))
     seen = _spy_sampler_logprobs(trainer)
     trainer.model.train()
     out = trainer._generate_and_score_completions([ds[i] for i in range(8)])
@@ -506,3 +508,8 @@ def test_rollout_hand_off_follows_trls_call_order(tmp_path):
     loss = names.index("_compute_loss")
     assert "_get_per_token_logps_and_entropies" in names[loss: names.index("/_compute_loss")]
     assert all(not active for n, active in calls if n in ("/_generate_and_score_completions", "/_compute_loss"))
+
+
+def test_likelihood_recompute_is_refused_for_other_estimators(tmp_path):
+    with pytest.raises(ValueError, match="likelihood_recompute"):
+        _config(tmp_path, likelihood_recompute=True, likelihood_estimator="mean_field")

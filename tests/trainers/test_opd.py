@@ -16,6 +16,7 @@ from diffgr2_trl.block_diffusion.likelihood import sample_block_steps
 from diffgr2_trl.modeling import build_model
 from diffgr2_trl.synthetic import sort_dataset, sort_tokenizer
 from diffgr2_trl.teachers import (
+    HFTeacher,
     Teacher,
     TeacherInputError,
     TeacherResponseError,
@@ -426,3 +427,56 @@ def test_opd_and_grpo_tokenize_prompts_through_one_function(tmp_path, word_token
     assert all(ids[0] == tok.bos_token_id for ids in got)
     opd.args.max_prompt_length = 3  # left truncation keeps the prompt's end
     assert opd._prompt_ids(texts) == [ids[-3:] for ids in got]
+
+
+@pytest.mark.parametrize("full_vocab", [True, False])
+def test_chunked_loss_equals_the_unchunked_one_with_gradients(tmp_path, word_tokenizer, full_vocab):
+    """The loss computed a few positions at a time (output layer and divergence rebuilt in backward, the local
+    teacher's log-probs built per chunk from its hidden states) equals, in value and gradient, the loss over the
+    whole (rows, T, V) logits and the dense teacher log-probs."""
+    from diffgr2_trl.block_diffusion.likelihood import replay_logits
+
+    tok = copy.deepcopy(word_tokenizer)
+    model = build_model("qwen3", tokenizer=tok, seed=0)
+    convert_to_block_diffusion(model, tok, block_size=4)
+    teacher = HFTeacher(build_model("qwen3", tokenizer=word_tokenizer, seed=1))
+    args = OnPolicyDistillationConfig(str(tmp_path / "opd"), per_device_train_batch_size=2, max_completion_length=10,
+                                      beta=0.3, tau=0.3, full_vocab=full_vocab, **FAST)
+    data = Dataset.from_list([{"prompt": "sort 3 1 2 :"}, {"prompt": "copy 7 7 :"}])
+    trainer = OnPolicyDistillationTrainer(model, teacher=teacher, args=args, train_dataset=data,
+                                          processing_class=tok, teacher_tokenizer=word_tokenizer)
+    inputs = trainer._generate_and_score_completions([{"prompt": "sort 3 1 2 :"}, {"prompt": "copy 7 7 :"}])
+    assert ("teacher_full_hidden" in inputs) == full_vocab  # the local teacher's lazy form, never (rows, T, V)
+
+    def loss_and_grads(chunk_size):
+        model.zero_grad()
+        trainer.args.loss_chunk_size = chunk_size
+        loss = trainer.compute_loss(model, inputs)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    # reference: the whole (rows, T, V) logits and teacher log-probs at once, no checkpointing
+    model.zero_grad()
+    logits = replay_logits(model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["canvas_ids"],
+                           inputs["step_map"], trainer.spec)
+    if full_vocab:
+        s_lp, t_lp = full_vocab_logprobs(logits, trainer._teacher_head(inputs["teacher_full_hidden"]),
+                                         exclude_ids=trainer.student_only_ids)
+    else:
+        s_lp, t_lp = topk_tail_logprobs(logits, inputs["teacher_topk_ids"], inputs["teacher_topk_logprobs"])
+    per_seq = (divergence(s_lp, t_lp, 0.3) * inputs["weight"]).sum(-1) / inputs["completion_mask"].sum(-1).clamp_min(1)
+    ref = per_seq.sum() / inputs["num_sequences"]
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    rows, width = inputs["canvas_ids"].shape
+    assert width >= 8  # several chunks below
+    for chunk_size in (rows * width, 3 * rows, 1):  # one chunk; ragged chunks of 3 columns; one column at a time
+        loss, grads = loss_and_grads(chunk_size)
+        torch.testing.assert_close(loss, ref.detach(), atol=1e-6, rtol=0)
+        assert grads.keys() == ref_grads.keys() and grads
+        for name, g in grads.items():  # float32 sums in another order: 1e-6 of the gradient's scale
+            scale = ref_grads[name].abs().max().clamp_min(1.0).item()
+            torch.testing.assert_close(g, ref_grads[name], atol=1e-6 * scale, rtol=0, msg=name)
+    with pytest.raises(ValueError, match="loss_chunk_size"):
+        OnPolicyDistillationConfig(str(tmp_path / "x"), loss_chunk_size=0, **FAST)
