@@ -40,6 +40,11 @@ def test_readme_python_block(line, runnable, code, example):
     if not runnable:  # a fragment: it names the example it comes from, which exists
         assert example, f"README.md:{line}: mark the block runnable or name the example it is a fragment of"
         assert (REPO / example).is_file(), f"README.md:{line}: {example} does not exist"
+        # a fragment calls what the example calls: every keyword argument it passes, the example passes too
+        source = (REPO / example).read_text()
+        passed = set(re.findall(r"[(,]\s*(\w+)=", re.sub(r"#[^\n]*", "", code)))
+        missing = sorted(k for k in passed if not re.search(rf"\b{k}=", source))
+        assert not missing, f"README.md:{line}: the fragment passes {missing}, which {example} does not"
         return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
