@@ -16,8 +16,9 @@ METRIC = re.compile(r"accuracy ([0-9.]+) tokens/forward ([0-9.]+)")
 @pytest.mark.slow
 def test_cft_sort_reproduces_its_documented_figure(tmp_path):
     """The README's command, as written (``OMP_NUM_THREADS=1 python examples/cft_sort.py --output_dir DIR --use_cpu``,
-    400 steps), prints the documented last line: accuracy 1.000 at 2.75 tokens/forward (tolerance 0.25; measured
-    2.75 with one and with two threads). The untrained conversion sorts nothing (accuracy 0.0)."""
+    400 steps), prints the documented last line: accuracy 1.000 at 3.63 tokens/forward (tolerance 0.25; the rows'
+    own forwards: a row that fills its block early leaves the block's later forwards). The untrained conversion sorts
+    nothing (accuracy 0.0)."""
     cmd = [sys.executable, "examples/cft_sort.py", "--output_dir", str(tmp_path / "run"), "--use_cpu",
            "--disable_tqdm", "true"]
     res = subprocess.run(cmd, cwd=REPO, env={**launch_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
@@ -29,7 +30,7 @@ def test_cft_sort_reproduces_its_documented_figure(tmp_path):
     assert match, f"the last line is not the metric: {last!r}"
     accuracy, tokens_per_forward = map(float, match.groups())
     assert accuracy == 1.0, last
-    assert abs(tokens_per_forward - 2.75) <= 0.25, last
+    assert abs(tokens_per_forward - 3.63) <= 0.25, last
     assert (tmp_path / "run" / "config.json").exists()
 
 

@@ -289,8 +289,8 @@ def _targets(evals: dict, floor: dict | None, decode_rows: list[dict], cis: dict
                 f"({worst})", delta >= -drop)
     minutes = {k: v / 60 for k, v in (wall_s or {}).items()}
     if minutes and wanted.get("teacher_minutes") is not None:
-        teacher_min = sum(minutes.get(k, 0.0) for k in ("ar_mid", "ar_sft"))
-        add(f"AR teacher (mid-training + SFT) <= {wanted['teacher_minutes']} min", f"{teacher_min:.1f} min",
+        teacher_min = sum(minutes.get(k, 0.0) for k in ("ar_mid", "ar_sft", "ar_rl"))
+        add(f"AR teacher (mid-training + SFT + RL) <= {wanted['teacher_minutes']} min", f"{teacher_min:.1f} min",
             teacher_min <= wanted["teacher_minutes"])
     if minutes and wanted.get("total_minutes") is not None:
         total = sum(minutes.values())

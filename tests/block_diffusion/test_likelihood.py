@@ -112,13 +112,20 @@ def test_check_output_logits_accepts_a_forward_prepared_for_bf16():
     bf16; the probe used to take that rounding for unknown post-processing and refused the next trainer (a bf16 CFT
     then OPD on one model). A real scaling on top of the autocast forward is still refused."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from diffgr2_trl.block_diffusion.likelihood import check_output_logits
 
     model = _tiny_lm("qwen3")
     for p in model.parameters():  # wide logits: bf16 rounding of the output layer exceeds the float32 tolerance
         torch.nn.init.normal_(p, std=0.5)
-    model = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
+    # accelerate's state is a process-wide singleton that refuses a second precision: start from a fresh one (an
+    # earlier test in this worker may have made an fp32 Accelerator) and leave a fresh one behind
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        model = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         out = model(input_ids=ids, output_hidden_states=True)
