@@ -299,9 +299,9 @@ def _evaluate_side_by_side(ctx: Context, d: Path, model: str, decoder: str, tau:
     (the evaluate section's ``parallel_passes``; AR evaluations only).
 
     On 2 CPU cores AR decoding of a small model is bound by per-step overhead, which a second intra-op thread barely
-    shortens: the teacher's two passes over the 1,809 Beauty test rows took 204 s side by side against 259 s one
+    shortens: a small teacher's two passes over a 1,809-row test split took 204 s side by side against 259 s one
     after the other (1.27x). The block sampler's forwards are heavier and gained nothing (384 rows: 73 s against 71 s;
-    session 12, ``results/copy_learning.md``). Both passes write the same files as they do one after the other.
+    ``results/copy_learning.md``). Both passes write the same files as they do one after the other.
     """
     import subprocess
     import sys

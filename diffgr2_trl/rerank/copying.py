@@ -219,8 +219,8 @@ def _completion_loss(model, ids: torch.Tensor, attention: torch.Tensor, targets:
 
     The decoder runs once; the output layer (and the model's logit post-processing) is applied to those positions
     only. A right-padded batch runs without its padding mask: under causal attention no real token sees a later pad,
-    so the loss is the same, and the attention kernel then takes its causal fast path with no mask to build (~7% faster mid steps in the cpu
-    preset's session-9 run; ``scripts/measure_padding_mask.py`` measures it side by side).
+    so the loss is the same, and the attention kernel then takes its causal fast path with no mask to build (~7% faster mid steps in a cpu
+    preset run; ``scripts/measure_padding_mask.py`` measures it side by side).
     """
     mask = None if _right_padded(attention) else attention
     hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state

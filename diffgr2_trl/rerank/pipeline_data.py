@@ -58,13 +58,14 @@ SUMMARY = "summary.json"
 EVIDENCE_RANKER = "evidence_ranker.pkl"
 
 
-def copy_rate(rows: Sequence[dict]) -> float:
-    """Share of rows whose completion ranks the candidates in their pre-rank order (the "copy the input" rate)."""
+def completion_copy_rate(rows: Sequence[dict]) -> float:
+    """Share of rows whose completion ranks the candidates in their pre-rank order (the "copy the input" rate of a
+    split's training rankings; :func:`~.metrics.copy_rate` over the parsed completions)."""
+    from .metrics import copy_rate
     from .parsing import parse_ranking
 
-    if not rows:
-        return 0.0
-    return sum(parse_ranking(r["completion"], r["candidates"]).ranking == list(r["candidates"]) for r in rows) / len(rows)
+    rankings = [parse_ranking(r["completion"], r["candidates"]) for r in rows]
+    return copy_rate([p.ranking if p.valid else None for p in rankings], [r["candidates"] for r in rows]) or 0.0
 
 
 def build_rows(
@@ -285,7 +286,7 @@ def build_pipeline_data(
             "targets": targets,
             "store": store,
             **({"evidence_ranker": {"levels": ranker.n_levels, "thresholds": ranker.thresholds,
-                                    "train_copy_rate": copy_rate(rows["train"])}} if ranker is not None else {}),
+                                    "train_copy_rate": completion_copy_rate(rows["train"])}} if ranker is not None else {}),
             **({"inputs": provenance} if provenance is not None else {}),
             "train_floor_after_matching": summarize_ranks(
                 r["candidates"].index(r["target"]) for r in rows["train"]
