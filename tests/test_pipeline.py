@@ -13,6 +13,7 @@ import pytest
 
 from diffgr2_trl.cli import main
 from diffgr2_trl.pipeline import PIPELINE_STAGES, load_preset
+from diffgr2_trl.pipeline.report import TABLE_ROWS
 from tests.helpers import write_toy_amazon
 
 
@@ -34,8 +35,9 @@ def test_smoke_pipeline_runs_every_stage_resumes_and_reports(tmp_path):
     # "Toys": the dataset name is inferred from the directory's files, as it must be for any Amazon dataset
     data = write_toy_amazon(tmp_path / "toys", n_users=400, n_items=120, name="Toys")
     overrides = tmp_path / "overrides.yaml"
-    # 120 items: 8 codes per level keep every level in use; the AR teacher's two passes run side by side
-    overrides.write_text("prepare: {codebook_size: 8}\nevaluate: {parallel_passes: true}\n")
+    # 120 items: 8 codes per level keep every level in use; the AR teacher's two passes run side by side; the naive
+    # conversion decodes only the first 4 of the 8 evaluation rows
+    overrides.write_text("prepare: {codebook_size: 8}\nevaluate: {parallel_passes: true, naive_limit: 4}\n")
     common = ["--preset", "smoke", "--output_dir", str(out), "--data_dir", str(data), "--overrides", str(overrides)]
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always", FutureWarning)
@@ -81,7 +83,17 @@ def test_smoke_pipeline_runs_every_stage_resumes_and_reports(tmp_path):
     # the reference row is the evidence ranker the traces follow, on the same rows, fitted on the train split
     reference = json.loads((out / "reference" / "eval.json").read_text())
     assert reference["n"] == report["stages"]["eval_rl"]["n"] and reference["levels"] == 3
-    assert all(c["vs_floor"]["lo"] <= c["vs_floor"]["diff"] <= c["vs_floor"]["hi"] for c in cis.values())
+    rows = {stage for _, stage in TABLE_ROWS}
+    assert all(c["vs_floor"]["lo"] <= c["vs_floor"]["diff"] <= c["vs_floor"]["hi"] for k, c in cis.items()
+               if k.partition(":")[0] in rows)
+    # the teacher before RL: unconstrained only, on the same rows, compared with the teacher after RL
+    assert report["stages"]["eval_sft"]["constrained"] is False and report["stages"]["eval_sft"]["n"] == 8
+    assert set(cis["teacher_rl_vs_sft"]) == {"R@1", "R@3"} and cis["teacher_rl_vs_sft"]["R@1"]["n"] == 8
+    assert "## The AR teacher before and after GR2's RL" in md and "AR GR2 before RL (SFT)" in md
+    # naive_limit caps the naive conversion's rows (both passes), and the report says so in its label
+    naive = report["stages"]["eval_naive"]
+    assert naive["n"] == 4 and naive["constrained"]["n"] == 4 and "naive conversion (first 4 rows)" in md
+    assert report["stages"]["eval_cft"]["n"] == 8
     mid = load_preset("smoke")["ar_mid"]
     assert report["stages"]["ar_mid"]["lists"] == mid["mid_max_steps"] * mid["mid_batch_size"]  # fresh lists
     assert 0 <= report["stages"]["ar_mid"]["heldout"]["exact"] <= 1

@@ -150,6 +150,10 @@ def _confidence_intervals(run: Path, stages: list[str]) -> dict[str, dict]:
     gain = _agreement_gain(rows.get("eval_opd"), rows.get("eval_cft"), rows.get("eval_ar"))
     if gain is not None:
         out["opd_vs_cft_agreement"] = gain
+    after, before = rows.get("eval_ar"), rows.get("eval_sft")
+    if after and before and after["users"] == before["users"]:  # what GR2's RL did to the teacher, row by row
+        out["teacher_rl_vs_sft"] = {m: paired_bootstrap_ci(after["ranks"], before["ranks"], metric=m)
+                                    for m in ("R@1", "R@3")}
     return out
 
 
@@ -341,6 +345,23 @@ def _run_table(dataset: str, preset: str, config: dict[str, Any], data: dict, n:
     return out + [""]
 
 
+def _teacher_rl_section(evals: dict, cis: dict) -> list[str]:
+    """The AR teacher before and after GR2's RL on the same rows: R@k differences with paired CIs, validity, copy
+    rate (empty when the run has no pre-RL evaluation)."""
+    rl = cis.get("teacher_rl_vs_sft")
+    before, after = (evals.get("eval_sft") or {}).get("metrics"), (evals.get("eval_ar") or {}).get("metrics")
+    if not (rl and before and after):
+        return []
+    copy = [(cis.get(s) or {}).get("copy_rate") for s in ("eval_sft", "eval_ar")]
+    return ["", "## The AR teacher before and after GR2's RL (same rows, unconstrained)", "",
+            "| | before RL (SFT) | after RL | after - before [95% CI] |", "|---|---|---|---|",
+            f"| R@1 | {_fmt(before['R@1'])} | {_fmt(after['R@1'])} | {_fmt_ci(rl['R@1'])} |",
+            f"| R@3 | {_fmt(before['R@3'])} | {_fmt(after['R@3'])} | {_fmt_ci(rl['R@3'])} |",
+            f"| valid | {_fmt(before['valid_rate'], 3)} | {_fmt(after['valid_rate'], 3)} | "
+            f"{(after['valid_rate'] - before['valid_rate']) * 100:+.1f} |",
+            f"| copy rate | {_fmt(copy[0], 3)} | {_fmt(copy[1], 3)} | - |"]
+
+
 def write_report(run: str | Path, preset: str, config: dict[str, Any]) -> dict:
     """Write ``report.md``, ``report.json`` and the plots into the run directory ``run``, from its stage records
     (:func:`~diffgr2_trl.pipeline.stages.stage_record`); ``preset`` is the preset's name and ``config`` the resolved
@@ -349,7 +370,7 @@ def write_report(run: str | Path, preset: str, config: dict[str, Any]) -> dict:
     records = {name: stage_record(run, name) for name in STAGE_NAMES}
     evals = {stage: (records[stage] or {}).get("metrics") for _, stage in TABLE_ROWS}
     floor = next((e["prerank"] for e in evals.values() if e and e.get("prerank")), None)
-    n = next((e["n"] for e in evals.values() if e and e.get("n")), None)
+    n = max((e["n"] for e in evals.values() if e and e.get("n")), default=None)
     decode_rows = ((records.get("decode") or {}).get("metrics") or {}).get("rows", [])
     data = (records.get("prepare") or {}).get("metrics") or {}
 
@@ -360,8 +381,12 @@ def write_report(run: str | Path, preset: str, config: dict[str, Any]) -> dict:
         lines += ["**Smoke run: a plumbing check only.** Tiny models trained for seconds on a tiny slice; the numbers "
                   "below say the stages run end to end, nothing about the method.", ""]
     lines += _run_table(dataset, preset, config, data, n, decode_rows)
-    lines += [f"Test rows evaluated: {n} (the same rows for every row of the table). Invalid outputs fall back to the "
-              "pre-rank order for the ranking metrics and are counted in the validity columns.", "",
+    fewer = sorted({e["n"] for e in evals.values() if e and e.get("n") and e["n"] != n})
+    lines += [f"Test rows evaluated: {n} (the same rows for every row of the table"
+              + (", except the rows that name fewer: the first rows of the same split, with their CIs against the "
+                 "floor on those rows" if fewer else "")
+              + "). Invalid outputs fall back to the pre-rank order for the ranking metrics and are counted in the "
+              "validity columns.", "",
               "Glossary: *floor* = the pre-ranker's own order of the 10 candidates (what a re-ranker must beat); "
               "*R@k* = share of rows with the target in the top k; *N@k* = NDCG@k with one relevant item "
               "(1/log2(rank+2)); *valid* = share of outputs that parse as a permutation of the candidates; "
@@ -383,6 +408,8 @@ def write_report(run: str | Path, preset: str, config: dict[str, Any]) -> dict:
         if not e:
             lines.append(f"| {label} | " + " | ".join("-" for _ in header[1:]) + " |")
             continue
+        if e.get("n") and n and e["n"] != n:
+            label = f"{label} (first {e['n']:,} rows)"
         paired = [(label, e["metrics"], cis.get(stage) or {})]
         if e.get("constrained"):  # the constrained row goes right under the paper's (unconstrained) one
             paired.append((f"{label}, constrained", e["constrained"]["metrics"], cis.get(stage + CONSTRAINED) or {}))
@@ -413,6 +440,7 @@ def write_report(run: str | Path, preset: str, config: dict[str, Any]) -> dict:
                          f"{_fmt(r.get('tokens_per_forward'), 2)} | {_fmt(r.get('speedup_vs_ar'), 2)}x | "
                          f"{_fmt(r.get('R@1'))} | {_fmt(r.get('valid_rate'), 3)} | {_fmt(r.get('mean_completion_tokens'), 1)} | "
                          f"{_fmt(ratio, 2) + 'x' if ratio else '-'} |")
+    lines += _teacher_rl_section(evals, cis)
     targets = _targets(evals, floor, decode_rows, cis, config.get("targets"),
                        {k: v["wall_s"] for k, v in records.items() if v and v.get("wall_s") is not None})
     if targets:

@@ -270,13 +270,13 @@ def stage_rl(ctx: Context, d: Path) -> dict:
 
 def _evaluate_options(ctx: Context, d: Path, model: str, decoder: str, tau: float | None = None, tag: str = "eval",
                       section: str = "evaluate", constrained: bool = False, batch_size: int | None = None,
-                      threads: int | None = None) -> tuple[Path, dict]:
+                      threads: int | None = None, limit: int | None = None) -> tuple[Path, dict]:
     """``(args file, options)`` of one ``diffgr2 evaluate`` run of a stage; the file is written."""
     values = ctx.stage(section)
     for key in SECTIONS[section].pipeline_keys:  # read by the pipeline, not options of evaluate
         values.pop(key, None)
     values["constrained"] = constrained
-    for key, value in (("batch_size", batch_size), ("tau", tau), ("threads", threads)):
+    for key, value in (("batch_size", batch_size), ("tau", tau), ("threads", threads), ("limit", limit)):
         if value is not None:
             values[key] = value
     name = "args.yaml" if tag == "eval" else f"args_{tag}.yaml"  # the decode stage runs several evaluations
@@ -286,15 +286,16 @@ def _evaluate_options(ctx: Context, d: Path, model: str, decoder: str, tau: floa
 
 def _evaluate(ctx: Context, d: Path, model: str, decoder: str, tau: float | None = None, tag: str = "eval",
               section: str = "evaluate", constrained: bool = False, batch_size: int | None = None,
-              threads: int | None = None) -> dict:
+              threads: int | None = None, limit: int | None = None) -> dict:
     from ..commands import evaluate as evaluate_command
 
-    _, values = _evaluate_options(ctx, d, model, decoder, tau, tag, section, constrained, batch_size, threads)
+    _, values = _evaluate_options(ctx, d, model, decoder, tau, tag, section, constrained, batch_size, threads, limit)
     evaluate_command.run(*evaluate_command.parse(values=values))
     return json.loads((d / f"{tag}.json").read_text())
 
 
-def _evaluate_side_by_side(ctx: Context, d: Path, model: str, decoder: str, tau: float | None) -> dict:
+def _evaluate_side_by_side(ctx: Context, d: Path, model: str, decoder: str, tau: float | None,
+                           limit: int | None = None) -> dict:
     """The unconstrained pass in this process and the constrained pass in a child process, one thread each, at once
     (the evaluate section's ``parallel_passes``; AR evaluations only).
 
@@ -308,14 +309,15 @@ def _evaluate_side_by_side(ctx: Context, d: Path, model: str, decoder: str, tau:
 
     import torch
 
-    args_file, _ = _evaluate_options(ctx, d, model, decoder, tau, tag="constrained", constrained=True, threads=1)
+    args_file, _ = _evaluate_options(ctx, d, model, decoder, tau, tag="constrained", constrained=True, threads=1,
+                                     limit=limit)
     log = d / "constrained.log"
     with open(log, "w") as out:
         child = subprocess.Popen([sys.executable, "-m", "diffgr2_trl.commands.evaluate", "--config", str(args_file)],
                                  stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     threads = torch.get_num_threads()
     try:
-        result = _evaluate(ctx, d, model, decoder, tau, threads=1)
+        result = _evaluate(ctx, d, model, decoder, tau, threads=1, limit=limit)
     except BaseException:
         child.kill()
         child.wait()
@@ -330,20 +332,27 @@ def _evaluate_side_by_side(ctx: Context, d: Path, model: str, decoder: str, tau:
     return result
 
 
-def _eval_stage(model_stage: str, decoder: str) -> Callable[[Context, Path], dict]:
+def _eval_stage(stage: Stage) -> Callable[[Context, Path], dict]:
+    model_stage, decoder = stage.evaluates, stage.decoder
+
     def run(ctx: Context, d: Path) -> dict:
         tau = ctx.stage("evaluate").get("tau") if decoder == "block" else None  # None: evaluate's own default
         model = ctx.model(model_stage)
-        if not ctx.stage("evaluate").get("constrained"):
-            return _evaluate(ctx, d, model, decoder, tau)
+        limit = None  # None: the section's own limit
+        cap = pipeline_key(ctx.preset, "evaluate", stage.limit_key) if stage.limit_key else None
+        if cap is not None:
+            limit = min(int(cap), ctx.stage("evaluate").get("limit") or int(cap))
+        if not (ctx.stage("evaluate").get("constrained") and stage.constrained_row):
+            return _evaluate(ctx, d, model, decoder, tau, limit=limit)
         # the paper's row stays unconstrained; the constrained row goes beside it
         if decoder == "ar" and pipeline_key(ctx.preset, "evaluate", "parallel_passes"):
-            return _evaluate_side_by_side(ctx, d, model, decoder, tau)
-        result = _evaluate(ctx, d, model, decoder, tau)
-        result["constrained"] = _evaluate(ctx, d, model, decoder, tau, tag="constrained", constrained=True)
+            return _evaluate_side_by_side(ctx, d, model, decoder, tau, limit=limit)
+        result = _evaluate(ctx, d, model, decoder, tau, limit=limit)
+        result["constrained"] = _evaluate(ctx, d, model, decoder, tau, tag="constrained", constrained=True,
+                                          limit=limit)
         return result
 
-    run.__name__ = f"eval_{model_stage}"
+    run.__name__ = stage.name
     return run
 
 
@@ -409,7 +418,7 @@ def stage_report(ctx: Context, d: Path) -> dict:
 def _stage_function(stage: Stage) -> Callable[[Context, Path], dict]:
     """What runs ``stage``: an evaluation of the model its table entry names, else this module's ``stage_<name>``."""
     if stage.evaluates is not None:
-        return _eval_stage(stage.evaluates, stage.decoder)
+        return _eval_stage(stage)
     fn = globals().get(f"stage_{stage.name}")
     if fn is None:
         raise RuntimeError(f"pipeline stage {stage.name!r} has no stage_{stage.name} function in {__name__}.")

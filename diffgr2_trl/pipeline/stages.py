@@ -44,7 +44,7 @@ SECTIONS: dict[str, Section] = {
                            "diffgr2_trl.trainers:OnPolicyDistillationConfig", "trl:ModelConfig")),
     "rl": Section("grpo", ("diffgr2_trl.commands.grpo:GRPOScriptArguments", "diffgr2_trl.trainers:DiffusionGRPOConfig",
                            "trl:ModelConfig")),
-    "evaluate": Section("evaluate", _EVALUATE, {"taus": None, "parallel_passes": False}),
+    "evaluate": Section("evaluate", _EVALUATE, {"taus": None, "parallel_passes": False, "naive_limit": None}),
     "decode": Section("evaluate", _EVALUATE, {"taus": [0.9, 0.7, 0.5, 0.3], "compiled_ar": False, "batch_sizes": None}),
 }
 
@@ -60,6 +60,9 @@ class Stage:
         evaluates: for an evaluation stage, the stage whose model it decodes ...
         decoder: ... with this decoder (``ar`` or ``block``).
         report_row: the row label of its evaluation in the report's table (``None``: not a row).
+        constrained_row: for an evaluation stage, whether it also decodes constrained when the evaluate section asks.
+        limit_key: for an evaluation stage, the evaluate section's pipeline key that caps its rows (``None``: the
+            section's own ``limit``).
     """
 
     name: str
@@ -68,10 +71,13 @@ class Stage:
     evaluates: str | None = None
     decoder: str | None = None
     report_row: str | None = None
+    constrained_row: bool = True
+    limit_key: str | None = None
 
 
-def _eval(name: str, model_stage: str, decoder: str, row: str) -> Stage:
-    return Stage(name, "evaluate", ("prepare", model_stage), evaluates=model_stage, decoder=decoder, report_row=row)
+def _eval(name: str, model_stage: str, decoder: str, row: str, **kwargs: Any) -> Stage:
+    return Stage(name, "evaluate", ("prepare", model_stage), evaluates=model_stage, decoder=decoder, report_row=row,
+                 **kwargs)
 
 
 # The stages, in the order they run: the one table the runner, the checks, the fingerprints and the report read.
@@ -82,10 +88,14 @@ STAGES: tuple[Stage, ...] = (
     Stage("reference", "evaluate", ("prepare",), report_row="evidence ranker (what the traces teach)"),
     Stage("ar_mid", "ar_mid", ("prepare",)),
     Stage("ar_sft", "ar_sft", ("prepare", "ar_mid")),
+    # the teacher before GR2's RL: what RL changes (unconstrained, the paper's row, only)
+    _eval("eval_sft", "ar_sft", "ar", "AR GR2 before RL (SFT)", constrained_row=False),
     Stage("ar_rl", "ar_rl", ("prepare", "ar_sft")),
     _eval("eval_ar", "ar_rl", "ar", "AR GR2 (teacher)"),
     Stage("convert", "convert", ("ar_rl",)),
-    _eval("eval_naive", "convert", "block", "naive conversion"),
+    # the naive conversion writes almost nothing valid: a few hundred rows show it (naive_limit), and each of its rows
+    # decodes to the length cap, so the whole split cost a fifth of the job's evaluation time
+    _eval("eval_naive", "convert", "block", "naive conversion", limit_key="naive_limit"),
     Stage("cft", "cft", ("prepare", "convert")),
     _eval("eval_cft", "cft", "block", "+ CFT"),
     Stage("opd", "opd", ("prepare", "cft", "ar_rl")),

@@ -72,6 +72,35 @@ def test_features_and_links_come_from_the_prompt_items_alone():
     assert strongest_link([], cands[0], rarity) is None
 
 
+def test_list_relative_features_rank_each_candidate_against_the_others():
+    history, cands, _ = _rows(1, 3)[0]
+    feats = candidate_features(history, cands, _rarity(_rows(20, 0)))
+    recent = [f[FEATURES.index("idf_recent")] for f in feats]
+    ranks = [f[FEATURES.index("recent_rank")] for f in feats]
+    assert sorted(ranks) == list(range(len(cands)))
+    assert all((recent[i] > recent[j]) <= (ranks[i] < ranks[j]) for i in range(10) for j in range(10))
+    assert all(f[FEATURES.index("recent_gap")] == pytest.approx(max(recent) - r) for f, r in zip(feats, recent))
+
+
+def test_features_do_not_depend_on_the_hash_seed():
+    """Token sets iterate in an order PYTHONHASHSEED sets: ties and float sums must not follow it, or two runs of
+    prepare write different levels for the same data."""
+    import subprocess
+    import sys
+
+    # equally rare tokens on the last item and on several candidates: which one is "the" link is a tie; idf sums of
+    # 3+ tokens in set order round differently
+    code = ("from diffgr2_trl.rerank.evidence import AttributeRarity, candidate_features as f; "
+            "from diffgr2_trl.rerank.prompts import ItemText as I; t = [f'<attr_{i}>' for i in range(8)]; "
+            "r = AttributeRarity.from_items([t[:4], t[4:], [t[0]], [t[5]], [t[2], t[6]]]); "
+            "h = [I('<a_1>', tuple(t[1:6])), I('<a_2>', tuple(t))]; "
+            "c = [I(f'<a_{i}>', tuple(t[j] for j in range(8) if (i >> j) % 3)) for i in range(3, 40, 4)]; "
+            "print(repr(f(h, c, r)))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert len(outs) == 1
+
+
 def test_grouped_ranking_keeps_pre_rank_order_inside_a_level():
     assert grouped_ranking(["a", "b", "c", "d", "e"], [0, 2, 0, 1, 2]) == ["b", "e", "d", "a", "c"]
     with pytest.raises(ValueError, match="levels"):
