@@ -216,6 +216,7 @@ class EvidenceRanker:
     max_leaf_nodes: int = 63
     seed: int = 0
     thresholds: list[float] = field(default_factory=list)
+    features: tuple[str, ...] = ()  # the FEATURES it was fitted on (a pickle outlives a change of them)
     _model: Any = None
     _folds: list[Any] = field(default_factory=list)
 
@@ -276,6 +277,7 @@ class EvidenceRanker:
             for i, scores in zip(held, self._predict(model, [feats[i] for i in held])):
                 oof[i] = scores
         self.thresholds = self._fit_thresholds(oof, targets)
+        self.features = FEATURES
         return self
 
     def _fit_thresholds(self, scores: Sequence[Sequence[float]], targets: Sequence[int]) -> list[float]:
@@ -354,4 +356,9 @@ class EvidenceRanker:
         obj = pickle.loads(Path(path).read_bytes())
         if not isinstance(obj, cls):
             raise ValueError(f"{path} does not hold an EvidenceRanker.")
+        fitted = tuple(getattr(obj, "features", ()) or FEATURES[:12])  # rankers saved before the field had 12
+        if fitted != FEATURES:
+            raise ValueError(f"{path} holds an evidence ranker fitted on {len(fitted)} features {list(fitted)}; this "
+                             f"version computes {len(FEATURES)} ({list(FEATURES)}). Prepare the data again "
+                             "(`diffgr2 prepare --targets evidence`, or the pipeline's prepare stage).")
         return obj

@@ -159,7 +159,13 @@ TARGET_RULES = ("label", "supported", "evidence")
 # Evidence traces: the ranking follows from the prompt (targets="evidence")
 # ----------------------------------------------------------------------------------------------------------------
 
-_LEVEL_RE = re.compile(r"(<a_\d+><b_\d+><c_\d+><d_\d+>) (?:none|<attr_\d+> (?:last|\d+ back)) L(\d+)")
+_ENTRY_RE = re.compile(r"(<a_\d+><b_\d+><c_\d+><d_\d+>) (none|<attr_\d+> (?:last|\d+ back)) L(\d+)")
+
+
+def link_text(history: Sequence[ItemText], cand: ItemText, rarity: AttributeRarity) -> str:
+    """How an evidence trace writes a candidate's link: ``"<token> last"``, ``"<token> 3 back"`` or ``"none"``."""
+    link = strongest_link(history, cand, rarity)
+    return "none" if link is None else f"{link[0]} {'last' if link[1] == 0 else f'{link[1] + 1} back'}"
 
 
 def evidence_explanation(history: Sequence[ItemText], candidates: Sequence[ItemText], levels: Sequence[int],
@@ -176,16 +182,19 @@ def evidence_explanation(history: Sequence[ItemText], candidates: Sequence[ItemT
     last = f"last bought {history[-1].sid}" if history else "no history"
     entries = []
     for cand, level in zip(candidates, levels):
-        link = strongest_link(history, cand, rarity)
-        where = "none" if link is None else f"{link[0]} {'last' if link[1] == 0 else f'{link[1] + 1} back'}"
-        entries.append(f"{cand.sid} {where} L{level}")
+        entries.append(f"{cand.sid} {link_text(history, cand, rarity)} L{level}")
     order = ", then ".join(f"L{lv}" for lv in sorted(set(levels), reverse=True))
     return f"1) History: {last}. 2) Links: {'; '.join(entries)}. 3) Rank {order}, pre-rank order within each."
 
 
 def explanation_levels(explanation: str) -> dict[str, int]:
     """The level :func:`evidence_explanation` gave each candidate, read back from its text (``{sid: level}``)."""
-    return {sid: int(level) for sid, level in _LEVEL_RE.findall(explanation)}
+    return {sid: int(level) for sid, _, level in _ENTRY_RE.findall(explanation)}
+
+
+def explanation_links(explanation: str) -> dict[str, tuple[str, int]]:
+    """``{sid: (link text, level)}`` of each candidate an evidence trace lists (:func:`link_text`)."""
+    return {sid: (where, int(level)) for sid, where, level in _ENTRY_RE.findall(explanation)}
 
 
 def evidence_completion(history: Sequence[ItemText], candidates: Sequence[ItemText], ranker: EvidenceRanker,

@@ -143,6 +143,15 @@ def test_ranker_refuses_bad_settings_and_round_trips(tmp_path, fitted):
     ranker.save(tmp_path / "r.pkl")
     h, c, _ = _rows(1, 4)[0]
     assert EvidenceRanker.load(tmp_path / "r.pkl").ranking(h, c) == ranker.ranking(h, c)
+    # a ranker fitted on another feature set (an older version's pickle) is refused by name, not by scikit-learn
+    import copy
+    import pickle
+
+    old = copy.copy(ranker)
+    old.features = FEATURES[:12]
+    (tmp_path / "old.pkl").write_bytes(pickle.dumps(old))
+    with pytest.raises(ValueError, match="fitted on 12 features.*Prepare the data again"):
+        EvidenceRanker.load(tmp_path / "old.pkl")
 
 
 @pytest.mark.parametrize("seed", range(5))
