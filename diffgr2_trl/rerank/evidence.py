@@ -356,9 +356,11 @@ class EvidenceRanker:
         obj = pickle.loads(Path(path).read_bytes())
         if not isinstance(obj, cls):
             raise ValueError(f"{path} does not hold an EvidenceRanker.")
-        fitted = tuple(getattr(obj, "features", ()) or FEATURES[:12])  # rankers saved before the field had 12
-        if fitted != FEATURES:
-            raise ValueError(f"{path} holds an evidence ranker fitted on {len(fitted)} features {list(fitted)}; this "
-                             f"version computes {len(FEATURES)} ({list(FEATURES)}). Prepare the data again "
-                             "(`diffgr2 prepare --targets evidence`, or the pipeline's prepare stage).")
+        names = tuple(getattr(obj, "features", ()) or ())  # empty in pickles written before the field existed
+        width = getattr(obj._model, "n_features_in_", len(FEATURES))
+        if (names and names != FEATURES) or width != len(FEATURES):
+            raise ValueError(f"{path} holds an evidence ranker fitted on {width} features"
+                             + (f" {list(names)}" if names else "") + f"; this version computes {len(FEATURES)} "
+                             f"({list(FEATURES)}). Prepare the data again (`diffgr2 prepare --targets evidence`, or "
+                             "the pipeline's prepare stage).")
         return obj
