@@ -158,11 +158,11 @@ def main() -> None:
     teacher_recs = json.loads((run / "eval_ar" / "eval_outputs.json").read_text())
     if args.limit is None:
         args.limit = len(teacher_recs)
-    settings = {k: getattr(args, k) for k in ("stage", "split", "limit", "accuracy_batch", "speed_rows",
-                                              "max_completion_length", "threads")}
+    # what the accuracy cells depend on (threads and speed settings do not change a decode's tokens)
+    settings = {k: getattr(args, k) for k in ("stage", "split", "limit", "accuracy_batch", "max_completion_length")}
     state_path = out / "map.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    if state.get("settings") != settings:
+    if any(state.get("settings", {}).get(k) != v for k, v in settings.items()):
         state = {"settings": settings, "cells": {}, "ar_tokens_per_s": {}}
     common = {"split": args.split, "max_completion_length": args.max_completion_length, "threads": args.threads}
     load = os.getloadavg()[0]
