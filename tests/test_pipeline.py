@@ -285,10 +285,10 @@ def test_one_stage_table_feeds_the_runner_checks_fingerprints_and_report():
     assert all(set(s.upstream) <= {t.name for t in STAGES[:i]} for i, s in enumerate(STAGES))  # upstream runs first
     assert list(STAGE_DEPENDENCIES) == [s.name for s in STAGES if s.name != "report"]
     assert set(validate.SECTION_ARGUMENTS) == set(SECTIONS) and validate.COMMAND_SECTIONS["grpo"] == "rl"
-    assert report.TABLE_ROWS[2] == ("AR GR2 (teacher)", "eval_ar")
+    assert report.TABLE_ROWS[2:4] == [("AR GR2 before RL (SFT)", "eval_sft"), ("AR GR2 (teacher)", "eval_ar")]
     extra = runner._stage_function(Stage("eval_extra", "evaluate", ("prepare", "cft"), evaluates="cft",
                                          decoder="block", report_row="CFT again"))
-    assert callable(extra) and extra.__name__ == "eval_cft"
+    assert callable(extra) and extra.__name__ == "eval_extra"
     with pytest.raises(RuntimeError, match="no stage_nope function"):
         runner._stage_function(Stage("nope", None))
     # the pipeline's own keys and their defaults live in the table too

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -101,9 +102,13 @@ def test_float32_chain(family, float32_chain):
     assert r.grpo["reward_std"] > 0  # a group with variance: the policy gradient is not empty
 
 
-def test_bf16_autocast_chain(family, float32_chain, tmp_path):
+def test_bf16_autocast_chain(request, family, float32_chain, tmp_path):
     """The same chain under bf16 autocast (OPD and GRPO on the float32 run's trajectories): finite, and within the
     stated tolerances of float32."""
+    if request.node.callspec.params["family"] == "qwen3" and not os.environ.get("DIFFGR2_ALL_CONFORMANCE"):
+        # Qwen3's bf16 chain sits on the suite's longest worker (its 151,936-row chains take 15-40 s each); bf16 is
+        # checked on llama and gemma2 in CI, all three with DIFFGR2_ALL_CONFORMANCE=1
+        pytest.skip("qwen3 under bf16: set DIFFGR2_ALL_CONFORMANCE=1 (kept out of the 6-minute suite)")
     ref = float32_chain
     r = run_chain(family, "bf16", tmp_path, rollouts=ref.rollouts)
     assert r.sampler_replay_error <= BF16_LOGPROB_ATOL, r.sampler_replay_error
