@@ -111,8 +111,8 @@ def _markdown(cells: list[dict], meta: dict, default: dict | None) -> str:
         speeds = [f"{c['speed'][str(b)]['speedup_vs_ar']:.2f}x" if str(b) in c.get("speed", {}) else "-"
                   for b in batches]
         lines.append(f"| {c['tau']} | {c['sub_block']} | {a['valid_rate']:.3f} | {a['R@1']:.4f} | {a['R@3']:.4f} | "
-                     f"{pct(c['vs_floor']['R@1'])} | {pct(c['vs_floor']['R@3'])} | {g['top1']:.3f} | "
-                     f"{g['exact']:.3f} | {g['kendall_tau']:.3f} | {a['tokens_per_forward']:.2f} | "
+                     f"{pct(c['vs_floor']['R@1'])} | {pct(c['vs_floor']['R@3'])} | {share(g['top1'])} | "
+                     f"{share(g['exact'])} | {share(g['kendall_tau'])} | {a['tokens_per_forward']:.2f} | "
                      + " | ".join(speeds) + f" | {a['decode_seconds']:.0f} |")
     lines += ["", "AR teacher speed on the speed rows: "
               + ", ".join(f"batch {b}: {meta['ar_tokens_per_s'][str(b)]:.1f} tokens/s" for b in batches
