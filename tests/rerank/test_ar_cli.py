@@ -98,6 +98,17 @@ def test_train_ar_sft_rl_then_evaluate(prepared, tmp_path):
     assert json.loads((tmp_path / "prepared-mid" / "train_mid.json").read_text())["rows"] == 40
     assert json.loads((out / "train_sft.json").read_text())["args"]["shape"] == "tiny"  # CLI beats preset
 
+    # Constrained rollouts: an untrained tiny model's samples are all valid rankings (unconstrained: none are).
+    rows = load_from_disk(str(prepared / "datasets" / "train"))
+    answer = len(rows[0]["completion"]) - rows[0]["completion"].index(RECOMMENDATIONS_OPEN)  # characters >= tokens
+    argv = ["train-ar", "--dataset_name", str(prepared), "--output_dir", str(tmp_path / "crl"), "--stage", "rl",
+            "--model_name_or_path", str(out / "sft"), "--shape", "tiny", "--rl_max_steps", "1", "--rl_constrained",
+            "--rl_prompts_per_step", "2", "--rl_num_generations", "2", "--rl_max_completion_length", str(answer + 8),
+            "--logging_steps", "1", "--use_cpu"]
+    assert main(argv) == 0
+    logged = json.loads((tmp_path / "crl" / "train_rl.json").read_text())["log_history"][0]
+    assert logged["rewards/validity/mean"] == 1.0 and logged["reward"] > -1.0
+
     result = tmp_path / "eval.json"
     argv = ["evaluate", "--model_name_or_path", str(out / "sft"), "--dataset_name", str(prepared), "--split", "test",
             "--limit", "6", "--max_completion_length", "8", "--batch_size", "4", "--json", str(result), "--outputs", str(tmp_path / "o.json")]
