@@ -326,3 +326,19 @@ def test_targets_table_fails_a_teacher_that_copies_its_input_and_reads_the_re_ra
     got = met(cis)
     assert got["AR teacher copy rate"] is True and got["AR teacher R@3"] is False
     assert got["final top-1 agreement with the AR teacher"] is False
+
+
+def test_targets_read_the_students_decoding_schedule_from_their_evaluation():
+    from diffgr2_trl.pipeline.report import _targets
+
+    evals = {"eval_cft": {"metrics": {"R@1": 0.3, "R@3": 0.5, "valid_rate": 0.5, "tokens_per_forward": 1.7},
+                          "tau": 0.95, "block_size": 4},
+             "eval_rl": {"metrics": {"R@1": 0.3, "R@3": 0.5, "valid_rate": 0.5}, "tau": 0.95, "block_size": 4}}
+    decode = [{"method": "block_diffusion", "tau": 0.5, "constrained": False, "speedup_vs_ar": 3.0, "batch_size": 1},
+              {"method": "block_diffusion", "tau": 0.95, "constrained": False, "speedup_vs_ar": 1.1, "batch_size": 1}]
+    rows = {t["target"]: t for t in _targets(evals, None, decode, {}, {"speedup": 1.5})}
+    assert rows["+ CFT valid >= 95% at tau=0.95, sub-blocks of 4"]["met"] is False
+    assert "final valid >= 99.0% at tau=0.95, sub-blocks of 4" in rows
+    speed = [t for name, t in rows.items() if name.startswith("decode speedup")]
+    # only the evaluated tau's row is a target: tau 0.5's 3.0x is not what the students are judged at
+    assert [t["target"] for t in speed] == ["decode speedup vs AR >= 1.5x at tau=0.95"] and speed[0]["met"] is False

@@ -121,6 +121,7 @@ def run(args: EvaluateArguments, decoding: BlockDecodingConfig) -> dict[str, Any
         decoder=args.decoder,
         constrained=args.constrained,
         tau=decoding.tau if args.decoder == "block" else None,
+        block_size=decoding.block_size if args.decoder == "block" else None,  # None: the model's trained block
         device=device,
         torch_threads=torch.get_num_threads(),
         invalid_outputs="fall back to the pre-rank order for R@k/N@k; counted in valid_rate and errors",
