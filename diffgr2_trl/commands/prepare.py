@@ -48,6 +48,9 @@ class PrepareArguments:
             (:mod:`diffgr2_trl.rerank.evidence`), whose trace states each candidate's evidence and level, so the
             ranking follows from the prompt.
         evidence_levels: levels the evidence ranker groups the candidates into (2: promote / keep).
+        evidence_features: comma-separated features the evidence ranker scores with (default: all of
+            :data:`diffgr2_trl.rerank.evidence.FEATURES`); e.g. ``position,link_idf,ago_linked`` makes each level a
+            function of what the trace states.
         match_positions: subsample train so the pre-rank position of the target follows this split's histogram
             (``none`` keeps the raw split; see :func:`diffgr2_trl.rerank.pipeline_data.match_target_positions`).
         codebook_size: semantic-ID codes per level (small catalogues need fewer).
@@ -84,6 +87,10 @@ class PrepareArguments:
     )
     evidence_levels: int = field(
         default=3, metadata={"help": "Levels the evidence ranker groups candidates into (targets=evidence)."}
+    )
+    evidence_features: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated features the evidence ranker scores with (default: all of them)."},
     )
     match_positions: str = field(
         default="none",
@@ -123,6 +130,21 @@ def _print_summary(summary: dict, seconds: float | None) -> None:
     print(f"tokenizer size: {summary['tokenizer_size']}" + (f" | {seconds:.1f} s" if seconds is not None else ""))
 
 
+def _evidence_features(text: str | None) -> tuple[str, ...] | None:
+    """``--evidence_features`` as a tuple of known feature names (None: all), or a UserError naming the unknown."""
+    if text is None:
+        return None
+    from diffgr2_trl.errors import UserError
+    from diffgr2_trl.rerank.evidence import FEATURES
+
+    names = tuple(f.strip() for f in text.split(",") if f.strip())
+    unknown = [f for f in names if f not in FEATURES]
+    if unknown or not names:
+        raise UserError(f"--evidence_features {text!r}: " + (f"unknown feature(s) {unknown}" if unknown else
+                        "no feature named") + f"; choose among {', '.join(FEATURES)}.")
+    return names
+
+
 def parse(argv: list[str] | None = None, values: Mapping[str, Any] | None = None) -> tuple[PrepareArguments]:
     return parse_command("prepare", (PrepareArguments,), argv, values)
 
@@ -137,7 +159,10 @@ def run(args: PrepareArguments) -> dict[str, Any]:
     from diffgr2_trl.errors import UserError
     from diffgr2_trl.fingerprint import data_digest, describe_changes
 
-    inputs = {"options": {k: v for k, v in vars(args).items() if k not in ("output_dir", "overwrite", "threads")},
+    scored = _evidence_features(args.evidence_features)
+    # an unset evidence_features stays out of the record, so directories prepared before the option existed match
+    inputs = {"options": {k: v for k, v in vars(args).items() if k not in ("output_dir", "overwrite", "threads")
+                          and not (k == "evidence_features" and v is None)},
               "data": data_digest(args.data_dir)}
     if is_complete(args.output_dir) and not args.overwrite:
         summary = load_summary(args.output_dir)
@@ -174,6 +199,7 @@ def run(args: PrepareArguments) -> dict[str, Any]:
         id_line=args.id_line,
         targets=args.targets,
         evidence_levels=args.evidence_levels,
+        evidence_features=scored,
         provenance=inputs,
     )
     _print_summary(summary, time.perf_counter() - t0)

@@ -207,6 +207,10 @@ class EvidenceRanker:
             63 leaves gave the level ranking +1.5 R@1 on the valid split where 200 trees of 15 gave +0.4
             (``results/evidence_traces.md``).
         seed: the classifier's ``random_state``.
+        scored: the :data:`FEATURES` the classifier reads (default: all). A trace states only a candidate's position
+            and strongest link; with ``("position", "link_idf", "ago_linked")`` the level is a function of what the
+            trace states, so a model that finds the link can compute its level, at the cost of the ranking's accuracy
+            (``results/evidence_traces.md``).
     """
 
     rarity: AttributeRarity
@@ -215,6 +219,7 @@ class EvidenceRanker:
     learning_rate: float = 0.05
     max_leaf_nodes: int = 63
     seed: int = 0
+    scored: tuple[str, ...] = FEATURES
     thresholds: list[float] = field(default_factory=list)
     features: tuple[str, ...] = ()  # the FEATURES it was fitted on (a pickle outlives a change of them)
     _model: Any = None
@@ -227,24 +232,36 @@ class EvidenceRanker:
                                               max_leaf_nodes=self.max_leaf_nodes, early_stopping=False,
                                               random_state=self.seed)
 
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.scored if f not in FEATURES]
+        if unknown or not self.scored:
+            raise ValueError(f"EvidenceRanker.scored: unknown feature(s) {unknown} (known: {list(FEATURES)})"
+                             if unknown else "EvidenceRanker.scored: needs at least one feature.")
+        self.scored = tuple(self.scored)
+
+    def _columns(self, x):
+        """The scored columns of a full feature matrix (every column when all :data:`FEATURES` are scored)."""
+        if self.scored == FEATURES:
+            return x
+        return x[:, [FEATURES.index(f) for f in self.scored]]
+
     def _fit_one(self, feats: Sequence[list[list[float]]], targets: Sequence[int]):
         import numpy as np
 
-        x = np.array([f for ex in feats for f in ex], dtype=np.float64)
+        x = self._columns(np.array([f for ex in feats for f in ex], dtype=np.float64))
         y = np.array([int(c == t) for ex, t in zip(feats, targets) for c in range(len(ex))])
         if y.sum() == 0 or y.sum() == len(y):
             raise ValueError("EvidenceRanker.fit: the targets are all in one class; need lists with a target.")
         return self._classifier().fit(x, y)
 
-    @staticmethod
-    def _predict(model, feats: Sequence[list[list[float]]]) -> list[list[float]]:
+    def _predict(self, model, feats: Sequence[list[list[float]]]) -> list[list[float]]:
         """Scores of many lists in one call (a call per list costs ~a millisecond per tree in scikit-learn)."""
         import numpy as np
 
         flat = [f for ex in feats for f in ex]
         if not flat:
             return [[] for _ in feats]
-        proba = model.predict_proba(np.array(flat, dtype=np.float64))[:, 1].tolist()
+        proba = model.predict_proba(self._columns(np.array(flat, dtype=np.float64)))[:, 1].tolist()
         out, start = [], 0
         for ex in feats:
             out.append(proba[start : start + len(ex)])
@@ -357,8 +374,10 @@ class EvidenceRanker:
         if not isinstance(obj, cls):
             raise ValueError(f"{path} does not hold an EvidenceRanker.")
         names = tuple(getattr(obj, "features", ()) or ())  # empty in pickles written before the field existed
-        width = getattr(obj._model, "n_features_in_", len(FEATURES))
-        if (names and names != FEATURES) or width != len(FEATURES):
+        scored = tuple(getattr(obj, "scored", FEATURES))
+        obj.scored = scored
+        width = getattr(obj._model, "n_features_in_", len(scored))
+        if (names and names != FEATURES) or width != len(scored):
             raise ValueError(f"{path} holds an evidence ranker fitted on {width} features"
                              + (f" {list(names)}" if names else "") + f"; this version computes {len(FEATURES)} "
                              f"({list(FEATURES)}). Prepare the data again (`diffgr2 prepare --targets evidence`, or "

@@ -109,9 +109,10 @@ def build_rows(
 
 
 def fit_evidence_ranker(prepared: PreparedData, max_history: int | None = 20, n_levels: int = 3,
-                        seed: int = 0) -> EvidenceRanker:
+                        seed: int = 0, scored: Sequence[str] | None = None) -> EvidenceRanker:
     """Fit :class:`~.evidence.EvidenceRanker` on the prepared train split, with attribute rarity from the training
-    sequences' items. Prompts show at most ``max_history`` history items, so the features see exactly those."""
+    sequences' items. Prompts show at most ``max_history`` history items, so the features see exactly those.
+    ``scored``: the features its classifier reads (None: all)."""
     from .candidates import load_train_sequences
 
     sids = prepared.semantic_ids
@@ -124,7 +125,8 @@ def fit_evidence_ranker(prepared: PreparedData, max_history: int | None = 20, n_
         cands = to_items(ex["candidates"], sids.encode, sids.attribute_tokens)
         rows.append((history, cands, list(ex["candidates"]).index(ex["target"])))
         groups.append(int(ex["user_id"]))
-    return EvidenceRanker(rarity, n_levels=n_levels, seed=seed).fit(rows, groups)
+    extra = {"scored": tuple(scored)} if scored else {}
+    return EvidenceRanker(rarity, n_levels=n_levels, seed=seed, **extra).fit(rows, groups)
 
 
 def token_lengths(tokenizer, texts: Sequence[str]) -> dict[str, float]:
@@ -188,6 +190,7 @@ def build_pipeline_data(
     provenance: dict | None = None,
     evidence_levels: int = 3,
     store: str | None = None,
+    evidence_features: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Write datasets, JSONL copies, the tokenizer and ``summary.json`` into ``prepared.out_dir`` (atomically).
 
@@ -209,6 +212,8 @@ def build_pipeline_data(
         evidence_levels: levels of the evidence ranker (``targets="evidence"``), fitted on the train split and saved
             as ``evidence_ranker.pkl`` (the pipeline's reference row reads it).
         store: what the prompts' role line says is sold (default: the dataset's name from ``provenance``).
+        evidence_features: the features the evidence ranker scores with (None: all of
+            :data:`~diffgr2_trl.rerank.evidence.FEATURES`).
 
     Returns:
         The summary dict (also written to ``summary.json``).
@@ -228,7 +233,7 @@ def build_pipeline_data(
         if progress:
             print(f"prepare: fitting the evidence ranker ({evidence_levels} levels) on "
                   f"{len(prepared.examples['train'])} train rows", flush=True)
-        ranker = fit_evidence_ranker(prepared, max_history, evidence_levels, seed)
+        ranker = fit_evidence_ranker(prepared, max_history, evidence_levels, seed, evidence_features)
     rows: dict[str, list[dict]] = {}
     for split in SPLITS:
         examples = prepared.examples[split]

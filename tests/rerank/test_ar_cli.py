@@ -131,6 +131,15 @@ def test_logistic_baseline_on_prepared_rows(prepared):
     assert set(r["coefficients"]) >= {"position", "shared_last", "log_popularity", "bias"}
 
 
+def test_prepare_names_an_unknown_evidence_feature_before_any_work(tmp_path):
+    from diffgr2_trl.errors import UserError
+
+    with pytest.raises(UserError, match=r"unknown feature\(s\) \['idf_lst'\].*choose among position"):
+        main(["prepare", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"),  # holds no data yet
+              "--targets", "evidence", "--evidence_features", "position,idf_lst"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_preset_and_stage(prepared, tmp_path):
     with pytest.raises(ValueError, match="Unknown ar preset 'nope'"):
         main(["train-ar", "--dataset_name", str(prepared), "--output_dir", str(tmp_path), "--preset", "nope"])

@@ -159,6 +159,24 @@ def test_ranker_refuses_bad_settings_and_round_trips(tmp_path, fitted):
     assert EvidenceRanker.load(tmp_path / "unnamed.pkl").ranking(h, c) == ranker.ranking(h, c)
 
 
+def test_a_ranker_scoring_a_subset_reads_only_those_features(tmp_path):
+    train = _rows(300, 5)
+    rarity = _rarity(train)
+    scored = ("position", "link_idf", "ago_linked")
+    ranker = EvidenceRanker(rarity, n_levels=3, max_iter=30, seed=0, scored=scored).fit(train)
+    assert ranker._model.n_features_in_ == 3
+    h, c, _ = _rows(1, 6)[0]
+    # an unscored feature (the candidate's own rarest token) changes; the candidates' scores do not
+    padded = [ItemText(x.sid, (*x.attrs, "<attr_9999>")) for x in c]
+    assert ranker.scores(h, padded) == ranker.scores(h, c)
+    every = EvidenceRanker(rarity, n_levels=3, max_iter=30, seed=0).fit(train)
+    assert every.scores(h, padded) != every.scores(h, c)  # with all features scored, it does
+    ranker.save(tmp_path / "r.pkl")
+    assert EvidenceRanker.load(tmp_path / "r.pkl").scores(h, c) == ranker.scores(h, c)
+    with pytest.raises(ValueError, match="unknown feature"):
+        EvidenceRanker(rarity, scored=("position", "no_such"))
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_the_explanation_never_contradicts_its_ranking(fitted, seed):
     ranker, rarity = fitted
