@@ -90,7 +90,7 @@ class PrepareArguments:
     )
     evidence_features: str | None = field(
         default=None,
-        metadata={"help": "Comma-separated features the evidence ranker scores with (default: all of them)."},
+        metadata={"help": "Comma-separated features the evidence ranker scores with (None: all of them)."},
     )
     match_positions: str = field(
         default="none",
