@@ -26,7 +26,7 @@ from .prompts import FORMAT_PIECES
 from .semantic_ids import SemanticIds
 from .tokenizer import encode_prompt_completion
 
-__all__ = ["ARTrainArguments", "ar_model_and_tokenizer", "make_grpo_config", "make_sft_config", "run_grpo",
+__all__ = ["ARTrainArguments", "ar_model_and_tokenizer", "constrained_rollout_trainer_class", "make_grpo_config", "make_sft_config", "run_grpo",
            "run_mid", "run_sft"]
 
 
