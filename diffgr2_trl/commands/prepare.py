@@ -58,6 +58,9 @@ class PrepareArguments:
             sharing the other levels: ``<d_0>`` for most items, rare ``<d_1>``, ``<d_2>``, ...) or ``random``
             (distinct seeded codes spread over the codebook, so no last-level token is rare; a small model copies
             them far better, see :mod:`diffgr2_trl.rerank.semantic_ids`).
+        attribute_order: the order of an item's attribute tokens wherever it is shown: ``file`` (as the dataset lists
+            them) or ``rarity`` (rarest first over the catalogue, :func:`diffgr2_trl.rerank.semantic_ids.rarest_first`),
+            so a prompt shows how telling each token is.
         vocab_size: BPE size of the local tokenizer.
         overwrite: rebuild even if ``output_dir`` is complete.
         threads: torch intra-op CPU threads (0: torch's default), as in every subcommand.
@@ -106,6 +109,11 @@ class PrepareArguments:
         metadata={"help": "Collision-resolving last SID level: rank (mostly <d_0>) or random (spread codes).",
                   "choices": ["rank", "random"]},
     )
+    attribute_order: str = field(
+        default="file",
+        metadata={"help": "Order of an item's attribute tokens in prompts: file (as listed) or rarity (rarest first).",
+                  "choices": ["file", "rarity"]},
+    )
     vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size of the local tokenizer."})
     seed: int = field(default=0, metadata={"help": "Seed (pre-rankers, semantic IDs, subsampling)."})
     overwrite: bool = field(default=False, metadata={"help": "Rebuild even if the output is complete."})
@@ -128,6 +136,10 @@ def _print_summary(summary: dict, seconds: float | None) -> None:
     for split, lens in summary["token_lengths"].items():
         print(f"  tokens {split:5s}: prompt {json.dumps(lens['prompt'])} completion {json.dumps(lens['completion'])}")
     print(f"tokenizer size: {summary['tokenizer_size']}" + (f" | {seconds:.1f} s" if seconds is not None else ""))
+
+
+# options added after directories were prepared, with the default that leaves those directories' contents unchanged
+_LATER_OPTIONS = {"evidence_features": None, "attribute_order": "file"}
 
 
 def _evidence_features(text: str | None) -> tuple[str, ...] | None:
@@ -160,9 +172,9 @@ def run(args: PrepareArguments) -> dict[str, Any]:
     from diffgr2_trl.fingerprint import data_digest, describe_changes
 
     scored = _evidence_features(args.evidence_features)
-    # an unset evidence_features stays out of the record, so directories prepared before the option existed match
+    # options at the default they had before they existed stay out of the record, so older directories still match
     inputs = {"options": {k: v for k, v in vars(args).items() if k not in ("output_dir", "overwrite", "threads")
-                          and not (k == "evidence_features" and v is None)},
+                          and not (k in _LATER_OPTIONS and v == _LATER_OPTIONS[k])},
               "data": data_digest(args.data_dir)}
     if is_complete(args.output_dir) and not args.overwrite:
         summary = load_summary(args.output_dir)
@@ -184,7 +196,7 @@ def run(args: PrepareArguments) -> dict[str, Any]:
     if prepared is None:  # the examples are the slow part (pre-rankers): reuse them when only the datasets are missing
         prepared = prepare_data(
             args.data_dir, args.output_dir, seed=args.seed, name=args.name, prerankers=prerankers, history_len=args.max_history,
-            codebook_size=args.codebook_size, sid_last_level=args.sid_last_level, train_rows=args.train_rows, progress=True, provenance=inputs,
+            codebook_size=args.codebook_size, sid_last_level=args.sid_last_level, attribute_order=args.attribute_order, train_rows=args.train_rows, progress=True, provenance=inputs,
             allow_truncated=args.allow_truncated,
         )
     summary = build_pipeline_data(

@@ -44,7 +44,7 @@ from .prerank import (
     evaluate_full_ranking,
     recommend,
 )
-from .semantic_ids import SemanticIds, item_embeddings
+from .semantic_ids import SemanticIds, item_embeddings, rarest_first
 
 __all__ = ["PreparedData", "SPLITS", "build_examples", "load_prepared", "load_train_sequences", "prepare_data", "read_jsonl", "write_jsonl"]
 
@@ -153,6 +153,7 @@ def prepare_data(
     codebook_size: int = 256,
     n_residual_levels: int = 3,
     sid_last_level: str = "rank",
+    attribute_order: str = "file",
     train_rows: str = "all_prefixes",
     progress: bool = True,
     provenance: dict | None = None,
@@ -173,6 +174,8 @@ def prepare_data(
         n_residual_levels: residual k-means levels before the collision-resolving level.
         sid_last_level: how that level resolves collisions, ``"rank"`` or ``"random"``
             (:meth:`~diffgr2_trl.rerank.semantic_ids.SemanticIds.build`).
+        attribute_order: the order of an item's attribute tokens wherever it is shown: ``"file"`` (as the
+            dataset lists them) or ``"rarity"`` (rarest first, :func:`~diffgr2_trl.rerank.semantic_ids.rarest_first`).
         train_rows: ``"all_prefixes"`` (every prefix of every user's training items, scored leave-one-out) or
             ``"last"`` (one row per user, its last training item).
         progress: tqdm bars for SASRec training.
@@ -183,6 +186,8 @@ def prepare_data(
     Returns:
         The :class:`PreparedData` that was written.
     """
+    if attribute_order not in ("file", "rarity"):
+        raise ValueError(f"attribute_order must be 'file' or 'rarity', got {attribute_order!r}.")
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -247,7 +252,7 @@ def prepare_data(
         list(data.item_attributes),
         codebook_size=codebook_size,
         n_residual_levels=n_residual_levels,
-        item_attributes=data.item_attributes,
+        item_attributes=rarest_first(data.item_attributes) if attribute_order == "rarity" else data.item_attributes,
         seed=seed,
         last_level=sid_last_level,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,30 @@ def test_logistic_baseline_on_prepared_rows(prepared):
     assert r["n"] == len(r["ranks"]) == len(r["prerank_ranks"]) == 10
     assert r["prerank"]["R@1"] == sum(p == 0 for p in r["prerank_ranks"]) / 10
     assert set(r["coefficients"]) >= {"position", "shared_last", "log_popularity", "bias"}
+
+
+def test_prepare_can_write_attributes_rarest_first_and_records_only_options_it_was_given(prepared, tmp_path):
+    import shutil
+    from collections import Counter
+
+    from diffgr2_trl.rerank.semantic_ids import SemanticIds
+
+    assert "attribute_order" not in json.loads((prepared / "summary.json").read_text())["inputs"]["options"]
+    data = shutil.copytree(prepared.parent / "data", tmp_path / "data")
+    listing = next(data.glob("*_item2attributes.json"))  # the toy lists brand first; list the commonest first
+    listed = {i: v[::-1] for i, v in json.loads(listing.read_text()).items()}
+    listing.write_text(json.dumps(listed))
+    out = tmp_path / "rare"
+    assert main(["prepare", "--data_dir", str(data), "--output_dir", str(out), "--codebook_size", "4",
+                 "--max_history", "5", "--vocab_size", "600", "--attribute_order", "rarity"]) == 0
+    sids = SemanticIds.load(out / "semantic_ids.json")
+    counts = Counter(a for v in sids.item_attributes.values() for a in set(v))
+    assert any([counts[a] for a in v] != sorted(counts[a] for a in v) for v in listed.values())  # not sorted as listed
+    assert all([counts[a] for a in v] == sorted(counts[a] for a in v) for v in sids.item_attributes.values())
+    rows = load_from_disk(str(out / "datasets" / "train"))
+    first = rows[0]["prompt"].split("Candidates (pre-rank order):\n")[1].splitlines()[0]
+    shown = [int(t) for t in re.findall(r"<attr_(\d+)>", first)]
+    assert [counts[a] for a in shown] == sorted(counts[a] for a in shown)
 
 
 def test_prepare_names_an_unknown_evidence_feature_before_any_work(tmp_path):

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from diffgr2_trl.rerank.semantic_ids import SemanticIds, item_embeddings, kmeans, residual_kmeans
+from diffgr2_trl.rerank.semantic_ids import SemanticIds, item_embeddings, kmeans, rarest_first, residual_kmeans
 
 
 def _emb(n=300, d=8, dup=15, seed=0):
@@ -145,3 +145,10 @@ def test_item_embeddings_from_cooccurrence_and_attributes():
     np.testing.assert_array_equal(e1, e2)
     assert e1.shape[0] == 7 and np.all(e1[0] == 0)
     assert np.linalg.norm(e1[6]) > 0  # the cold item still gets a vector from its attributes
+
+
+def test_rarest_first_orders_each_items_attributes_by_how_few_items_carry_them():
+    # attribute 1 on four items, 2 on three, 3 on two, 9 on one; 7 and 8 both on one item: file order breaks the tie
+    attrs = {1: [1, 2, 3], 2: [1, 2, 9], 3: [1, 2, 3], 4: [1, 8, 7]}
+    assert rarest_first(attrs) == {1: [3, 2, 1], 2: [9, 2, 1], 3: [3, 2, 1], 4: [8, 7, 1]}
+    assert rarest_first({}) == {}
