@@ -18,7 +18,7 @@ def test_gpu_check_dry_run_writes_every_step(tmp_path):
                          env={**launch_env(), "OUT": str(out)}, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     steps = json.loads((out / "steps.json").read_text())
-    assert [s["step"] for s in steps] == ["bench_decode", "bench_train_sdpa", "bench_memory", "pipeline_config"]
+    assert [s["step"] for s in steps] == ["bench_decode", "bench_train_sdpa", "bench_memory"]
     assert all(s["exit_status"] == 0 and s["cpu_dry_run"] for s in steps)
     rows = json.loads((out / "bench_decode.json").read_text())["rows"]
     assert {r["method"] for r in rows} == {"ar", "block_diffusion"} and {r["batch_size"] for r in rows} == {1, 2}
@@ -26,7 +26,11 @@ def test_gpu_check_dry_run_writes_every_step(tmp_path):
     memory = json.loads((out / "bench_memory.json").read_text())["cases"]
     assert [(c["trainer"], c["completion_length"]) for c in memory] == [("opd", 8), ("grpo", 8)]
     assert all(c["peak_mb"] >= c["setup_mb"] > 0 and c["measure"] == "peak RSS (ru_maxrss)" for c in memory)
-    assert (out / "pipeline_overrides.yaml").is_file() and not (out / "pipeline").exists()
+    assert not (out / "pipeline").exists()
+    from diffgr2_trl.pipeline import load_preset
+
+    trimmed = load_preset("gpu-small", str(out / "pipeline_overrides.yaml"))  # the GPU run's configuration is valid
+    assert trimmed["cft"]["max_steps"] == 60 and trimmed["evaluate"]["limit"] == 200
 
 
 def test_gpu_check_refuses_a_machine_without_a_gpu_and_unknown_flags(tmp_path):
