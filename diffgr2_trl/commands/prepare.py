@@ -138,23 +138,32 @@ def _print_summary(summary: dict, seconds: float | None) -> None:
     print(f"tokenizer size: {summary['tokenizer_size']}" + (f" | {seconds:.1f} s" if seconds is not None else ""))
 
 
-# options added after directories were prepared, with the default that leaves those directories' contents unchanged
-_LATER_OPTIONS = {"evidence_features": None, "attribute_order": "file"}
-
-
 def _evidence_features(text: str | None) -> tuple[str, ...] | None:
-    """``--evidence_features`` as a tuple of known feature names (None: all), or a UserError naming the unknown."""
+    """``--evidence_features`` as a tuple of known feature names (None: all), checked before any work is done."""
     if text is None:
         return None
     from diffgr2_trl.errors import UserError
-    from diffgr2_trl.rerank.evidence import FEATURES
+    from diffgr2_trl.rerank.evidence import check_features
 
-    names = tuple(f.strip() for f in text.split(",") if f.strip())
-    unknown = [f for f in names if f not in FEATURES]
-    if unknown or not names:
-        raise UserError(f"--evidence_features {text!r}: " + (f"unknown feature(s) {unknown}" if unknown else
-                        "no feature named") + f"; choose among {', '.join(FEATURES)}.")
-    return names
+    try:
+        return check_features(f.strip() for f in text.split(",") if f.strip())
+    except ValueError as e:
+        raise UserError(f"--evidence_features {text!r}: {e}") from None
+
+
+def _predating(stored: dict | None, inputs: dict) -> dict | None:
+    """``stored`` (a directory's recorded inputs) with each option it predates filled in at that option's default:
+    a directory prepared before an option existed was prepared the way its default prepares, so it still matches."""
+    import dataclasses
+
+    if not stored or "options" not in stored:
+        return stored
+    defaults = {f.name: f.default for f in dataclasses.fields(PrepareArguments) if f.default is not dataclasses.MISSING}
+    options = dict(stored["options"])
+    for key in inputs["options"]:
+        if key not in options and key in defaults:
+            options[key] = defaults[key]
+    return {**stored, "options": options}
 
 
 def parse(argv: list[str] | None = None, values: Mapping[str, Any] | None = None) -> tuple[PrepareArguments]:
@@ -172,13 +181,11 @@ def run(args: PrepareArguments) -> dict[str, Any]:
     from diffgr2_trl.fingerprint import data_digest, describe_changes
 
     scored = _evidence_features(args.evidence_features)
-    # options at the default they had before they existed stay out of the record, so older directories still match
-    inputs = {"options": {k: v for k, v in vars(args).items() if k not in ("output_dir", "overwrite", "threads")
-                          and not (k in _LATER_OPTIONS and v == _LATER_OPTIONS[k])},
+    inputs = {"options": {k: v for k, v in vars(args).items() if k not in ("output_dir", "overwrite", "threads")},
               "data": data_digest(args.data_dir)}
     if is_complete(args.output_dir) and not args.overwrite:
         summary = load_summary(args.output_dir)
-        if summary.get("inputs") != inputs:
+        if _predating(summary.get("inputs"), inputs) != inputs:
             changes = "; ".join(describe_changes(summary.get("inputs"), inputs))
             raise UserError(f"{args.output_dir} was prepared from other inputs ({changes}); pass --overwrite to rebuild it, "
                             "or choose another --output_dir.")
@@ -189,7 +196,7 @@ def run(args: PrepareArguments) -> dict[str, Any]:
     prerankers = tuple(p.strip() for p in args.prerankers.split(",") if p.strip())
     try:  # a run cut short after the examples (the slow part) reuses them, if they came from the same inputs
         prepared = load_prepared(args.output_dir) if not args.overwrite else None
-        if prepared is not None and prepared.prerank.get("inputs") != inputs:
+        if prepared is not None and _predating(prepared.prerank.get("inputs"), inputs) != inputs:
             prepared = None
     except FileNotFoundError:
         prepared = None

@@ -204,7 +204,8 @@ def _targets(evals: dict, floor: dict | None, decode_rows: list[dict], cis: dict
     """
     wanted = {**DEFAULT_TARGETS, **(wanted or {})}
     final = (evals.get("eval_rl") or {}).get("metrics")
-    schedule = _schedule(evals.get("eval_rl") or evals.get("eval_cft") or {})
+    student = evals.get("eval_rl") or evals.get("eval_cft") or {}  # how the students were decoded
+    schedule = _schedule(student)
     teacher = (evals.get("eval_ar") or {}).get("metrics")
     naive = (evals.get("eval_naive") or {}).get("metrics")
     on_floor = bool(teacher and final and not teacher.get("valid_rate") and not final.get("valid_rate"))
@@ -310,7 +311,7 @@ def _targets(evals: dict, floor: dict | None, decode_rows: list[dict], cis: dict
         add(f"whole pipeline <= {wanted['total_minutes']} min", f"{total:.1f} min", total <= wanted["total_minutes"])
     # speedup_vs_ar is against the faster AR row of the same batch size (compiled when the decode section measured it)
     # at the tau the students are evaluated with (the decode stage's first tau when there is no evaluation)
-    tau = (evals.get("eval_rl") or evals.get("eval_cft") or {}).get("tau") or next(
+    tau = student.get("tau") or next(
         (r["tau"] for r in decode_rows if r.get("tau") is not None), None)
     at_tau = [r for r in decode_rows if r.get("tau") == tau and not r.get("constrained")]
     for r in at_tau if wanted.get("speedup") is not None else []:

@@ -26,7 +26,7 @@ from .prompts import FORMAT_PIECES
 from .semantic_ids import SemanticIds
 from .tokenizer import encode_prompt_completion
 
-__all__ = ["ARTrainArguments", "ar_model_and_tokenizer", "constrained_rollout_trainer_class", "make_grpo_config", "make_sft_config", "run_grpo",
+__all__ = ["ARTrainArguments", "ar_model_and_tokenizer", "make_grpo_config", "make_sft_config", "run_grpo",
            "run_mid", "run_sft"]
 
 
@@ -62,7 +62,7 @@ class ARTrainArguments:
             number of train rows used.
         rl_*: GRPO steps, prompts per step x generations, learning rate, completion cap, sampling temperature,
             KL coefficient, number of train rows used; ``rl_constrained`` samples the rollouts under the ranking
-            constraint (:class:`ConstrainedRolloutGRPOTrainer`).
+            constraint (:class:`~diffgr2_trl.rerank.constrained_rl.ConstrainedRolloutGRPOTrainer`).
     """
 
     dataset_name: str = field(metadata={"help": "diffgr2 prepare output directory."})
@@ -317,89 +317,6 @@ def run_mid(args: ARTrainArguments, model, tokenizer, output_dir: str) -> dict[s
                 k: last.get(k) for k in ("exact", "valid", "correct")}, "log_history": points}
 
 
-def constrained_rollout_trainer_class():
-    """:class:`ConstrainedRolloutGRPOTrainer`, built on first use (importing TRL's trainer costs seconds)."""
-    global ConstrainedRolloutGRPOTrainer
-    if ConstrainedRolloutGRPOTrainer is not None:
-        return ConstrainedRolloutGRPOTrainer
-    from transformers import LogitsProcessorList
-    from trl import GRPOTrainer
-    from trl.models import unwrap_model_for_generation
-
-    from .constraints import RankingConstraint, RankingLogitsProcessor
-
-    class _ConstrainedRolloutGRPOTrainer(GRPOTrainer):
-        """:class:`trl.GRPOTrainer` whose rollouts are sampled under the ranking constraint
-        (:class:`~diffgr2_trl.rerank.constraints.RankingLogitsProcessor`): the explanation stays free, the answer is
-        always a permutation of the row's ``candidates`` (a dataset column).
-
-        Why: a small teacher samples mostly invalid rankings at temperature 1, and an invalid rollout earns the same
-        penalty whatever it would have ranked, so most groups carry no ranking signal. Constrained, every rollout is
-        scored by where it puts the target. The loss is TRL's unchanged: log-probabilities are the policy's own
-        (unconstrained) ones, so the update also raises the probability of the valid tokens that were sampled when
-        their advantage is positive. Generation runs through ``model.generate`` (no vLLM, no tools, text prompts).
-        """
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            if self.use_vllm or getattr(self, "tools", None) or self.rollout_func is not None:
-                raise ValueError("rl_constrained: constrained rollouts run through model.generate; use_vllm, tools "
-                                 "and rollout_func are not supported with it.")
-            if "candidates" not in (self.train_dataset.column_names or []):
-                raise ValueError("rl_constrained: the training dataset needs a 'candidates' column (the SIDs a "
-                                 "ranking must permute).")
-            self._rollout_candidates: list[list[str]] = []
-
-        def _generate_and_score_completions(self, inputs):
-            self._rollout_candidates = [list(x["candidates"]) for x in inputs]
-            return super()._generate_and_score_completions(inputs)
-
-        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
-                                  has_tool_images=False):
-            if images is not None and any(i is not None for i in images) or multimodal_fields:
-                raise ValueError("rl_constrained: multimodal prompts are not supported.")
-            if len(prompt_ids) != len(self._rollout_candidates):
-                raise RuntimeError(f"rl_constrained: {len(prompt_ids)} prompts but {len(self._rollout_candidates)} "
-                                   "candidate lists in the batch.")
-            device = self.accelerator.device
-            tok = self.processing_class
-            stops = list(self.eos_token_ids)
-            constraints = [RankingConstraint.from_tokenizer(tok, c, self.max_completion_length, stop_token_ids=stops)
-                           for c in self._rollout_candidates]
-            width = max(len(p) for p in prompt_ids)
-            pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
-            ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, p in enumerate(prompt_ids):  # left padding, as TRL's own generation path
-                ids[r, width - len(p):] = torch.tensor(p)
-                mask[r, width - len(p):] = 1
-            processors = LogitsProcessorList([RankingLogitsProcessor(constraints, width)])
-            with (
-                unwrap_model_for_generation(
-                    self.model_wrapped, self.accelerator,
-                    gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                    generation_kwargs=self.generation_kwargs,
-                    gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-                ) as unwrapped_model,
-                torch.no_grad(),
-            ):
-                out = unwrapped_model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                               generation_config=self.generation_config, logits_processor=processors)
-            completions = []
-            for row in out[:, width:].tolist():  # keep up to and including the first stop token, as TRL does
-                end = next((i for i, t in enumerate(row) if t in stops), len(row) - 1)
-                completions.append(row[: end + 1])
-            return completions, None
-
-    _ConstrainedRolloutGRPOTrainer.__name__ = _ConstrainedRolloutGRPOTrainer.__qualname__ = (
-        "ConstrainedRolloutGRPOTrainer")
-    ConstrainedRolloutGRPOTrainer = _ConstrainedRolloutGRPOTrainer
-    return ConstrainedRolloutGRPOTrainer
-
-
-ConstrainedRolloutGRPOTrainer = None  # the class, once constrained_rollout_trainer_class() has built it
-
-
 def run_grpo(args: ARTrainArguments, model, tokenizer, output_dir: str) -> dict[str, Any]:
     """GRPO/DAPO with :class:`trl.GRPOTrainer` and ``gr2_reward`` (:mod:`diffgr2_trl.rerank.scoring`); saves to
     ``output_dir``. ``args.rl_constrained`` samples the rollouts under the ranking constraint."""
@@ -409,7 +326,10 @@ def run_grpo(args: ARTrainArguments, model, tokenizer, output_dir: str) -> dict[
 
     ds = _subset(load_split(args.dataset_name, "train"), args.rl_max_examples, args.seed + 1)
     ds = ds.select_columns(["prompt", "candidates", "target"])
-    trainer_class = constrained_rollout_trainer_class() if args.rl_constrained else GRPOTrainer
+    if args.rl_constrained:
+        from .constrained_rl import ConstrainedRolloutGRPOTrainer as trainer_class
+    else:
+        trainer_class = GRPOTrainer
     trainer = trainer_class(
         model=model,
         # validity gets weight 0: logged for monitoring, not optimised (gr2_reward already pays -1 for invalid).

@@ -41,7 +41,7 @@ from typing import Any
 
 from .prompts import SID_LEVELS, ItemText
 
-__all__ = ["FEATURES", "AttributeRarity", "EvidenceRanker", "candidate_features", "strongest_link"]
+__all__ = ["FEATURES", "AttributeRarity", "EvidenceRanker", "candidate_features", "check_features", "strongest_link"]
 
 FEATURES = (
     "position",  # pre-rank position (0 = first)
@@ -189,6 +189,16 @@ def candidate_features(
     return out
 
 
+def check_features(names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` as a tuple, or ``ValueError`` naming those that are not :data:`FEATURES` (or that none is given)."""
+    names = tuple(names)
+    unknown = [f for f in names if f not in FEATURES]
+    if unknown or not names:
+        raise ValueError((f"unknown feature(s) {unknown}" if unknown else "no feature named")
+                         + f"; choose among {', '.join(FEATURES)}.")
+    return names
+
+
 def grouped_ranking(sids: Sequence[str], levels: Sequence[int]) -> list[str]:
     """``sids`` grouped by level, highest first, keeping their given (pre-rank) order inside a level."""
     if len(sids) != len(levels):
@@ -233,11 +243,7 @@ class EvidenceRanker:
                                               random_state=self.seed)
 
     def __post_init__(self) -> None:
-        unknown = [f for f in self.scored if f not in FEATURES]
-        if unknown or not self.scored:
-            raise ValueError(f"EvidenceRanker.scored: unknown feature(s) {unknown} (known: {list(FEATURES)})"
-                             if unknown else "EvidenceRanker.scored: needs at least one feature.")
-        self.scored = tuple(self.scored)
+        self.scored = check_features(self.scored)
 
     def _columns(self, x):
         """The scored columns of a full feature matrix (every column when all :data:`FEATURES` are scored)."""

@@ -132,13 +132,19 @@ def test_logistic_baseline_on_prepared_rows(prepared):
     assert set(r["coefficients"]) >= {"position", "shared_last", "log_popularity", "bias"}
 
 
-def test_prepare_can_write_attributes_rarest_first_and_records_only_options_it_was_given(prepared, tmp_path):
+def test_prepare_can_write_attributes_rarest_first_and_older_directories_still_match(prepared, tmp_path):
     import shutil
     from collections import Counter
 
+    from diffgr2_trl.commands.prepare import _predating
     from diffgr2_trl.rerank.semantic_ids import SemanticIds
 
-    assert "attribute_order" not in json.loads((prepared / "summary.json").read_text())["inputs"]["options"]
+    recorded = json.loads((prepared / "summary.json").read_text())["inputs"]
+    older = {**recorded, "options": {k: v for k, v in recorded["options"].items()
+                                     if k not in ("attribute_order", "evidence_features")}}
+    assert _predating(older, recorded) == recorded  # prepared before these options existed: still matches
+    rarity = {**recorded, "options": {**recorded["options"], "attribute_order": "rarity"}}
+    assert _predating(older, rarity) != rarity  # but not a run that asks for another order
     data = shutil.copytree(prepared.parent / "data", tmp_path / "data")
     listing = next(data.glob("*_item2attributes.json"))  # the toy lists brand first; list the commonest first
     listed = {i: v[::-1] for i, v in json.loads(listing.read_text()).items()}
