@@ -16,8 +16,7 @@ from transformers import LogitsProcessorList
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
-from .constraints import RankingLogitsProcessor
-from .evaluate import _constraints
+from .constraints import RankingConstraint, RankingLogitsProcessor
 
 __all__ = ["ConstrainedRolloutGRPOTrainer"]
 
@@ -53,8 +52,8 @@ class ConstrainedRolloutGRPOTrainer(GRPOTrainer):
             raise RuntimeError(f"rl_constrained: {len(prompt_ids)} prompts but {len(self._rollout_candidates)} "
                                "candidate lists in the batch.")
         stops = list(self.eos_token_ids)
-        constraints = _constraints(self.processing_class, self._rollout_candidates, self.max_completion_length,
-                                   set(stops))
+        constraints = RankingConstraint.for_rows(self.processing_class, self._rollout_candidates,
+                                                 self.max_completion_length, stops)
         width = max(len(p) for p in prompt_ids)
         pad_id = self.processing_class.pad_token_id
         ids = torch.full((len(prompt_ids), width), stops[0] if pad_id is None else pad_id, dtype=torch.long)

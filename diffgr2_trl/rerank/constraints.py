@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 import weakref
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -182,6 +182,21 @@ class RankingConstraint:
         return cls([ids(c) for c in candidates], explanation_open=ids(EXPLANATION_OPEN),
                    recommendations_open=ids(RECOMMENDATIONS_OPEN), separator=ids(SEPARATOR), close=ids(CLOSE),
                    stop_token_ids=stops, max_length=max_length, banned_in_explanation=banned)
+
+    @classmethod
+    def for_rows(cls, tokenizer, candidates: Sequence[Sequence[str]], max_length: int,
+                 stop_token_ids: Iterable[int]) -> list[RankingConstraint]:
+        """One constraint per row of a batch, for decoders that stop at any of ``stop_token_ids``.
+
+        The tokenizer's EOS, if it is a stop token, comes first: a finished ranking is closed with the first stop
+        token, and EOS is the one every consumer of the text strips.
+        """
+        stop = set(stop_token_ids)
+        if not stop:
+            raise ValueError("RankingConstraint.for_rows: at least one stop token id is needed.")
+        eos = getattr(getattr(tokenizer, "tokenizer", tokenizer), "eos_token_id", None)
+        stops = [eos, *sorted(stop - {eos})] if eos in stop else sorted(stop)
+        return [cls.from_tokenizer(tokenizer, list(c), max_length, stop_token_ids=stops) for c in candidates]
 
     # ------------------------------------------------------------------ state of a canvas
     def _opener_at(self, canvas: Sequence[int]) -> int | None:

@@ -83,14 +83,12 @@ def _encode_left(tokenizer, prompts: list[str], device) -> dict[str, torch.Tenso
 
 
 def _constraints(tokenizer, candidates: Sequence[Sequence[str]] | None, max_length: int, stop: set[int]):
-    """One :class:`~diffgr2_trl.rerank.constraints.RankingConstraint` per prompt, or None when unconstrained."""
+    """One ranking constraint per prompt, or None when unconstrained."""
     if candidates is None:
         return None
     from .constraints import RankingConstraint
 
-    eos = tokenizer.eos_token_id
-    stops = [eos, *sorted(stop - {eos})] if eos is not None else sorted(stop)
-    return [RankingConstraint.from_tokenizer(tokenizer, list(c), max_length, stop_token_ids=stops) for c in candidates]
+    return RankingConstraint.for_rows(tokenizer, candidates, max_length, stop)
 
 
 @torch.no_grad()

@@ -258,6 +258,18 @@ def test_block_sampler_constraints_do_not_depend_on_the_batch(block_setup):
         sampler.generate(ids, mask, max_completion_length=max_new, constraints=constraints[:2])
 
 
+def test_for_rows_closes_with_eos_and_refuses_no_stop_token(rerank_setup):
+    tok, _, rows = rerank_setup
+    other = tok.pad_token_id if tok.pad_token_id != tok.eos_token_id else tok.eos_token_id + 1
+    # EOS first whatever the set's order, so every row's answer ends with the token consumers strip
+    built = RankingConstraint.for_rows(tok, [c for _, c in rows[:3]], 70, {other, tok.eos_token_id})
+    assert [c.eos for c in built] == [tok.eos_token_id] * 3
+    # a decoder that does not stop at EOS closes with its own first stop token
+    assert RankingConstraint.for_rows(tok, [rows[0][1]], 70, [other])[0].eos == other
+    with pytest.raises(ValueError, match="stop token"):
+        RankingConstraint.for_rows(tok, [rows[0][1]], 70, [])
+
+
 def test_evaluate_model_constrained_with_both_decoders(rerank_setup, block_setup):
     from diffgr2_trl.rerank.evaluate import ar_greedy_decode, evaluate_model, make_block_decode
 
