@@ -75,8 +75,8 @@ class TransitionPreRanker:
         n_items: largest item id.
         window: how far ahead a transition counts when fitting, and how many last history items query it.
         backward_weight: weight of reversed transitions (``b`` before ``a``): co-purchase is roughly symmetric and
-            the reverse direction fills in rows of rarely-followed items. 0 (default) is the pure forward model;
-            on Beauty 0.5 moved valid HR@10 by +0.0000 and NDCG@10 by -0.0007, so it stays off.
+            the reverse direction fills in rows of rarely-followed items. 0 (default) is the pure forward model:
+            0.5 did not raise valid HR@10 or NDCG@10 (``results/data_prerank.md``), so it stays off.
         popularity_weight: tiny popularity prior so users whose last items have no transitions still get a ranked
             list and ties break towards popular items.
     """
