@@ -23,8 +23,9 @@ from diffgr2_trl.rerank.traces import explanation_links, link_text  # noqa: E402
 
 
 def imitation(run: str, stage: str) -> dict:
-    """``{"valid", "listed", "link_accuracy", "token_accuracy", "level_accuracy", "level_accuracy_where_link_right",
-    "follows_own_levels", "confusion", "by_position"}`` of one evaluation stage's rows (module docstring)."""
+    """``{"valid", "listed", "link_accuracy", "token_accuracy", "cited_in_history", "level_accuracy",
+    "level_accuracy_where_link_right", "follows_own_levels", "confusion", "by_position"}`` of one evaluation stage's
+    rows (module docstring); ``cited_in_history``: share of stated links whose token is one of the history's."""
     ranker = load_evidence_ranker(f"{run}/prepare/data")
     rows = load_split(f"{run}/prepare/data", "test").to_list()
     with open(f"{run}/{stage}/eval_outputs.json") as f:
@@ -43,12 +44,14 @@ def imitation(run: str, stage: str) -> dict:
         if list(got) != list(row["candidates"]):  # the explanation does not list every candidate in pre-rank order
             continue
         listed += 1
+        held = {t for item in history for t in item.attrs}
         for pos, (cand, level) in enumerate(zip(cands, want)):
             where, stated = got[cand.sid]
             truth = link_text(history, cand, ranker.rarity)
             links["n"] += 1
             links["link"] += where == truth
             links["token"] += where.split(" ")[0] == truth.split(" ")[0]
+            links["cited"] += where.split(" ")[0] in held
             links["level_where_link_right"] += where == truth and stated == level
             by_position[pos][(level, stated)] += 1
         confusion.update(zip(want, (lv for _, lv in got.values())))
@@ -66,6 +69,7 @@ def imitation(run: str, stage: str) -> dict:
                           "stated_mean_level": sum(b * v for (_, b), v in c.items()) / n}
     return {"valid": valid, "listed": listed,
             "link_accuracy": share(links["link"], links["n"]), "token_accuracy": share(links["token"], links["n"]),
+            "cited_in_history": share(links["cited"], links["n"]),
             "level_accuracy": share(sum(v for (a, b), v in confusion.items() if a == b), total),
             "level_accuracy_where_link_right": share(links["level_where_link_right"], links["link"]),
             "follows_own_levels": share(follows, listed),

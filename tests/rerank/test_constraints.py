@@ -260,7 +260,8 @@ def test_block_sampler_constraints_do_not_depend_on_the_batch(block_setup):
 
 def test_for_rows_closes_with_eos_and_refuses_no_stop_token(rerank_setup):
     tok, _, rows = rerank_setup
-    other = tok.pad_token_id if tok.pad_token_id != tok.eos_token_id else tok.eos_token_id + 1
+    other = tok.pad_token_id
+    assert other is not None and other < tok.eos_token_id, "the check needs a stop id that sorts before EOS"
     # EOS first whatever the set's order, so every row's answer ends with the token consumers strip
     built = RankingConstraint.for_rows(tok, [c for _, c in rows[:3]], 70, {other, tok.eos_token_id})
     assert [c.eos for c in built] == [tok.eos_token_id] * 3
