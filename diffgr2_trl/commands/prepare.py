@@ -61,6 +61,9 @@ class PrepareArguments:
         attribute_order: the order of an item's attribute tokens wherever it is shown: ``file`` (as the dataset lists
             them) or ``rarity`` (rarest first over the catalogue, :func:`diffgr2_trl.rerank.semantic_ids.rarest_first`),
             so a prompt shows how telling each token is.
+        rarity_marks: follow every attribute token with ``<rare_K>``, its rarity class among this many
+            (:func:`diffgr2_trl.rerank.semantic_ids.rarity_classes`: equal shares of the catalogue's attribute
+            occurrences, 0 the rarest), so a prompt shows how rare each token is, not only which is rarer; 0: no marks.
         vocab_size: BPE size of the local tokenizer.
         overwrite: rebuild even if ``output_dir`` is complete.
         threads: torch intra-op CPU threads (0: torch's default), as in every subcommand.
@@ -113,6 +116,11 @@ class PrepareArguments:
         default="file",
         metadata={"help": "Order of an item's attribute tokens in prompts: file (as listed) or rarity (rarest first).",
                   "choices": ["file", "rarity"]},
+    )
+    rarity_marks: int = field(
+        default=0,
+        metadata={"help": "Follow every attribute token in prompts with <rare_K>, its rarity class of this many "
+                          "(0: no marks)."},
     )
     vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size of the local tokenizer."})
     seed: int = field(default=0, metadata={"help": "Seed (pre-rankers, semantic IDs, subsampling)."})
@@ -203,7 +211,7 @@ def run(args: PrepareArguments) -> dict[str, Any]:
     if prepared is None:  # the examples are the slow part (pre-rankers): reuse them when only the datasets are missing
         prepared = prepare_data(
             args.data_dir, args.output_dir, seed=args.seed, name=args.name, prerankers=prerankers, history_len=args.max_history,
-            codebook_size=args.codebook_size, sid_last_level=args.sid_last_level, attribute_order=args.attribute_order, train_rows=args.train_rows, progress=True, provenance=inputs,
+            codebook_size=args.codebook_size, sid_last_level=args.sid_last_level, attribute_order=args.attribute_order, rarity_marks=args.rarity_marks, train_rows=args.train_rows, progress=True, provenance=inputs,
             allow_truncated=args.allow_truncated,
         )
     summary = build_pipeline_data(

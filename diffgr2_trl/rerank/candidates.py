@@ -44,7 +44,7 @@ from .prerank import (
     evaluate_full_ranking,
     recommend,
 )
-from .semantic_ids import SemanticIds, item_embeddings, rarest_first
+from .semantic_ids import SemanticIds, item_embeddings, rarest_first, rarity_classes
 
 __all__ = ["PreparedData", "SPLITS", "build_examples", "load_prepared", "load_train_sequences", "prepare_data", "read_jsonl", "write_jsonl"]
 
@@ -154,6 +154,7 @@ def prepare_data(
     n_residual_levels: int = 3,
     sid_last_level: str = "rank",
     attribute_order: str = "file",
+    rarity_marks: int = 0,
     train_rows: str = "all_prefixes",
     progress: bool = True,
     provenance: dict | None = None,
@@ -176,6 +177,8 @@ def prepare_data(
             (:meth:`~diffgr2_trl.rerank.semantic_ids.SemanticIds.build`).
         attribute_order: the order of an item's attribute tokens wherever it is shown: ``"file"`` (as the
             dataset lists them) or ``"rarity"`` (rarest first, :func:`~diffgr2_trl.rerank.semantic_ids.rarest_first`).
+        rarity_marks: follow every attribute token with ``<rare_K>``, its rarity class of this many
+            (:func:`~diffgr2_trl.rerank.semantic_ids.rarity_classes`, counted over the catalogue); 0: no marks.
         train_rows: ``"all_prefixes"`` (every prefix of every user's training items, scored leave-one-out) or
             ``"last"`` (one row per user, its last training item).
         progress: tqdm bars for SASRec training.
@@ -188,6 +191,8 @@ def prepare_data(
     """
     if attribute_order not in ("file", "rarity"):
         raise ValueError(f"attribute_order must be 'file' or 'rarity', got {attribute_order!r}.")
+    if rarity_marks < 0:
+        raise ValueError(f"rarity_marks must be >= 0 (0: no marks), got {rarity_marks}.")
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -255,6 +260,7 @@ def prepare_data(
         item_attributes=rarest_first(data.item_attributes) if attribute_order == "rarity" else data.item_attributes,
         seed=seed,
         last_level=sid_last_level,
+        rarity_marks=rarity_classes(data.item_attributes, rarity_marks) if rarity_marks else None,
     )
     lap("semantic_ids", t0)
     timings["total"] = round(time.perf_counter() - t_start, 1)

@@ -32,7 +32,7 @@ from typing import Any
 
 SID_LEVELS: tuple[str, ...] = ("a", "b", "c", "d")
 SID_RE = re.compile(r"<a_\d+><b_\d+><c_\d+><d_\d+>")
-ATTR_RE = re.compile(r"<attr_\d+>")
+ATTR_RE = re.compile(r"<attr_\d+>(?:<rare_\d+>)?")  # with its rarity mark, if the prompt writes them
 
 # Structural pieces of the completion. `SEPARATOR` is the one and only separator between IDs.
 EXPLANATION_OPEN = '{"explanation": "'

@@ -161,6 +161,25 @@ def rarest_first(item_attributes: dict[int, list[int]]) -> dict[int, list[int]]:
             for item, attrs in item_attributes.items()}
 
 
+def rarity_classes(item_attributes: dict[int, list[int]], n_classes: int) -> dict[int, int]:
+    """Each attribute id's rarity class, ``0`` (rarest) to ``n_classes - 1`` (commonest), for the ``<rare_K>`` mark a
+    prompt writes after the attribute's token (``prepare --rarity_marks``).
+
+    Attributes are ordered by how many items carry them and cut into classes holding equal shares of the catalogue's
+    attribute occurrences, so each mark is shown about equally often; attributes carried by equally many items share
+    a class. The order inside an item's line shows only which of its tokens is rarer; the mark shows how rare.
+    """
+    if n_classes < 1:
+        raise ValueError(f"n_classes must be >= 1, got {n_classes}.")
+    counts = Counter(a for attrs in item_attributes.values() for a in set(attrs))
+    total = sum(counts.values())
+    below, cls_of_count = 0, {}
+    for c, n_attrs in sorted(Counter(counts.values()).items()):  # occurrences of strictly rarer ones decide the class
+        cls_of_count[c] = min(n_classes - 1, n_classes * below // total)
+        below += c * n_attrs
+    return {a: cls_of_count[c] for a, c in sorted(counts.items())}
+
+
 class SemanticIds:
     """Bijective map between item ids and semantic-ID strings, plus attribute tokens.
 
@@ -169,6 +188,8 @@ class SemanticIds:
         codebook_size: tokens per level (``<a_0>`` .. ``<a_{codebook_size - 1}>``, likewise ``b``, ``c``, ...).
         item_attributes: ``item_id -> [attribute_id, ...]`` for :meth:`attribute_tokens`.
         stats: build statistics (uniqueness before the last level, utilisation per level, ...).
+        rarity_marks: ``attribute_id -> class`` (:func:`rarity_classes`); each attribute token is then followed by
+            ``<rare_K>``, K its class. Every attribute of ``item_attributes`` needs one.
     """
 
     def __init__(
@@ -177,12 +198,19 @@ class SemanticIds:
         codebook_size: int,
         item_attributes: dict[int, list[int]] | None = None,
         stats: dict | None = None,
+        rarity_marks: dict[int, int] | None = None,
     ):
         self.codes = {int(i): tuple(int(v) for v in c) for i, c in codes.items()}
         self.codebook_size = codebook_size
         self.n_levels = len(next(iter(self.codes.values())))
         self.item_attributes = {int(i): list(a) for i, a in (item_attributes or {}).items()}
         self.stats = stats or {}
+        self.rarity_marks = {int(a): int(k) for a, k in (rarity_marks or {}).items()}
+        if self.rarity_marks:
+            missing = {a for v in self.item_attributes.values() for a in v} - set(self.rarity_marks)
+            if missing:
+                raise ValueError(f"rarity_marks has no class for attribute ids {sorted(missing)[:5]}"
+                                 f"{' ...' if len(missing) > 5 else ''}.")
         self._sid = {i: self._format(c) for i, c in self.codes.items()}
         self._item = {s: i for i, s in self._sid.items()}
         if len(self._item) != len(self._sid):
@@ -207,6 +235,7 @@ class SemanticIds:
         seed: int = 0,
         kmeans_iters: int = 30,
         last_level: str = "rank",
+        rarity_marks: dict[int, int] | None = None,
     ) -> SemanticIds:
         """Residual k-means over ``embeddings[item_ids]`` plus a collision-resolving last level (``"rank"`` or
         ``"random"``, see the module docstring)."""
@@ -247,7 +276,7 @@ class SemanticIds:
             "seed": seed,
             "last_level": last_level,
         }
-        return cls(full, codebook_size, item_attributes, stats)
+        return cls(full, codebook_size, item_attributes, stats, rarity_marks)
 
     # -- mapping -----------------------------------------------------------------------------------------------
 
@@ -280,12 +309,17 @@ class SemanticIds:
         return [f"<{_LEVEL_LETTERS[lvl]}_{v}>" for lvl in range(self.n_levels) for v in range(self.codebook_size)]
 
     def attribute_tokens(self, item_id: int) -> list[str]:
-        """``<attr_N>`` tokens of the item's attributes (brand / category ids), in file order."""
-        return [f"<attr_{a}>" for a in self.item_attributes.get(int(item_id), [])]
+        """``<attr_N>`` tokens of the item's attributes (brand / category ids), in the order ``item_attributes`` lists
+        them; with ``rarity_marks`` each is ``<attr_N><rare_K>``, one string (the evidence features see one token)."""
+        marks = self.rarity_marks
+        return [f"<attr_{a}>" + (f"<rare_{marks[a]}>" if marks else "") for a in self.item_attributes.get(int(item_id), [])]
 
     def attribute_vocab(self) -> list[str]:
-        """Every ``<attr_N>`` token that occurs, sorted by N (add these to a tokenizer too)."""
-        return [f"<attr_{a}>" for a in sorted({a for v in self.item_attributes.values() for a in v})]
+        """Every ``<attr_N>`` token that occurs, sorted by N, then the ``<rare_K>`` marks in use (add these to a
+        tokenizer too)."""
+        attrs = sorted({a for v in self.item_attributes.values() for a in v})
+        return [f"<attr_{a}>" for a in attrs] + [f"<rare_{k}>" for k in sorted({self.rarity_marks[a] for a in attrs}
+                                                                             if self.rarity_marks else ())]
 
     # -- persistence -------------------------------------------------------------------------------------------
 
@@ -296,6 +330,7 @@ class SemanticIds:
             "codes": {str(i): list(c) for i, c in sorted(self.codes.items())},
             "item_attributes": {str(i): a for i, a in sorted(self.item_attributes.items())},
             "stats": self.stats,
+            **({"rarity_marks": {str(a): k for a, k in sorted(self.rarity_marks.items())}} if self.rarity_marks else {}),
         }
         Path(path).write_text(json.dumps(data))
 
@@ -307,4 +342,5 @@ class SemanticIds:
             data["codebook_size"],
             {int(i): a for i, a in data["item_attributes"].items()},
             data.get("stats"),
+            {int(a): k for a, k in data.get("rarity_marks", {}).items()},
         )

@@ -159,7 +159,7 @@ TARGET_RULES = ("label", "supported", "evidence")
 # Evidence traces: the ranking follows from the prompt (targets="evidence")
 # ----------------------------------------------------------------------------------------------------------------
 
-_ENTRY_RE = re.compile(r"(<a_\d+><b_\d+><c_\d+><d_\d+>) (none|<attr_\d+> (?:last|\d+ back)) L(\d+)")
+_ENTRY_RE = re.compile(r"(<a_\d+><b_\d+><c_\d+><d_\d+>) (none|<attr_\d+>(?:<rare_\d+>)? (?:last|\d+ back)) L(\d+)")
 
 
 def link_text(history: Sequence[ItemText], cand: ItemText, rarity: AttributeRarity) -> str:

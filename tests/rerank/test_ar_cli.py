@@ -132,7 +132,7 @@ def test_logistic_baseline_on_prepared_rows(prepared):
     assert set(r["coefficients"]) >= {"position", "shared_last", "log_popularity", "bias"}
 
 
-def test_prepare_can_write_attributes_rarest_first_and_older_directories_still_match(prepared, tmp_path):
+def test_prepare_can_write_attributes_rarest_first_with_rarity_marks_and_older_directories_still_match(prepared, tmp_path):
     import shutil
     from collections import Counter
 
@@ -141,7 +141,7 @@ def test_prepare_can_write_attributes_rarest_first_and_older_directories_still_m
 
     recorded = json.loads((prepared / "summary.json").read_text())["inputs"]
     older = {**recorded, "options": {k: v for k, v in recorded["options"].items()
-                                     if k not in ("attribute_order", "evidence_features")}}
+                                     if k not in ("attribute_order", "evidence_features", "rarity_marks")}}
     assert _predating(older, recorded) == recorded  # prepared before these options existed: still matches
     rarity = {**recorded, "options": {**recorded["options"], "attribute_order": "rarity"}}
     assert _predating(older, rarity) != rarity  # but not a run that asks for another order
@@ -151,7 +151,7 @@ def test_prepare_can_write_attributes_rarest_first_and_older_directories_still_m
     listing.write_text(json.dumps(listed))
     out = tmp_path / "rare"
     assert main(["prepare", "--data_dir", str(data), "--output_dir", str(out), "--codebook_size", "4",
-                 "--max_history", "5", "--vocab_size", "600", "--attribute_order", "rarity"]) == 0
+                 "--max_history", "5", "--vocab_size", "600", "--attribute_order", "rarity", "--rarity_marks", "2"]) == 0
     sids = SemanticIds.load(out / "semantic_ids.json")
     counts = Counter(a for v in sids.item_attributes.values() for a in set(v))
     assert any([counts[a] for a in v] != sorted(counts[a] for a in v) for v in listed.values())  # not sorted as listed
@@ -160,6 +160,16 @@ def test_prepare_can_write_attributes_rarest_first_and_older_directories_still_m
     first = rows[0]["prompt"].split("Candidates (pre-rank order):\n")[1].splitlines()[0]
     shown = [int(t) for t in re.findall(r"<attr_(\d+)>", first)]
     assert [counts[a] for a in shown] == sorted(counts[a] for a in shown)
+    # --rarity_marks 2: every attribute token is followed by its class, rarer attributes never in a higher class
+    marked = re.findall(r"<attr_(\d+)><rare_(\d)>", first)
+    assert [int(a) for a, _ in marked] == shown and len(marked) == first.count("<attr_")
+    classes = {int(a): int(k) for v in [re.findall(r"<attr_(\d+)><rare_(\d)>", r["prompt"]) for r in rows] for a, k in v}
+    assert set(classes.values()) == {0, 1}
+    assert all(classes[a] <= classes[b] for a in classes for b in classes if counts[a] < counts[b])
+    from diffgr2_trl.rerank.pipeline_data import load_tokenizer
+
+    tok = load_tokenizer(out)
+    assert all(len(tok(f"<rare_{k}>", add_special_tokens=False)["input_ids"]) == 1 for k in (0, 1))
 
 
 def test_prepare_names_an_unknown_evidence_feature_before_any_work(tmp_path):

@@ -209,3 +209,24 @@ def test_copy_rate_and_agreement_against_hand_computed_values():
     assert agree["kendall_tau"] == pytest.approx((1 / 3 + -1) / 2)
     with pytest.raises(ValueError, match="same rows"):
         ranking_agreement([None], [])
+
+
+def test_rarity_marks_survive_the_prompt_and_the_trace():
+    """With ``prepare --rarity_marks`` an attribute token is ``<attr_N><rare_K>``: parsing the prompt gives back the
+    same items (so the ranker sees what it was fitted on) and the trace's links, marks included, read back."""
+    from diffgr2_trl.rerank.traces import explanation_links, link_text
+
+    h, c, _ = _rows(1, 7)[0]
+
+    def mark(items):
+        return [ItemText(i.sid, tuple(f"{a}<rare_{int(a[6:-1]) % 3}>" for a in i.attrs)) for i in items]
+
+    h, c = mark(h), mark(c)
+    assert parse_prompt(build_prompt(h, c, max_history=None)) == (h, c)
+    rarity = AttributeRarity.from_items(i.attrs for i in [*h, *c])
+    levels = list(range(len(c)))[::-1]
+    links = explanation_links(evidence_explanation(h, c, [lv % 5 for lv in levels], rarity))
+    assert list(links) == [x.sid for x in c]
+    assert [where for where, _ in links.values()] == [link_text(h, x, rarity) for x in c]
+    assert any("<rare_" in where for where, _ in links.values())
+    assert [lv for _, lv in links.values()] == [lv % 5 for lv in levels]

@@ -7,7 +7,14 @@ import re
 import numpy as np
 import pytest
 
-from diffgr2_trl.rerank.semantic_ids import SemanticIds, item_embeddings, kmeans, rarest_first, residual_kmeans
+from diffgr2_trl.rerank.semantic_ids import (
+    SemanticIds,
+    item_embeddings,
+    kmeans,
+    rarest_first,
+    rarity_classes,
+    residual_kmeans,
+)
 
 
 def _emb(n=300, d=8, dup=15, seed=0):
@@ -152,3 +159,32 @@ def test_rarest_first_orders_each_items_attributes_by_how_few_items_carry_them()
     attrs = {1: [1, 2, 3], 2: [1, 2, 9], 3: [1, 2, 3], 4: [1, 8, 7]}
     assert rarest_first(attrs) == {1: [3, 2, 1], 2: [9, 2, 1], 3: [3, 2, 1], 4: [8, 7, 1]}
     assert rarest_first({}) == {}
+
+
+def test_rarity_classes_cut_the_catalogues_attribute_occurrences_into_equal_shares():
+    # occurrences: 1 on four items, 2 on three, 3 on two, 7 / 8 / 9 on one each: 12 in all
+    attrs = {1: [1, 2, 3], 2: [1, 2, 9], 3: [1, 2, 3], 4: [1, 8, 7]}
+    # rarer occurrences before each count: 1 -> 0, 2 -> 3, 3 -> 5, 4 -> 8; class = n * before // 12
+    assert rarity_classes(attrs, 2) == {1: 1, 2: 0, 3: 0, 7: 0, 8: 0, 9: 0}
+    assert rarity_classes(attrs, 3) == {1: 2, 2: 1, 3: 0, 7: 0, 8: 0, 9: 0}
+    assert set(rarity_classes(attrs, 1).values()) == {0}
+    with pytest.raises(ValueError, match="n_classes"):
+        rarity_classes(attrs, 0)
+
+
+def test_rarity_marks_follow_each_attribute_token_and_round_trip(tmp_path):
+    codes = {1: (0, 1), 2: (1, 0), 3: (1, 1)}
+    attrs = {1: [5, 6], 2: [6, 7], 3: []}
+    marks = rarity_classes(attrs, 2)  # 5 and 7 on one item each (half the occurrences), 6 on two
+    sids = SemanticIds(codes, 4, attrs, rarity_marks=marks)
+    assert sids.attribute_tokens(1) == ["<attr_5><rare_0>", "<attr_6><rare_1>"]
+    assert sids.attribute_tokens(3) == []
+    assert sids.attribute_vocab() == ["<attr_5>", "<attr_6>", "<attr_7>", "<rare_0>", "<rare_1>"]  # the tokenizer's single tokens
+    sids.save(tmp_path / "s.json")
+    assert SemanticIds.load(tmp_path / "s.json").attribute_tokens(1) == sids.attribute_tokens(1)
+    plain = SemanticIds(codes, 4, attrs)
+    assert plain.attribute_tokens(1) == ["<attr_5>", "<attr_6>"]
+    plain.save(tmp_path / "p.json")
+    assert SemanticIds.load(tmp_path / "p.json").attribute_vocab() == ["<attr_5>", "<attr_6>", "<attr_7>"]
+    with pytest.raises(ValueError, match=r"no class for attribute ids \[6, 7\]"):
+        SemanticIds(codes, 4, attrs, rarity_marks={5: 0})
