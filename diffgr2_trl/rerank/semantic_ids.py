@@ -119,13 +119,13 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 30) -> tuple[np.nd
     moves or ``iters`` rounds). Returns ``(centroids [k', d], assignment [n])``.
 
     ``k' = min(k, number of distinct points)``. scikit-learn moves a cluster that empties during the iterations to a
-    point far from its centroid, so every code stays in use while there are enough points (all 256 at every level
-    on Amazon Beauty; the final assignment is to the nearest centroid, so that is not a hard guarantee).
+    point far from its centroid, so every code stays in use while there are enough points (every code at every level
+    on the Amazon data we measured; the final assignment is to the nearest centroid, so that is not a hard guarantee).
 
     Runs on one OpenMP thread: the centroid sums are reduced across threads in whatever order they finish, which
-    moves centroids in the last bit (5e-16 on Amazon Beauty) and could flip a tie on a later residual level, so the
-    semantic IDs would depend on the machine. One thread is also faster here (2 s vs 8 s for the three levels of
-    Amazon Beauty on two shared cores).
+    moves centroids in the last bit (~1e-16) and could flip a tie on a later residual level, so the
+    semantic IDs would depend on the machine. One thread is also faster for catalogues of ~10k items (2 s vs 8 s
+    for three levels on two shared cores).
     """
     from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
@@ -152,11 +152,16 @@ def residual_kmeans(x: np.ndarray, codebook_size: int, n_levels: int, seed: int 
 # ------------------------------------------------------------------------------------------------ SemanticIds
 
 
+def _carriers(item_attributes: dict[int, list[int]]) -> Counter:
+    """How many items carry each attribute id: the rarity both :func:`rarest_first` and :func:`rarity_classes` use."""
+    return Counter(a for attrs in item_attributes.values() for a in set(attrs))
+
+
 def rarest_first(item_attributes: dict[int, list[int]]) -> dict[int, list[int]]:
     """Each item's attribute ids reordered rarest first: by how many items carry the attribute (in
     ``item_attributes``), ties kept in file order. A prompt then shows which of an item's tokens are telling, which it
     cannot otherwise show; what that did for a small teacher is in ``results/evidence_traces.md``."""
-    counts = Counter(a for attrs in item_attributes.values() for a in set(attrs))
+    counts = _carriers(item_attributes)
     return {item: sorted(attrs, key=lambda a, order=attrs: (counts[a], order.index(a)))
             for item, attrs in item_attributes.items()}
 
@@ -171,7 +176,7 @@ def rarity_classes(item_attributes: dict[int, list[int]], n_classes: int) -> dic
     """
     if n_classes < 1:
         raise ValueError(f"n_classes must be >= 1, got {n_classes}.")
-    counts = Counter(a for attrs in item_attributes.values() for a in set(attrs))
+    counts = _carriers(item_attributes)
     total = sum(counts.values())
     below, cls_of_count = 0, {}
     for c, n_attrs in sorted(Counter(counts.values()).items()):  # occurrences of strictly rarer ones decide the class
