@@ -325,7 +325,7 @@ def _targets(evals: dict, floor: dict | None, decode_rows: list[dict], cis: dict
 
 
 def _dataset_name(data: dict) -> str:
-    """The dataset the run prepared (its file stem, e.g. ``Beauty``), from the prepare stage's record."""
+    """The dataset the run prepared (its file stem, ``NAME`` of ``NAME.txt``), from the prepare stage's record."""
     return (((data.get("inputs") or {}).get("data") or {}).get("dataset")) or "dataset not recorded"
 
 

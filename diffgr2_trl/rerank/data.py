@@ -1,6 +1,6 @@
 """Sequential-recommendation data: loading, validation, leave-one-out split, statistics, raw Amazon preprocessing.
 
-On-disk format (the one S3-Rec released and GR2 / Diffusion-GR2 use for Amazon Beauty):
+On-disk format (the one S3-Rec released for its Amazon datasets, which GR2 / Diffusion-GR2 use):
 
 - ``NAME.txt``: one user per line, ``user_id item_id item_id ...``, items in time order. Ids are positive integers;
   item id 0 is reserved for padding.

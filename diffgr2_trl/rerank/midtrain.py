@@ -74,7 +74,7 @@ class ItemPool:
     more), and the sorted catalogue of their items.
 
     Built once per run (:meth:`build`) and passed to every :func:`build_midtraining_rows` call: rebuilding it from
-    ~22k training sequences (Amazon Beauty) took 0.07-0.1 s, ~15% of a cpu-preset mid step's wall time.
+    ~22k training sequences took 0.07-0.1 s, ~15% of a cpu-preset mid step's wall time.
     """
 
     sequences: tuple[tuple[int, ...], ...]

@@ -136,7 +136,7 @@ class TransitionPreRanker:
                 rows.append(r)
                 cols.append(item)
                 vals.append(1.0 / (back + 1))
-        # Sparse query (<= window non-zeros per row) @ sparse T: ~5x faster than a dense query on Beauty.
+        # Sparse query (<= window non-zeros per row) @ sparse T: several times faster than a dense query.
         q = torch.sparse_coo_tensor(
             torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1),
             torch.tensor(vals, dtype=torch.float32),
@@ -178,7 +178,7 @@ class TransitionPreRanker:
 
 @dataclass
 class SASRecConfig:
-    """SASRec hyper-parameters (defaults: CPU-sized, measured on Amazon Beauty; see results/data_prerank.md).
+    """SASRec hyper-parameters (defaults: CPU-sized; how they were chosen: results/data_prerank.md).
 
     Parameters:
         hidden: embedding / model width.
@@ -267,7 +267,7 @@ class SASRecPreRanker:
             bar = tqdm(total=cfg.epochs * steps, desc="SASRec", disable=not self.progress, mininterval=2)
             for epoch in range(cfg.epochs):
                 model.train()
-                # Length-bucketed batches (random tie order, random batch order): most Beauty users have < 10
+                # Length-bucketed batches (random tie order, random batch order): most users of the Amazon datasets have < 10
                 # items, so trimming padding per batch makes an epoch several times cheaper than random batches.
                 jitter = torch.rand(len(seqs), generator=g)
                 perm = torch.argsort(lengths + jitter)
