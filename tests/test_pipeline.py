@@ -35,16 +35,23 @@ def test_smoke_pipeline_runs_every_stage_resumes_and_reports(tmp_path):
     # "Toys": the dataset name is inferred from the directory's files, as it must be for any Amazon dataset
     data = write_toy_amazon(tmp_path / "toys", n_users=400, n_items=120, name="Toys")
     overrides = tmp_path / "overrides.yaml"
-    # 120 items: 8 codes per level keep every level in use; the AR teacher's two passes run side by side; the naive
-    # conversion decodes only the first 4 of the 8 evaluation rows
-    overrides.write_text("prepare: {codebook_size: 8}\nevaluate: {parallel_passes: true, naive_limit: 4}\n")
+    # 120 items: 8 codes per level keep every level in use; evaluations decode in two processes (one batch each
+    # here, so no child starts: tests/rerank/test_workers.py runs children); the naive conversion decodes only the
+    # first 4 of the 8 evaluation rows
+    overrides.write_text("prepare: {codebook_size: 8}\nevaluate: {workers: 2, naive_limit: 4}\n")
     common = ["--preset", "smoke", "--output_dir", str(out), "--data_dir", str(data), "--overrides", str(overrides)]
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always", FutureWarning)
         assert main(["pipeline", *common]) == 0
-    # the constrained pass of the AR evaluation ran in a child process (block evaluations keep both passes here)
-    assert "(constrained)" in (out / "eval_ar" / "constrained.log").read_text()
-    assert not (out / "eval_cft" / "constrained.log").exists()
+    # the AR teacher's constrained pass kept its valid unconstrained rows and decoded the others; block students
+    # decode both passes in full
+    free = json.loads((out / "eval_ar" / "eval_outputs.json").read_text())
+    kept = json.loads((out / "eval_ar" / "constrained_outputs.json").read_text())
+    assert json.loads((out / "eval_ar" / "constrained.json").read_text())["reused_valid_rows"] == sum(
+        r["valid"] for r in free)
+    assert all(k["completion"] == f["completion"] for f, k in zip(free, kept) if f["valid"])
+    assert all(k["valid"] for k in kept)
+    assert json.loads((out / "eval_cft" / "constrained.json").read_text())["reused_valid_rows"] == 0
     # the pipeline passes every stage the current option names: no deprecated spelling anywhere
     assert not [str(w.message) for w in seen if str(w.message).startswith("diffgr2 ")]
     for name, _ in PIPELINE_STAGES:

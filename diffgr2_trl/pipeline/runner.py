@@ -270,12 +270,14 @@ def stage_rl(ctx: Context, d: Path) -> dict:
 
 def _evaluate_options(ctx: Context, d: Path, model: str, decoder: str, tau: float | None = None, tag: str = "eval",
                       section: str = "evaluate", constrained: bool = False, batch_size: int | None = None,
-                      threads: int | None = None, limit: int | None = None) -> tuple[Path, dict]:
-    """``(args file, options)`` of one ``diffgr2 evaluate`` run of a stage; the file is written."""
+                      threads: int | None = None, limit: int | None = None, **extra: Any) -> tuple[Path, dict]:
+    """``(args file, options)`` of one ``diffgr2 evaluate`` run of a stage (``extra``: more evaluate options); the
+    file is written."""
     values = ctx.stage(section)
     for key in SECTIONS[section].pipeline_keys:  # read by the pipeline, not options of evaluate
         values.pop(key, None)
     values["constrained"] = constrained
+    values.update(extra)
     for key, value in (("batch_size", batch_size), ("tau", tau), ("threads", threads), ("limit", limit)):
         if value is not None:
             values[key] = value
@@ -286,50 +288,13 @@ def _evaluate_options(ctx: Context, d: Path, model: str, decoder: str, tau: floa
 
 def _evaluate(ctx: Context, d: Path, model: str, decoder: str, tau: float | None = None, tag: str = "eval",
               section: str = "evaluate", constrained: bool = False, batch_size: int | None = None,
-              threads: int | None = None, limit: int | None = None) -> dict:
+              threads: int | None = None, limit: int | None = None, **extra: Any) -> dict:
     from ..commands import evaluate as evaluate_command
 
-    _, values = _evaluate_options(ctx, d, model, decoder, tau, tag, section, constrained, batch_size, threads, limit)
+    _, values = _evaluate_options(ctx, d, model, decoder, tau, tag, section, constrained, batch_size, threads, limit,
+                                  **extra)
     evaluate_command.run(*evaluate_command.parse(values=values))
     return json.loads((d / f"{tag}.json").read_text())
-
-
-def _evaluate_side_by_side(ctx: Context, d: Path, model: str, decoder: str, tau: float | None,
-                           limit: int | None = None) -> dict:
-    """The unconstrained pass in this process and the constrained pass in a child process, one thread each, at once
-    (the evaluate section's ``parallel_passes``; AR evaluations only).
-
-    On 2 CPU cores AR decoding of a small model is bound by per-step overhead, which a second intra-op thread barely
-    shortens: a small teacher's two passes over a 1,809-row test split took 204 s side by side against 259 s one
-    after the other (1.27x). The block sampler's forwards are heavier and gained nothing (384 rows: 73 s against 71 s;
-    ``results/copy_learning.md``). Both passes write the same files as they do one after the other.
-    """
-    import subprocess
-    import sys
-
-    import torch
-
-    args_file, _ = _evaluate_options(ctx, d, model, decoder, tau, tag="constrained", constrained=True, threads=1,
-                                     limit=limit)
-    log = d / "constrained.log"
-    with open(log, "w") as out:
-        child = subprocess.Popen([sys.executable, "-m", "diffgr2_trl.commands.evaluate", "--config", str(args_file)],
-                                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    threads = torch.get_num_threads()
-    try:
-        result = _evaluate(ctx, d, model, decoder, tau, threads=1, limit=limit)
-    except BaseException:
-        child.kill()
-        child.wait()
-        raise
-    finally:
-        torch.set_num_threads(threads)  # later stages keep the pipeline's threads
-    if child.wait() != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
-        raise RuntimeError(f"{d.name}: the constrained pass (diffgr2 evaluate --config {args_file}, a child process) "
-                           f"exited with code {child.returncode}; the end of {log}:\n{tail}")
-    result["constrained"] = json.loads((d / "constrained.json").read_text())
-    return result
 
 
 def _eval_stage(stage: Stage) -> Callable[[Context, Path], dict]:
@@ -344,12 +309,12 @@ def _eval_stage(stage: Stage) -> Callable[[Context, Path], dict]:
             limit = min(int(cap), ctx.stage("evaluate").get("limit") or int(cap))
         if not (ctx.stage("evaluate").get("constrained") and stage.constrained_row):
             return _evaluate(ctx, d, model, decoder, tau, limit=limit)
-        # the paper's row stays unconstrained; the constrained row goes beside it
-        if decoder == "ar" and pipeline_key(ctx.preset, "evaluate", "parallel_passes"):
-            return _evaluate_side_by_side(ctx, d, model, decoder, tau, limit=limit)
+        # The paper's row stays unconstrained; the constrained row goes beside it. Greedy AR decoding returns a valid
+        # unconstrained completion unchanged under the constraint, so its constrained pass decodes the other rows only.
         result = _evaluate(ctx, d, model, decoder, tau, limit=limit)
+        reuse = {"reuse_valid_outputs": str(d / "eval_outputs.json")} if decoder == "ar" else {}
         result["constrained"] = _evaluate(ctx, d, model, decoder, tau, tag="constrained", constrained=True,
-                                          limit=limit)
+                                          limit=limit, **reuse)
         return result
 
     run.__name__ = stage.name

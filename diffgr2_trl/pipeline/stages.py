@@ -44,7 +44,7 @@ SECTIONS: dict[str, Section] = {
                            "diffgr2_trl.trainers:OnPolicyDistillationConfig", "trl:ModelConfig")),
     "rl": Section("grpo", ("diffgr2_trl.commands.grpo:GRPOScriptArguments", "diffgr2_trl.trainers:DiffusionGRPOConfig",
                            "trl:ModelConfig")),
-    "evaluate": Section("evaluate", _EVALUATE, {"taus": None, "parallel_passes": False, "naive_limit": None}),
+    "evaluate": Section("evaluate", _EVALUATE, {"taus": None, "naive_limit": None}),
     "decode": Section("evaluate", _EVALUATE, {"taus": [0.9, 0.7, 0.5, 0.3], "compiled_ar": False, "batch_sizes": None}),
 }
 

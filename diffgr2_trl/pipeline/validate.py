@@ -121,7 +121,8 @@ def _bad_values(section: str, values: dict, describe) -> list[str]:
 
 def _check_pipeline_keys(section: str, values: dict) -> list[str]:
     """The keys the pipeline reads itself: ``taus`` (a list of numbers in (0, 1]), ``batch_sizes`` (a list of positive
-    integers), ``compiled_ar`` and ``parallel_passes`` (booleans)."""
+    integers), ``compiled_ar`` (a boolean); and ``workers``, an evaluate option the decode stage refuses (it
+    measures speed in one process)."""
     problems = []
     taus = values.get("taus")
     if taus is not None and (not isinstance(taus, list) or not all(
@@ -131,9 +132,11 @@ def _check_pipeline_keys(section: str, values: dict) -> list[str]:
     if sizes is not None and (not isinstance(sizes, list) or not sizes or not all(
             isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes)):
         problems.append(f"{section}.batch_sizes = {sizes!r}: expected a list of positive integers")
-    for key in ("compiled_ar", "parallel_passes"):
-        if key in values and not isinstance(values[key], bool):
-            problems.append(f"{section}.{key} = {values[key]!r}: expected a boolean (true or false)")
+    if "compiled_ar" in values and not isinstance(values["compiled_ar"], bool):
+        problems.append(f"{section}.compiled_ar = {values['compiled_ar']!r}: expected a boolean (true or false)")
+    if section == "decode" and values.get("workers") not in (None, 1):
+        problems.append(f"decode.workers = {values['workers']!r}: the decode stage times every decoder in one "
+                        "process, side by side; workers belongs to the evaluate section")
     return problems
 
 
@@ -166,6 +169,10 @@ def validate_preset(preset: dict[str, Any], source: str) -> None:
         if not isinstance(values, dict):
             problems.append(f"{section}: expected a mapping of options, got {type(values).__name__}")
             continue
+        if section == "evaluate" and "parallel_passes" in values:
+            problems.append("evaluate.parallel_passes was replaced by evaluate.workers (every pass decodes in that "
+                            "many processes; the AR teacher's constrained pass reuses its valid unconstrained rows)")
+            values = {k: v for k, v in values.items() if k != "parallel_passes"}
         problems += _unknown_keys(values, _section_keys(section), lambda key, s=section: f"{s}.{key} is not an option")
         if section == "targets":
             problems += _check_targets(values)

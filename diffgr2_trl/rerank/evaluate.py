@@ -27,7 +27,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,6 +45,7 @@ __all__ = [
     "evaluate_model",
     "make_block_decode",
     "score_outputs",
+    "stop_token_ids",
     "write_json_atomic",
 ]
 
@@ -64,7 +65,8 @@ def _count_until_stop(ids: torch.Tensor, stop_ids: set[int], pad_id: int | None)
     return n
 
 
-def _stop_ids(model, tokenizer) -> set[int]:
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """The tokens AR decoding stops at: the model's generation (or config) EOS ids and the tokenizer's EOS."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or model.config.eos_token_id
     ids = set(eos if isinstance(eos, list | tuple) else [eos]) if eos is not None else set()
     if tokenizer.eos_token_id is not None:
@@ -105,7 +107,7 @@ def ar_greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     from transformers import LogitsProcessorList
 
     enc = _encode_left(tokenizer, prompts, model.device)
-    stop = _stop_ids(model, tokenizer)
+    stop = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stop))
     constraints = _constraints(tokenizer, candidates, max_new_tokens, stop)
     processors = None
@@ -173,7 +175,7 @@ def make_block_decode(tau: float | None = None, config=None, **sampler_kwargs: A
 
         enc = _encode_left(tokenizer, prompts, model.device)
         sampler = BlockDiffusionSampler(model, config=config, **sampler_kwargs)
-        stop = set(sampler.eos_token_ids) | set(config.stop_token_ids or []) | _stop_ids(model, tokenizer)
+        stop = set(sampler.eos_token_ids) | set(config.stop_token_ids or []) | stop_token_ids(model, tokenizer)
         out = sampler.generate(
             enc["input_ids"], enc["attention_mask"], max_completion_length=max_completion_length,
             constraints=_constraints(tokenizer, candidates, max_completion_length, stop),
@@ -236,6 +238,8 @@ def evaluate_model(
     progress: bool = True,
     keep_outputs: bool = False,
     constrained: bool = False,
+    pool=None,
+    given: Mapping[int, str] | None = None,
 ) -> dict[str, Any]:
     """Decode ``rows`` (``prompt``, ``candidates``, ``target``) in batches and score them with :func:`score_outputs`.
 
@@ -244,28 +248,48 @@ def evaluate_model(
     reports forwards, ``forward_passes`` / ``tokens_per_forward`` to ``metrics``. ``keep_outputs`` also returns the
     texts (``outputs``). ``constrained`` passes each row's candidates to ``decode_fn`` so it decodes valid rankings
     only (the decoder must accept a ``candidates`` keyword).
+
+    ``pool`` (a :class:`~diffgr2_trl.rerank.workers.DecodePool`) decodes the batches in its child processes, and with
+    ``model`` and ``decode_fn`` here too (both may be None: children only); the batches are the same. ``given`` maps row indices
+    to completions already known (e.g. reused from another pass): those rows are scored, not decoded, and the speed
+    figures (``decoded_rows`` of them) cover the decoded rows only.
     """
     rows = list(rows)
     if not rows:
         raise ValueError("Nothing to evaluate: no rows.")
-    if constrained and "candidates" not in inspect.signature(decode_fn).parameters:
+    if pool is None and constrained and "candidates" not in inspect.signature(decode_fn).parameters:
         name = getattr(decode_fn, "__name__", "decode_fn")
         raise ValueError(f"{name} does not support constrained decoding: it takes no 'candidates' keyword.")
     prompts = [r["prompt"] for r in rows]
     if not all(isinstance(p, str) for p in prompts):
         raise ValueError("evaluate_model expects plain-text prompts (the 'prompt' column of diffgr2 prepare).")
-    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
-    texts: list[str | None] = [None] * len(rows)
+    given = dict(given or {})
+    if any(not 0 <= i < len(rows) for i in given):
+        raise ValueError(f"given holds row indices outside 0..{len(rows) - 1}.")
+    texts: list[str | None] = [given.get(i) for i in range(len(rows))]
+    order = sorted((i for i in range(len(rows)) if i not in given), key=lambda i: len(prompts[i]))
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    work = [([prompts[i] for i in idx], [list(rows[i]["candidates"]) for i in idx] if constrained else None)
+            for idx in batches]
     totals: Counter = Counter()
     was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
+    if pool is None and hasattr(model, "eval"):
         model.eval()
+
+    def here(batch_prompts: list[str], candidates: list | None) -> tuple[list[str], dict]:
+        extra = {"candidates": candidates} if constrained else {}
+        return decode_fn(model, tokenizer, batch_prompts, max_new_tokens, **extra)
+
+    if pool is None:
+        name, decoded_batches = getattr(decode_fn, "__name__", "decode"), ((b, *here(*w)) for b, w in enumerate(work))
+    else:
+        local = model is not None and decode_fn is not None
+        name = f"{pool.processes + local} processes"
+        decoded_batches = pool.decode(work, max_new_tokens, here=here if local else None)
     t0 = time.perf_counter()
-    with tqdm(total=len(rows), desc=f"decode ({getattr(decode_fn, '__name__', 'decode')})", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            extra = {"candidates": [rows[i]["candidates"] for i in idx]} if constrained else {}
-            out, stats = decode_fn(model, tokenizer, [prompts[i] for i in idx], max_new_tokens, **extra)
+    with tqdm(total=len(order), desc=f"decode ({name})", disable=not progress) as bar:
+        for b, out, stats in decoded_batches:
+            idx = batches[b]
             if len(out) != len(idx):
                 raise RuntimeError(f"decode_fn returned {len(out)} texts for {len(idx)} prompts.")
             for i, text in zip(idx, out):
@@ -279,14 +303,17 @@ def evaluate_model(
     result = score_outputs(texts, [r["candidates"] for r in rows], [r["target"] for r in rows])
     m = result["metrics"]
     m["decode_seconds"] = round(seconds, 2)
+    decoded = len(order)
+    if given:
+        m["decoded_rows"] = decoded
     if "generated_tokens" in totals:
         m["generated_tokens"] = int(totals["generated_tokens"])
-        m["mean_completion_tokens"] = totals["generated_tokens"] / len(rows)
+        m["mean_completion_tokens"] = totals["generated_tokens"] / decoded if decoded else 0.0
         m["tokens_per_s"] = totals["generated_tokens"] / seconds if seconds > 0 else 0.0
     if totals.get("forward_passes"):
         m["forward_passes"] = int(totals["forward_passes"])
         m["tokens_per_forward"] = totals.get("generated_tokens", 0) / totals["forward_passes"]
-    m["examples_per_s"] = len(rows) / seconds if seconds > 0 else 0.0
+    m["examples_per_s"] = decoded / seconds if seconds > 0 else 0.0
     out = {"n": len(rows), "metrics": m, "prerank": result["prerank"]}
     if keep_outputs:
         out["outputs"] = texts
