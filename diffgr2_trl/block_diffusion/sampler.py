@@ -18,7 +18,6 @@ the measurement behind the choice.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +25,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from .attention import cpu_gqa_attention
+from .cache import cache_rows, crop_static, reserved_cache
 from .constraints import DecodingConstraint, constrain_logits, keep_consistent, row_canvases
 from .convert import check_full_attention
 from .decoding import BlockDecodingConfig, resolve_deprecated
@@ -200,37 +200,6 @@ def _fill_after_stop(state: _DecodeState, stops: torch.Tensor, mask_token_id: in
         canvas[fill] = stops[0]
         state.step_map[:, span][fill] = step
         state.confidences[:, span][fill] = 1.0
-
-
-def _crop(cache: StaticCache, tokens: int) -> None:
-    """Forget the last ``tokens`` written to a static cache: the next forward writes over them (the static
-    counterpart of ``DynamicCache.crop``; the stale slots are masked out until then)."""
-    for layer in cache.layers:
-        length = getattr(layer, "cumulative_length", None)
-        if not isinstance(length, torch.Tensor):
-            raise NotImplementedError(
-                f"This transformers version's {type(layer).__name__} keeps no cumulative_length tensor; the static "
-                "block cache needs transformers >= 5.0 (use cache_implementation='dynamic')."
-            )
-        length.sub_(tokens)
-
-
-def _cache_rows(cache: DynamicCache | StaticCache, index: torch.Tensor) -> DynamicCache | StaticCache:
-    """A new cache of the same kind holding rows ``index`` (of the cache's batch) of every layer; ``cache`` is not
-    changed. Full-attention layers only (the sampler refuses other models): each keeps its keys and values, and a
-    static layer its write position."""
-    out = copy.copy(cache)
-    out.layers = []
-    for layer in cache.layers:
-        new = copy.copy(layer)
-        if getattr(layer, "is_initialized", False):
-            new.keys, new.values = layer.keys[index], layer.values[index]
-            if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
-                new.cumulative_length = layer.cumulative_length.clone()
-            if hasattr(layer, "batch_size"):
-                new.batch_size = int(index.numel())
-        out.layers.append(new)
-    return out
 
 
 def _is_sharded(model) -> bool:
@@ -486,7 +455,7 @@ class BlockDiffusionSampler:
         keep = ~state.finished[state.live]
         if keep.all() or not keep.any():
             return
-        state.cache = _cache_rows(state.cache, keep.nonzero().squeeze(1))
+        state.cache = cache_rows(state.cache, keep.nonzero().squeeze(1))
         state.live = state.live[keep]
 
     def _step_rows(self, state: _DecodeState, masked: torch.Tensor, start: int) -> torch.Tensor:
@@ -511,7 +480,7 @@ class BlockDiffusionSampler:
             return None
         if self.cache_implementation == "static":
             return StaticCache(config=unwrap_model(self.model).config, max_cache_len=length)
-        return DynamicCache()
+        return reserved_cache(length)
 
     def _model_forward(self):
         """The callable each step runs: the model, or its compiled forward (compiled once per model)."""
@@ -607,7 +576,9 @@ class BlockDiffusionSampler:
                 raise RuntimeError("A forward that appends committed tokens to the cache must run every cached row.")
             if state.gathered is None or state.gathered[0] != rows_key:
                 # ascending rows within ascending live rows: their places in the cache's batch
-                state.gathered = (rows_key, _cache_rows(state.cache, torch.searchsorted(state.live, rows)))
+                # room for the canvas each step appends (and crops off again)
+                state.gathered = (rows_key, cache_rows(state.cache, torch.searchsorted(state.live, rows),
+                                                       spare=state.canvas.shape[1]))
             cache = state.gathered[1]
         seq, canvas, positions = ((state.seq, state.canvas, state.positions) if full else
                                   (state.seq[rows], state.canvas[rows], state.positions[rows]))
@@ -628,7 +599,7 @@ class BlockDiffusionSampler:
         if self.use_cache:
             if canvas_in:  # only committed (clean) tokens stay in the cache
                 if static:
-                    _crop(cache, canvas_in)
+                    crop_static(cache, canvas_in)
                 else:
                     cache.crop(-canvas_in)
             state.cached = start
