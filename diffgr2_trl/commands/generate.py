@@ -27,7 +27,7 @@ class GenerateArguments:
 
     Parameters:
         model_name_or_path: directory of a converted model.
-        prompt: prompt text (repeat the flag for a batch).
+        prompt: prompt texts, one row each (several after one ``--prompt``, or the flag repeated).
         seed: random seed for sampling.
         dtype: model dtype.
         constrained: decode only valid rankings of the candidates each re-ranking prompt lists (read from the prompt,
@@ -35,7 +35,7 @@ class GenerateArguments:
     """
 
     model_name_or_path: str = field(metadata={"help": "Directory of a converted block-diffusion model."})
-    prompt: list[str] = field(default_factory=list, metadata={"help": "Prompt text; repeat for a batch."})
+    prompt: list[str] = field(default_factory=list, metadata={"help": "Prompt text; several after one --prompt, or the flag repeated, for a batch.", "action": "extend"})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     dtype: str = field(default="float32", metadata={"help": "Model dtype."})
     constrained: bool = field(default=False, metadata={"help": "Decode only valid rankings of the prompt's candidates."})
@@ -72,8 +72,7 @@ def _constraints(prompts: list[str], tok, decoding: BlockDecodingConfig, sampler
     from ..rerank.constraints import RankingConstraint
     from ..rerank.prompts import parse_prompt
 
-    stops = sampler.eos_token_ids + [t for t in decoding.stop_token_ids or [] if t not in sampler.eos_token_ids]
-    out = []
+    rows = []
     for i, prompt in enumerate(prompts):
         try:
             _, candidates = parse_prompt(prompt)
@@ -81,9 +80,10 @@ def _constraints(prompts: list[str], tok, decoding: BlockDecodingConfig, sampler
             raise UserError(f"--constrained needs re-ranking prompts; prompt {i + 1}: {e}") from None
         if not candidates:
             raise UserError(f"--constrained: prompt {i + 1} lists no candidate IDs.")
-        out.append(RankingConstraint.from_tokenizer(tok, [c.sid for c in candidates], decoding.max_completion_length,
-                                                    stop_token_ids=stops))
-    return out
+        rows.append([c.sid for c in candidates])
+    # the sampler's stop tokens; the answer closes with the tokenizer's EOS when it is one (as in evaluate)
+    stops = set(sampler.eos_token_ids) | set(decoding.stop_token_ids or [])
+    return RankingConstraint.for_rows(tok, rows, decoding.max_completion_length, stops)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -311,3 +311,21 @@ def test_nothing_is_written_onto_the_tokenizer_and_the_matching_cache_is_bounded
         assert c._feasible(slots) is not None
         assert len(c._feasible_cache) <= 3
     assert c._feasible(((10, 11), (10, 11), tuple(free))) is None  # two slots, one item: infeasible, cached or not
+
+
+def test_generate_command_constrained_writes_valid_rankings(block_setup, tmp_path):
+    """``diffgr2 generate --constrained`` reads each prompt's candidates and closes the answer as evaluate does."""
+    from diffgr2_trl.commands import generate
+    from diffgr2_trl.rerank.parsing import parse_ranking
+
+    tok, model, rows, *_ = block_setup
+    model.save_pretrained(tmp_path / "bd")
+    tok.save_pretrained(tmp_path / "bd")
+    prompts = [p for p, _ in rows[:3]]
+    argv = ["--model_name_or_path", str(tmp_path / "bd"), "--constrained", "--tau", "0.9", "--max_completion_length",
+            "72", *[a for p in prompts for a in ("--prompt", p)]]
+    texts = generate.run(*generate.parse(argv))
+    assert all(parse_ranking(t, cands).valid for t, (_, cands) in zip(texts, rows)), [
+        (parse_ranking(t, cands).error, t[-300:]) for t, (_, cands) in zip(texts, rows)]
+    free = generate.run(*generate.parse([a for a in argv if a != "--constrained"]))
+    assert not any(parse_ranking(t, cands).valid for t, (_, cands) in zip(free, rows))  # the constraint does it
