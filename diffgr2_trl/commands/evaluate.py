@@ -5,6 +5,7 @@ Example::
     diffgr2 evaluate --model_name_or_path runs/ar/rl --dataset_name runs/prepared --split test --json runs/ar/eval.json
     diffgr2 evaluate --model_name_or_path runs/bd/cft --dataset_name runs/prepared --decoder block --tau 0.9 --limit 500
     diffgr2 evaluate --model_name_or_path runs/bd/cft --dataset_name runs/prepared --decoder block --constrained
+    diffgr2 evaluate --model_name_or_path runs/bd/cft --dataset_name runs/prepared --decoder block --workers 2 --threads 2
 
 The decoding options are :class:`~diffgr2_trl.block_diffusion.BlockDecodingConfig`'s (``--max_completion_length``,
 ``--tau``, ``--tokens_per_step``, ``--temperature``, ``--top_k``, ...; the ``ar`` decoder is greedy and reads only

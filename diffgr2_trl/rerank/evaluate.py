@@ -249,15 +249,15 @@ def evaluate_model(
     texts (``outputs``). ``constrained`` passes each row's candidates to ``decode_fn`` so it decodes valid rankings
     only (the decoder must accept a ``candidates`` keyword).
 
-    ``pool`` (a :class:`~diffgr2_trl.rerank.workers.DecodePool`) decodes the batches in its child processes, and with
-    ``model`` and ``decode_fn`` here too (both may be None: children only); the batches are the same. ``given`` maps row indices
-    to completions already known (e.g. reused from another pass): those rows are scored, not decoded, and the speed
-    figures (``decoded_rows`` of them) cover the decoded rows only.
+    ``pool`` (a :class:`~diffgr2_trl.rerank.workers.DecodePool`) decodes the batches in its child processes, and
+    with ``model`` and ``decode_fn`` in this process too (both None: in the children only); the batches are the same.
+    ``given`` maps row indices to completions already known (e.g. reused from another pass): those rows are scored,
+    not decoded, and the speed figures (over ``decoded_rows`` rows) cover the decoded rows only.
     """
     rows = list(rows)
     if not rows:
         raise ValueError("Nothing to evaluate: no rows.")
-    if pool is None and constrained and "candidates" not in inspect.signature(decode_fn).parameters:
+    if decode_fn is not None and constrained and "candidates" not in inspect.signature(decode_fn).parameters:
         name = getattr(decode_fn, "__name__", "decode_fn")
         raise ValueError(f"{name} does not support constrained decoding: it takes no 'candidates' keyword.")
     prompts = [r["prompt"] for r in rows]
@@ -273,7 +273,7 @@ def evaluate_model(
             for idx in batches]
     totals: Counter = Counter()
     was_training = getattr(model, "training", False)
-    if pool is None and hasattr(model, "eval"):
+    if hasattr(model, "eval"):
         model.eval()
 
     def here(batch_prompts: list[str], candidates: list | None) -> tuple[list[str], dict]:
