@@ -101,9 +101,19 @@ def sort_cft_model_dir(tmp_path_factory) -> str:
     return path
 
 
+# Session fixtures that take seconds to build: the tests using one run on one xdist worker, so it is built once.
+_SHARED_FIXTURES = {"sort_cft_model_dir": "sort-cft"}
+
+
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (``-n 2 --dist loadgroup``, the README's test command) every ``vllm`` test runs on one
-    worker: the session's vLLM server then starts once, and two vLLM engines never hold memory side by side."""
+    worker: the session's vLLM server then starts once, and two vLLM engines never hold memory side by side. Likewise
+    the tests of each costly shared fixture (``_SHARED_FIXTURES``), which each worker would otherwise build anew."""
     for item in items:
         if item.get_closest_marker("vllm") is not None:
             item.add_marker(pytest.mark.xdist_group("vllm"))
+            continue
+        for fixture, group in _SHARED_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(group))
+                break

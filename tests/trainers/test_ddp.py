@@ -58,6 +58,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ddp")  # one worker: the module's launch (the `runs` fixture) happens once, not per worker
 @pytest.mark.parametrize("trainer", ddp_train.TRAINERS)
 def test_two_cpu_processes_match_one_process(runs, trainer):
     two, one, initial = runs
