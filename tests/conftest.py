@@ -105,6 +105,7 @@ def sort_cft_model_dir(tmp_path_factory) -> str:
 _SHARED_FIXTURES = {"sort_cft_model_dir": "sort-cft"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (``-n 2 --dist loadgroup``, the README's test command) every ``vllm`` test runs on one
     worker: the session's vLLM server then starts once, and two vLLM engines never hold memory side by side. Likewise
