@@ -40,7 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grpo": ("diffgr2_trl.commands.grpo", "Diffusion GRPO/DAPO: block-sampler rollouts, trajectory-replay likelihood."),
     "bench-rl": ("diffgr2_trl.commands.bench_rl", "RL step time (rollout / likelihood / update) per estimator vs TRL AR GRPO."),
     "bench-memory": ("diffgr2_trl.commands.bench_memory", "Peak memory of one OPD and one GRPO step vs vocabulary size and completion length."),
-    "pipeline": ("diffgr2_trl.pipeline.command", "The whole recipe on the Amazon data it finds (Beauty by default), resumable, with a report."),
+    "pipeline": ("diffgr2_trl.pipeline.command", "The whole recipe on the Amazon data it finds (--data_dir, or the shared data by default), resumable, with a report."),
 }
 
 

@@ -1,8 +1,9 @@
 """``diffgr2 prepare``: data, pre-ranker candidates, semantic IDs, prompt/completion datasets and the local tokenizer.
 
-Example (Amazon Beauty, found automatically under ``../shared/data/amazon-beauty``; ~1-2 min on 2 CPU cores)::
+Example (the dataset found automatically: ``--data_dir``, ``$DIFFGR2_DATA_DIR`` or the shared data directory; ~1-2 min
+on 2 CPU cores for an Amazon dataset of ~20k users)::
 
-    diffgr2 prepare --output_dir runs/prepared-beauty
+    diffgr2 prepare --output_dir runs/prepared
 
 (``--out`` is a deprecated spelling of ``--output_dir``.) Re-running with a complete ``--output_dir`` directory does nothing (pass ``--overwrite`` to rebuild). See
 :mod:`diffgr2_trl.rerank.pipeline_data` for what is written.

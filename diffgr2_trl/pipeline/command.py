@@ -1,7 +1,7 @@
-"""``diffgr2 pipeline``: the whole Diffusion-GR2 recipe on the Amazon data it finds (Beauty by default), resumable,
-with a report naming the dataset.
+"""``diffgr2 pipeline``: the whole Diffusion-GR2 recipe on the Amazon data it finds (``--data_dir``, or the shared
+data by default), resumable, with a report naming the dataset.
 
-    diffgr2 pipeline --preset cpu --output_dir runs/cpu          # the main job (~40 min on a 2-core CPU)
+    diffgr2 pipeline --preset cpu --output_dir runs/cpu          # the main job (~50 min on a 2-core CPU)
     diffgr2 pipeline --preset smoke --output_dir runs/smoke      # minutes; what CI runs
     diffgr2 pipeline --preset gpu --output_dir runs/gpu --teacher_url http://127.0.0.1:8000   # see README
 
