@@ -49,7 +49,8 @@ class EvaluateArguments:
         threads: torch intra-op CPU threads (0: torch's default); with ``workers``, shared among them.
         workers: decode in this many CPU processes at once, each loading the model and taking whole batches from one
             queue (the batches one process would decode), with ``threads // workers`` threads each (at least 1). On
-            2 cores two single-thread workers decode a small model 1.3-1.45x faster than one two-thread process.
+            2 cores two single-thread workers decoded the cpu run's full test split 1.3-1.55x faster than one two-thread
+            process.
             CPU only (a GPU decodes in one process).
         reuse_valid_outputs: the ``outputs`` file of an unconstrained ``ar`` pass of the same model over the same
             rows and ``max_completion_length``, for a ``constrained`` ``ar`` pass: its valid completions are kept
@@ -117,7 +118,7 @@ def run(args: EvaluateArguments, decoding: BlockDecodingConfig) -> dict[str, Any
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..rerank.evaluate import DECODERS, evaluate_model
+    from ..rerank.evaluate import DECODERS, evaluate_model, stop_token_ids
     from ..rerank.parsing import parse_ranking
     from ..rerank.pipeline_data import check_model_data, load_split
     from ..utils import set_threads, write_json_atomic
@@ -136,21 +137,18 @@ def run(args: EvaluateArguments, decoding: BlockDecodingConfig) -> dict[str, Any
         raise UserError(f"--workers {args.workers} decodes in several CPU processes; with a {device} device decode in "
                         "one process (--workers 1).")
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    kwargs = dict(batch_size=args.batch_size, max_new_tokens=decoding.max_completion_length, keep_outputs=True,
-                  constrained=args.constrained)
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path,
                                                  dtype=torch.float32 if device == "cpu" else torch.bfloat16)
     model.to(device).eval()
     decode_fn = DECODERS[args.decoder](config=decoding)
+    given = {}
     if args.reuse_valid_outputs:
-        from ..rerank.evaluate import stop_token_ids
         given = _reused(args.reuse_valid_outputs, rows, tokenizer, decoding.max_completion_length,
                         stop_token_ids(model, tokenizer))
-        kwargs["given"] = given
         print(f"reusing {len(given)} valid unconstrained completions of {len(rows)} rows "
               f"({args.reuse_valid_outputs}); decoding the other {len(rows) - len(given)}")
-    else:
-        given = {}
+    kwargs = dict(batch_size=args.batch_size, max_new_tokens=decoding.max_completion_length, keep_outputs=True,
+                  constrained=args.constrained, given=given)
     threads = torch.get_num_threads()
     if args.workers > 1:
         from ..rerank.workers import DecodePool
